@@ -1,0 +1,3 @@
+from aflora_cli.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""The AFLoRA engine: adapter layer, injection, freezing, checkpoints — no CLI in here."""

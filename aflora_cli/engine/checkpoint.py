@@ -1,0 +1,123 @@
+"""The checkpoint directory: adapter weights in safetensors, a JSON manifest, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from aflora_cli.engine.inject import adapter_modules
+from aflora_cli.errors import AfloraError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "adapter_config.json"
+STATE_FILE = "training_state.pt"
+_ADAPTER_TENSORS = ("lora_A", "lora_B", "lambda_d", "lambda_b")
+
+
+def adapter_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
+    """`<module>.lora_A/.lora_B/.lambda_d/.lambda_b` of every adapter plus the head by parameter name."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in adapter_modules(model).items():
+        for tensor_name in _ADAPTER_TENSORS:
+            tensor = getattr(module, tensor_name)
+            if tensor is not None:
+                state[f"{name}.{tensor_name}"] = tensor.detach()
+    params = dict(model.named_parameters())
+    state.update({name: params[name].detach() for name in head_names})
+    return {name: tensor.to("cpu").contiguous() for name, tensor in state.items()}
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    head_names: list[str],
+    manifest: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write weights and manifest (and whatever `extra` writes into the folder) as one atomic directory."""
+    with atomic_directory(path) as tmp:
+        save_file(adapter_state(model, head_names), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        manifest = {"format_version": FORMAT_VERSION, **manifest}
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if extra is not None:
+            extra(tmp)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The checkpoint's manifest, or one clear error if `path` is not a readable checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AfloraError(f"{path}: not a checkpoint directory")
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise AfloraError(f"{path}: not an aflora checkpoint ({MANIFEST_FILE} is missing)")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AfloraError(f"{file}: damaged manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise AfloraError(f"{file}: format_version {found!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, or one clear error if the file is missing or damaged."""
+    file = Path(path) / WEIGHTS_FILE
+    if not file.is_file():
+        raise AfloraError(f"{path}: {WEIGHTS_FILE} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AfloraError(f"{file}: damaged weights file ({err})") from None
+
+
+def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], head_names: list[str], source: Path) -> None:
+    """Copy checkpoint tensors into the adapted model; every name and shape must match exactly."""
+    expected = adapter_state(model, head_names)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise AfloraError(f"{source}: weights do not fit this model ({what})")
+    params = dict(model.named_parameters())  # adapter tensors are parameters named `<module>.lora_A` etc.
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            target = params[name]
+            if target.shape != tensor.shape:
+                raise AfloraError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)

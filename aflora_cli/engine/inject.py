@@ -1,0 +1,164 @@
+"""Which linear layers get an adapter, of what kind, and how their projection matrices (PMs) train."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from aflora_cli.engine.layer import AdapterLinear
+from aflora_cli.errors import AfloraError
+from aflora_cli.recipe import AdapterConfig
+
+Kind = Literal["attention", "ffn"]
+Policy = Literal["trainable", "frozen", "adaptive"]
+
+_ENCODER = {
+    "attention": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+    "ffn": ["intermediate.dense", "output.dense"],
+}
+_DEBERTA = {
+    "attention": [
+        "attention.self.query_proj",
+        "attention.self.key_proj",
+        "attention.self.value_proj",
+        "attention.output.dense",
+    ],
+    "ffn": ["intermediate.dense", "output.dense"],
+}
+_LLAMA = {
+    "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+}
+DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
+    "bert": _ENCODER,
+    "roberta": _ENCODER,
+    "xlm-roberta": _ENCODER,
+    "deberta-v2": _DEBERTA,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+}
+
+METHOD_POLICY: dict[str, dict[str, Policy]] = {
+    "aflora": {"attention": "frozen", "ffn": "adaptive"},
+    "lora": {"attention": "trainable", "ffn": "trainable"},
+    "elora": {"attention": "frozen", "ffn": "frozen"},
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted module: its path in the model, its layer kind and what its PMs do."""
+
+    name: str
+    kind: Kind
+    policy: Policy
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _pattern_summary(names: list[str]) -> str:
+    """Linear-layer names with layer numbers folded to `*`, each once, for an error message."""
+    folded = dict.fromkeys(re.sub(r"\.\d+\.", ".*.", name) for name in names)
+    return ", ".join(folded)
+
+
+def resolve_policy(cfg: AdapterConfig) -> dict[str, Policy]:
+    """The method's PM policy per kind, with the recipe's `policy` entries on top."""
+    return {**METHOD_POLICY[cfg.method], **(cfg.policy or {})}
+
+
+def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
+    """Every `nn.Linear` the recipe targets, classed by kind; attention wins where both kinds match."""
+    patterns = cfg.targets
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            known = ", ".join(sorted(DEFAULT_TARGETS))
+            raise AfloraError(
+                f"adapter.targets: no default targets for model type {model_type!r} (known: {known}); "
+                "give adapter.targets.attention / adapter.targets.ffn"
+            )
+        patterns = DEFAULT_TARGETS[model_type]
+    policy = resolve_policy(cfg)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    targets = []
+    for name in linears:
+        kind = next((k for k in ("attention", "ffn") if any(_matches(name, p) for p in patterns.get(k, []))), None)
+        if kind is not None:
+            targets.append(Target(name, kind, policy[kind]))
+    if not targets:
+        wanted = ", ".join(p for kind_patterns in patterns.values() for p in kind_patterns)
+        raise AfloraError(
+            f"adapter.targets: no linear layer matches {wanted}; the model's linear layers are: "
+            f"{_pattern_summary(linears)}"
+        )
+    return targets
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
+    """Freeze the whole model, wrap every target in an AdapterLinear and set its PMs per policy."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    targets = find_targets(model, cfg)
+    vectors = cfg.method != "lora"
+    alpha = cfg.alpha if cfg.alpha is not None else (cfg.rank if cfg.method == "lora" else None)
+    scaling = alpha / cfg.rank if alpha is not None else 1.0
+    for target in targets:
+        parent_name, _, child = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapter = AdapterLinear(
+            getattr(parent, child),
+            cfg.rank,
+            vectors=vectors,
+            lambda_d_init=cfg.lambda_d_init,
+            scaling=scaling,
+            dropout=cfg.dropout,
+            zero_b=cfg.method == "lora",
+        )
+        trainable = target.policy != "frozen"
+        adapter.lora_A.requires_grad_(trainable)
+        adapter.lora_B.requires_grad_(trainable)
+        setattr(parent, child, adapter)
+    return targets
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
+    """Every AdapterLinear in the model, by module path."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLinear)}
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters outside the pretrained backbone (`base_model_prefix`): the new task head."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not hasattr(model, prefix):
+        return []
+    return [name for name, _ in model.named_parameters() if not name.startswith(prefix + ".")]
+
+
+def unfreeze_head(model: nn.Module) -> list[str]:
+    """Make the task head trainable; returns its parameter names."""
+    names = head_parameter_names(model)
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(True)
+    return names
+
+
+def adaptive_matrices(model: nn.Module, targets: list[Target]) -> dict[str, nn.Parameter]:
+    """The PMs under adaptive freezing, `<module>.lora_A` / `<module>.lora_B`, in model order."""
+    modules = adapter_modules(model)
+    out: dict[str, nn.Parameter] = {}
+    for target in targets:
+        if target.policy == "adaptive":
+            out[f"{target.name}.lora_A"] = modules[target.name].lora_A
+            out[f"{target.name}.lora_B"] = modules[target.name].lora_B
+    return out

@@ -1,0 +1,212 @@
+"""The training recipe: typed sections read from YAML, `key.sub=value` overrides, validation in one place."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aflora_cli.errors import AfloraError
+
+PMPolicy = Literal["trainable", "frozen", "adaptive"]
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|epochs?|%)\s*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The base model: a hub id or a local directory."""
+
+    name_or_path: str
+    revision: str | None = None
+
+
+class DataConfig(_Section):
+    """Which data to train and evaluate on.
+
+    `task` is a GLUE task (cola, sst2, mrpc, qnli, stsb, rte, mnli, qqp), the shipped `movie_reviews`
+    set, or `custom` for local files described by the remaining keys.
+    """
+
+    task: str
+    train_file: str | None = None
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_columns: list[str] | None = None
+    label_column: str = "label"
+    problem: Literal["classification", "regression"] | None = None
+    label_names: list[str] | None = None
+    max_train_samples: int | None = Field(default=None, gt=0)
+    max_eval_samples: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _custom_needs_files(self) -> DataConfig:
+        if self.task == "custom" and (self.train_file is None or not self.text_columns):
+            raise ValueError("task 'custom' needs train_file and text_columns")
+        return self
+
+
+class AdapterConfig(_Section):
+    """Which linear layers get an adapter and how their projection matrices (PMs) behave.
+
+    `targets` maps a layer kind (`attention`, `ffn`) to module-name suffixes (`intermediate.dense`) or
+    regular expressions (`re:...`, matched against the full module name); None takes the architecture's
+    defaults. `policy` maps a kind to `trainable`, `frozen` or `adaptive`; None takes the method's defaults.
+    """
+
+    method: Literal["aflora", "lora", "elora"] = "aflora"
+    rank: int = Field(default=4, gt=0)
+    alpha: float | None = Field(default=None, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    lambda_d_init: float = 0.1
+    targets: dict[Literal["attention", "ffn"], list[str]] | None = None
+    policy: dict[Literal["attention", "ffn"], PMPolicy] | None = None
+
+
+class FreezingConfig(_Section):
+    """Freezing score (Eqs. 2-4) and schedule (Eq. 5).
+
+    `t_i` and `t_f` are step counts (`500`, `500 steps`), epochs (`1 epoch`) or a share of all steps (`70%`).
+    """
+
+    t_i: str | int = "1 epoch"
+    t_f: str | int = "70%"
+    beta1: float = Field(default=0.85, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    score: Literal["grad", "weight_grad", "grad_over_weight"] = "grad"
+    interval: int = Field(default=1, gt=0)
+    granularity: Literal["independent", "together"] = "independent"
+
+    @field_validator("t_i", "t_f")
+    @classmethod
+    def _duration(cls, value: str | int) -> str | int:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must be >= 0")
+            return value
+        if not _DURATION.match(value):
+            raise ValueError("expected a step count, 'N epochs' or 'N%'")
+        return value
+
+
+class TrainingConfig(_Section):
+    """Optimisation: AdamW with linear warmup and decay, as in LoRA."""
+
+    epochs: float = Field(default=3, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    eval_batch_size: int = Field(default=64, gt=0)
+    gradient_accumulation: int = Field(default=1, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    head_lr: float | None = Field(default=None, gt=0)
+    warmup_ratio: float = Field(default=0.06, ge=0, le=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_length: int = Field(default=256, gt=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    save_every: int | None = Field(default=None, gt=0)
+    log_every: int = Field(default=10, gt=0)
+
+
+class Recipe(_Section):
+    """A whole recipe; every key has one meaning and one place."""
+
+    output_dir: str
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig = AdapterConfig()
+    freezing: FreezingConfig = FreezingConfig()
+    training: TrainingConfig = TrainingConfig()
+
+
+def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -> int:
+    """Turn a `t_i`/`t_f` setting into a whole number of optimizer steps."""
+    if isinstance(value, int):
+        return value
+    match = _DURATION.match(value)
+    assert match, value  # validated when the recipe was read
+    amount, unit = float(match.group(1)), match.group(2)
+    if unit.startswith("epoch"):
+        return round(amount * steps_per_epoch)
+    if unit == "%":
+        return round(amount / 100 * total_steps)
+    return round(amount)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override to a raw recipe dict; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise AfloraError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.max_steps=40")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise AfloraError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def parse_recipe(raw: Any, source: str) -> Recipe:
+    """Validate a raw mapping into a Recipe; any problem becomes one line naming the source and key."""
+    if not isinstance(raw, dict):
+        raise AfloraError(f"{source}: expected a mapping of recipe sections at the top level")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        value = first.get("input")
+        shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+        more = f" and {err.error_count() - 1} more problem(s)" if err.error_count() > 1 else ""
+        raise AfloraError(f"{source}: {key}: {problem}{shown}{more}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `--set` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AfloraError(f"{path}: recipe not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(err, "problem", None) or "not valid YAML"
+        raise AfloraError(f"{path}: invalid YAML{where}: {reason}") from None
+    except UnicodeDecodeError:
+        raise AfloraError(f"{path}: not a UTF-8 text file") from None
+    raw = raw if raw is not None else {}
+    for assignment in overrides or []:
+        if not isinstance(raw, dict):
+            break
+        apply_override(raw, assignment)
+    recipe = parse_recipe(raw, str(path))
+    _resolve_local_paths(recipe, path.parent)
+    return recipe
+
+
+def _resolve_local_paths(recipe: Recipe, base: Path) -> None:
+    """Relative data files and model directories are taken relative to the recipe's own folder."""
+    for key in ("train_file", "validation_file", "test_file"):
+        value = getattr(recipe.data, key)
+        if value is not None and not Path(value).is_absolute():
+            setattr(recipe.data, key, str((base / value).resolve()))
+    name = recipe.model.name_or_path
+    if name.startswith((".", "/")) and not Path(name).is_absolute():
+        recipe.model.name_or_path = str((base / name).resolve())
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data, for saving beside a checkpoint."""
+    return recipe.model_dump(mode="json")
