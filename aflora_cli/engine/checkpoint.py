@@ -113,11 +113,11 @@ def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], head_n
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise AfloraError(f"{source}: weights do not fit this model ({what})")
     params = dict(model.named_parameters())  # adapter tensors are parameters named `<module>.lora_A` etc.
+    for name, tensor in tensors.items():  # check every shape first: a failed load must not half-load the model
+        if params[name].shape != tensor.shape:
+            raise AfloraError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(params[name].shape)}"
+            )
     with torch.no_grad():
         for name, tensor in tensors.items():
-            target = params[name]
-            if target.shape != tensor.shape:
-                raise AfloraError(
-                    f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
+            params[name].copy_(tensor)

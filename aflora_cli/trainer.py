@@ -1,0 +1,407 @@
+"""The training loop: AdamW with linear warmup and decay, the freezer between the final gradients and the
+optimizer step, evaluation and checkpoints on a cadence, exact resume, and DDP across processes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from transformers import get_linear_schedule_with_warmup
+
+from aflora_cli import distributed
+from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base
+from aflora_cli.data import TaskData, load_task_data, make_collator
+from aflora_cli.engine.checkpoint import STATE_FILE, load_weights_into, read_manifest, read_weights, save_checkpoint
+from aflora_cli.engine.freezing import Freezer, release_from_optimizer
+from aflora_cli.engine.inject import adaptive_matrices
+from aflora_cli.engine.params import count_trainable, trainable_timeline
+from aflora_cli.errors import AfloraError
+from aflora_cli.evaluation import evaluate
+from aflora_cli.recipe import Recipe, resolve_duration
+
+EventHandler = Callable[[str, dict[str, Any]], None]
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the run is laid out in optimizer steps."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    t_i: int
+    t_f: int
+
+
+def plan_schedule(recipe: Recipe, train_rows: int, world_size: int) -> Schedule:
+    """Steps per epoch, total steps T, warmup, t_i and t_f, all in optimizer steps."""
+    cfg = recipe.training
+    rows_per_rank = math.ceil(train_rows / world_size)
+    micro = math.ceil(rows_per_rank / cfg.batch_size)
+    per_epoch = math.ceil(micro / cfg.gradient_accumulation)
+    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    t_i = resolve_duration(recipe.freezing.t_i, per_epoch, total)
+    t_f = resolve_duration(recipe.freezing.t_f, per_epoch, total)
+    return Schedule(micro, per_epoch, total, math.ceil(cfg.warmup_ratio * total), t_i, t_f)
+
+
+def epoch_batches(rows: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """This rank's micro-batches (row indices) for one epoch: a seeded shuffle, padded and dealt out."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(rows, generator=generator).tolist()
+    per_rank = math.ceil(rows / world_size)
+    order += order[: per_rank * world_size - rows]
+    mine = order[rank::world_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _differing_key(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key where two recipe dicts differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _differing_key(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return prefix.rstrip(".") if old != new else None
+
+
+class Trainer:
+    """One training run of a recipe; `prepare()` loads everything, `train()` runs to the end."""
+
+    def __init__(self, recipe: Recipe, *, resume: bool = False, on_event: EventHandler | None = None) -> None:
+        self.recipe = recipe
+        self.resume = resume
+        self.on_event = on_event or (lambda kind, record: None)
+        self.output_dir = Path(recipe.output_dir)
+        self.step = 0
+        self.best: dict[str, Any] | None = None
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def _check_output_dir(self) -> dict[str, Any] | None:
+        """The manifest of the run to resume, or None for a fresh run into a free output_dir."""
+        last = self.output_dir / "last"
+        if self.resume:
+            if not last.is_dir():
+                raise AfloraError(f"output_dir {self.output_dir}: no checkpoint to resume ({last} is missing)")
+            manifest = read_manifest(last)
+            key = _differing_key(manifest["recipe"], self.recipe.model_dump(mode="json"))
+            if key:
+                raise AfloraError(f"{last}: the run was started with another recipe (it differs at {key}); resume with the same recipe")
+            return manifest
+        if last.exists() or (self.output_dir / METRICS_FILE).exists():
+            raise AfloraError(
+                f"output_dir {self.output_dir} already holds a run; pass --resume to continue it or choose another output_dir"
+            )
+        return None
+
+    def prepare(self) -> None:
+        """Load model and data, inject adapters, build freezer, optimizer and schedule (and resume state)."""
+        recipe = self.recipe
+        if recipe.precision == "fp16" and recipe.device == "cpu":
+            raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
+        resumed = self._check_output_dir()
+        self.group = distributed.setup(recipe.device)
+        torch.manual_seed(recipe.seed)
+        model_dir, tokenizer = load_base(recipe)
+        self.data: TaskData = load_task_data(recipe.data, tokenizer, recipe.training.max_length, recipe.seed)
+        self.adapted: AdaptedModel = build_adapted(recipe, self.data.spec, model_dir, tokenizer)
+        self.model = self.adapted.model.to(self.group.device)
+        self.schedule = plan_schedule(recipe, len(self.data.train), self.group.world_size)
+        freezing = recipe.freezing
+        self.freezer = Freezer(
+            adaptive_matrices(self.model, self.adapted.targets),
+            total_steps=self.schedule.total_steps,
+            t_i=self.schedule.t_i,
+            t_f=self.schedule.t_f,
+            beta1=freezing.beta1,
+            beta2=freezing.beta2,
+            score=freezing.score,
+            interval=freezing.interval,
+            together=freezing.granularity == "together",
+        )
+        self.start_counts = count_trainable(self.model, self.adapted.head_names)
+        if resumed is not None:
+            self._load_weights_and_freezer()
+        self.frozen_numel = self.start_counts[0] - count_trainable(self.model, self.adapted.head_names)[0]
+        self.optimizer = self._build_optimizer()
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, self.schedule.warmup_steps, self.schedule.total_steps
+        )
+        self.scaler = torch.amp.GradScaler(self.group.device.type, enabled=recipe.precision == "fp16")
+        if resumed is not None:
+            self._load_training_state()
+        else:
+            torch.manual_seed(recipe.seed + self.group.rank)  # dropout differs across ranks
+        self._wrap()
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the trainable parameters in model order; the head may have its own learning rate."""
+        cfg = self.recipe.training
+        head = set(self.adapted.head_names)
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
+            (is_head, decay): [] for is_head in (False, True) for decay in (True, False)
+        }
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
+                groups[(name in head, decay)].append(param)
+        return torch.optim.AdamW(
+            [
+                {
+                    "params": params,
+                    "lr": (cfg.head_lr or cfg.lr) if is_head else cfg.lr,
+                    "weight_decay": cfg.weight_decay if decay else 0.0,
+                }
+                for (is_head, decay), params in groups.items()
+            ]
+        )
+
+    def _wrap(self) -> None:
+        """(Re)wrap the model in DDP; done again whenever PMs freeze so DDP tracks the right parameters."""
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.group.distributed:
+            ids = [self.group.device.index] if self.group.device.type == "cuda" else None
+            self.forward_model: torch.nn.Module = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.forward_model = self.model
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def _load_weights_and_freezer(self) -> None:
+        last = self.output_dir / "last"
+        load_weights_into(self.model, read_weights(last), self.adapted.head_names, last)
+        self.state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+        self.freezer.load_state_dict(self.state["freezer"])
+
+    def _load_training_state(self) -> None:
+        state = self.state
+        self.step = state["step"]
+        self.best = state["best"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"][self.group.rank]["cpu"])
+        if torch.cuda.is_available() and state["rng"][self.group.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"][self.group.rank]["cuda"])
+        self._truncate_metrics()
+        del self.state
+
+    def _truncate_metrics(self) -> None:
+        """Drop log records written after the checkpoint we resume from."""
+        path = self.output_dir / METRICS_FILE
+        if self.group.is_main and path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        precision = self.recipe.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.group.device.type, dtype=dtype)
+
+    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Accumulate gradients over the step's micro-batches; DDP reduces them on the last one."""
+        total = torch.zeros((), device=self.group.device)
+        for i, batch in enumerate(micro_batches):
+            batch = {key: value.to(self.group.device) for key, value in batch.items()}
+            last = i == len(micro_batches) - 1
+            sync = self.forward_model.no_sync() if self.group.distributed and not last else nullcontext()
+            with sync:
+                with self._autocast():
+                    loss = self.forward_model(**batch).loss.float() / len(micro_batches)
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.group.distributed:
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
+        return total
+
+    def _optimizer_step(self, loss: torch.Tensor) -> dict[str, Any]:
+        """Check, score, freeze, clip and step: the freezer sees the final, reduced gradients."""
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        finite = bool(torch.isfinite(norm) & torch.isfinite(loss))
+        if finite:
+            self.freezer.update_scores(self.step)
+        newly = self.freezer.apply_schedule(self.step)
+        if newly:
+            release_from_optimizer(self.optimizer, newly)
+            self.frozen_numel += sum(p.numel() for p in newly)
+            self._wrap()
+        if finite:
+            if self.recipe.training.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.trainable, self.recipe.training.max_grad_norm, norm)
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return {"finite": finite, "grad_norm": float(norm), "lr": lr, "newly_frozen": len(newly)}
+
+    def train(self) -> dict[str, Any]:
+        """Run from the current step to T; returns the final evaluation."""
+        sched = self.schedule
+        accum = self.recipe.training.gradient_accumulation
+        collate = make_collator(self.adapted.tokenizer)
+        self.model.train()
+        self._emit("start", {"step": self.step, "total_steps": sched.total_steps, **self._counts()})
+        final: dict[str, Any] = {}
+        while self.step < sched.total_steps:
+            epoch, within = divmod(self.step, sched.steps_per_epoch)
+            batches = epoch_batches(
+                len(self.data.train),
+                epoch,
+                self.recipe.seed,
+                self.group.rank,
+                self.group.world_size,
+                self.recipe.training.batch_size,
+            )
+            loader = iter(DataLoader(self.data.train, batch_sampler=batches[within * accum :], collate_fn=collate))
+            for position in range(within, sched.steps_per_epoch):
+                if self.step >= sched.total_steps:
+                    break
+                count = min(accum, sched.micro_batches_per_epoch - position * accum)
+                loss = self._forward_backward([next(loader) for _ in range(count)])
+                outcome = self._optimizer_step(loss)
+                self.step += 1
+                record = {
+                    "step": self.step,
+                    "epoch": self.step / sched.steps_per_epoch,
+                    "loss": float(loss),
+                    **outcome,
+                    **self._counts(),
+                }
+                if not outcome["finite"]:
+                    self._log({"step": self.step, "event": "skipped_nonfinite", "loss": record["loss"], "grad_norm": record["grad_norm"]})
+                if self.step % self.recipe.training.log_every == 0 or outcome["newly_frozen"]:
+                    self._log({key: record[key] for key in ("step", "epoch", "loss", "lr", "grad_norm", "trainable", "frozen_pms")})
+                self._emit("step", record)
+                final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
+        return final
+
+    def _counts(self) -> dict[str, int]:
+        without, with_head = self.start_counts
+        return {
+            "trainable": without - self.frozen_numel,
+            "trainable_with_head": with_head - self.frozen_numel,
+            "frozen_pms": self.freezer.num_frozen,
+        }
+
+    def _cadence(self, epoch_end: bool) -> dict[str, Any] | None:
+        """Evaluate and save when the recipe's cadence (or the epoch's or run's end) says so."""
+        cfg = self.recipe.training
+        done = self.step >= self.schedule.total_steps
+        evaluate_now = done or (self.step % cfg.eval_every == 0 if cfg.eval_every else epoch_end)
+        save_now = done or (self.step % cfg.save_every == 0 if cfg.save_every else epoch_end)
+        results = self._evaluate() if evaluate_now else None
+        if save_now or evaluate_now:
+            self._save(results, save_last=save_now)
+        return results
+
+    def _evaluate(self) -> dict[str, Any] | None:
+        results = None
+        if self.group.is_main:
+            splits = evaluate(
+                self.model,
+                self.data.evaluation,
+                self.data.spec,
+                self.adapted.tokenizer,
+                self.recipe.training.eval_batch_size,
+                self.group.device,
+            )
+            results = {"step": self.step, "epoch": self.step / self.schedule.steps_per_epoch, "eval": splits}
+            self._log(results)
+            self._emit("eval", results)
+        self.group.barrier()
+        return results
+
+    # ---- output ----------------------------------------------------------------------------------
+    def _emit(self, kind: str, record: dict[str, Any]) -> None:
+        if self.group.is_main:
+            self.on_event(kind, record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.group.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def manifest(self, results: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything the checkpoint says about itself, for `eval`, `merge` and `inspect`."""
+        sched, freezing = self.schedule, self.recipe.freezing
+        sizes = {name: param.numel() for name, param in self.freezer.matrices.items()}
+        return {
+            **describe(self.adapted, self.recipe, self.data.spec),
+            "freezing": {
+                "beta1": freezing.beta1,
+                "beta2": freezing.beta2,
+                "score": freezing.score,
+                "interval": freezing.interval,
+                "granularity": freezing.granularity,
+                "t_i": sched.t_i,
+                "t_f": sched.t_f,
+                "total_steps": sched.total_steps,
+                "steps_per_epoch": sched.steps_per_epoch,
+            },
+            "step": self.step,
+            "freeze_log": self.freezer.freeze_log,
+            "freeze_scores": self.freezer.freeze_score,
+            "trainable_params": trainable_timeline(self.start_counts, self.freezer.freeze_log, sizes, self.step),
+            "metrics": results["eval"] if results else None,
+        }
+
+    def _save(self, results: dict[str, Any] | None, save_last: bool) -> None:
+        """Write `last` (with everything to resume) and, when the main metric improved, `best`."""
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        rngs = self.group.gather_objects(rng)
+        if self.group.is_main:
+            improved = self._improved(results)
+            manifest = self.manifest(results)
+            if improved:
+                save_checkpoint(self.output_dir / "best", self.model, self.adapted.head_names, manifest)
+            if save_last:
+                state = {
+                    "step": self.step,
+                    "best": self.best,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "freezer": self.freezer.state_dict(),
+                    "rng": rngs,
+                }
+                save_checkpoint(
+                    self.output_dir / "last",
+                    self.model,
+                    self.adapted.head_names,
+                    manifest,
+                    extra=lambda folder: torch.save(state, folder / STATE_FILE),
+                )
+            self._emit("save", {"step": self.step, "best": improved, "last": save_last})
+        self.group.barrier()
+
+    def _improved(self, results: dict[str, Any] | None) -> bool:
+        if results is None:
+            return False
+        spec = self.data.spec
+        first_split = next(iter(results["eval"].values()))
+        value = first_split[spec.main_metric]
+        if self.best is None or value > self.best["value"]:
+            self.best = {"metric": spec.main_metric, "value": value, "step": self.step}
+            return True
+        return False
+
+    def close(self) -> None:
+        distributed.teardown()

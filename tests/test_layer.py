@@ -1,0 +1,173 @@
+"""AdapterLinear against Eq. 1 of the paper: Y = W0·X + Λb·B·Λd·A·X (plus the base layer's bias)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from aflora_cli.engine.layer import AdapterLinear
+
+IN, OUT, RANK = 24, 40, 4
+
+
+def _base(seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT, bias=bias)
+
+
+def _adapter(seed: int = 0, **kwargs) -> AdapterLinear:
+    base = _base(seed, bias=kwargs.pop("bias", True))
+    torch.manual_seed(seed + 100)
+    return AdapterLinear(base, RANK, **kwargs)
+
+
+def _randomise_vectors(layer: AdapterLinear, seed: int = 7) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lambda_b.copy_(torch.randn(layer.lambda_b.shape, generator=generator))
+        layer.lambda_d.copy_(torch.randn(layer.lambda_d.shape, generator=generator))
+
+
+def _eq1(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with explicit matrices, one column vector per row of x: W0 x + b + diag(Λb) B diag(Λd) A x."""
+    w0 = layer.base.weight.detach()
+    b = layer.base.bias.detach() if layer.base.bias is not None else torch.zeros(OUT)
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    Lb, Ld = torch.diag(layer.lambda_b.detach()), torch.diag(layer.lambda_d.detach())
+    X = x.reshape(-1, IN).T.double()  # in × n
+    Y = w0.double() @ X + b.double().unsqueeze(1) + Lb.double() @ B.double() @ Ld.double() @ A.double() @ X
+    return Y.T.reshape(*x.shape[:-1], OUT)
+
+
+def test_forward_matches_eq1_with_nonzero_lambda_b():
+    layer = _adapter()
+    _randomise_vectors(layer)
+    x = torch.randn(3, 5, IN)
+    y = layer(x)
+    expected = _eq1(layer, x)
+    assert y.shape == (3, 5, OUT)
+    assert torch.allclose(y.double(), expected, atol=1e-5, rtol=1e-5)
+    # and the adapter path really contributes: it differs from the base layer alone
+    assert not torch.allclose(y, layer.base(x), atol=1e-3)
+
+
+def test_forward_matches_eq1_without_bias():
+    layer = _adapter(bias=False)
+    _randomise_vectors(layer)
+    x = torch.randn(6, IN)
+    assert torch.allclose(layer(x).double(), _eq1(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_adapter_equals_base_exactly():
+    layer = _adapter()
+    x = torch.randn(4, 3, IN)
+    reference = _base(0)(x)  # an independent copy of W0, b
+    assert torch.equal(layer(x), reference)
+
+
+def test_init_vectors_and_kaiming_bounds():
+    torch.manual_seed(3)
+    base = nn.Linear(64, 96)
+    layer = AdapterLinear(base, 8, lambda_d_init=0.25)
+    assert layer.lambda_d.shape == (8,)
+    assert torch.equal(layer.lambda_d.detach(), torch.full((8,), 0.25))
+    assert layer.lambda_b.shape == (96,)
+    assert torch.equal(layer.lambda_b.detach(), torch.zeros(96))
+    assert layer.lora_A.shape == (8, 64) and layer.lora_B.shape == (96, 8)
+    bound_a, bound_b = math.sqrt(6 / 64), math.sqrt(6 / 8)  # kaiming-uniform, a = 0: sqrt(6 / fan_in)
+    assert layer.lora_A.abs().max().item() <= bound_a
+    assert layer.lora_B.abs().max().item() <= bound_b
+    # uniform over the whole range, not some narrower init (512 / 768 draws: the max nears the bound)
+    assert layer.lora_A.abs().max().item() > 0.9 * bound_a
+    assert layer.lora_B.abs().max().item() > 0.9 * bound_b
+    # the base weights are frozen, the four adapter tensors train
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert all(p.requires_grad for p in (layer.lora_A, layer.lora_B, layer.lambda_d, layer.lambda_b))
+
+
+def test_lora_variant_zero_b_and_scaling():
+    alpha = 16.0
+    layer = _adapter(vectors=False, zero_b=True, scaling=alpha / RANK)
+    assert layer.lambda_d is None and layer.lambda_b is None
+    assert torch.equal(layer.lora_B.detach(), torch.zeros(OUT, RANK))
+    assert layer.lora_A.abs().max().item() <= 1 / math.sqrt(IN)  # nn.Linear's init for A (a = sqrt(5))
+    assert layer.lora_A.abs().max().item() > 0
+    x = torch.randn(5, IN)
+    assert torch.equal(layer(x), layer.base(x))  # B = 0: the fresh layer is the base layer
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(OUT, RANK))
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    W0, b = layer.base.weight.detach().double(), layer.base.bias.detach().double()
+    expected = (W0 @ x.double().T + b.unsqueeze(1) + (alpha / RANK) * B @ A @ x.double().T).T
+    assert torch.allclose(layer(x).double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(layer.delta_weight().double(), (alpha / RANK) * B @ A, atol=1e-6)
+
+
+def test_delta_weight_is_the_explicit_product():
+    layer = _adapter()
+    _randomise_vectors(layer)
+    A, B = layer.lora_A.detach(), layer.lora_B.detach()
+    expected = torch.diag(layer.lambda_b.detach()) @ B @ torch.diag(layer.lambda_d.detach()) @ A
+    delta = layer.delta_weight()
+    assert delta.shape == (OUT, IN)
+    assert torch.allclose(delta, expected, atol=1e-6)
+
+
+def test_merge_then_unmerge():
+    layer = _adapter()
+    _randomise_vectors(layer)
+    x = torch.randn(7, IN)
+    w0 = layer.base.weight.detach().clone()
+    unmerged = layer(x).detach()
+    layer.merge()
+    assert layer.merged
+    assert torch.allclose(layer.base.weight, w0 + layer.delta_weight(), atol=1e-6)
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+    layer.merge()  # a second merge is a no-op, not a double add
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    assert torch.allclose(layer.base.weight, w0, atol=1e-6)
+    assert torch.allclose(layer(x), unmerged, atol=1e-5)
+
+
+def test_dropout_only_on_adapter_input():
+    layer = _adapter(dropout=0.5)
+    x = torch.randn(8, IN)
+    # Λb = 0: even in train mode the output is the base layer's, so dropout never touches the base path
+    layer.train()
+    assert torch.equal(layer(x), layer.base(x))
+
+    _randomise_vectors(layer)
+    layer.eval()
+    assert torch.allclose(layer(x).double(), _eq1(layer, x), atol=1e-5, rtol=1e-5)
+
+    layer.train()
+    torch.manual_seed(11)
+    y = layer(x)
+    torch.manual_seed(11)
+    dropped = nn.functional.dropout(x, 0.5, training=True)  # the same mask the layer drew
+    assert not torch.equal(dropped, x)
+    up = torch.diag(layer.lambda_b.detach()) @ layer.lora_B.detach() @ torch.diag(layer.lambda_d.detach())
+    expected = layer.base(x) + dropped @ layer.lora_A.detach().T @ up.T
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert not torch.allclose(y, layer.eval()(x), atol=1e-3)  # train mode does drop on the adapter path
+
+
+def test_projection_gradients_are_zero_while_lambda_b_is_zero():
+    layer = _adapter()
+    x = torch.randn(6, IN)
+    layer(x).pow(2).sum().backward()
+    assert torch.equal(layer.lora_A.grad, torch.zeros_like(layer.lora_A))
+    assert torch.equal(layer.lora_B.grad, torch.zeros_like(layer.lora_B))
+    assert torch.equal(layer.lambda_d.grad, torch.zeros_like(layer.lambda_d))
+    assert layer.lambda_b.grad.abs().sum() > 0  # Λb is what moves first
+    assert layer.base.weight.grad is None
+
+    # once Λb is nonzero, A and B receive gradient
+    layer.zero_grad()
+    _randomise_vectors(layer)
+    layer(x).pow(2).sum().backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
