@@ -269,7 +269,15 @@ class Trainer:
                 self.group.world_size,
                 self.recipe.training.batch_size,
             )
-            loader = iter(DataLoader(self.data.train, batch_sampler=batches[within * accum :], collate_fn=collate))
+            # its own generator: a DataLoader would otherwise draw from the global RNG that dropout uses
+            loader = iter(
+                DataLoader(
+                    self.data.train,
+                    batch_sampler=batches[within * accum :],
+                    collate_fn=collate,
+                    generator=torch.Generator(),
+                )
+            )
             for position in range(within, sched.steps_per_epoch):
                 if self.step >= sched.total_steps:
                     break

@@ -1,0 +1,52 @@
+"""Small real training runs for tests: recipes on the shipped MiniLM model and movie-review data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aflora_cli.recipe import Recipe, parse_recipe
+from aflora_cli.trainer import Trainer
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def quick_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A raw recipe for a run of a few seconds; `sections` update its sections key by key."""
+    raw: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "seed": 7,
+        "device": "cpu",
+        "model": {"name_or_path": MINILM},
+        "data": {"task": "movie_reviews", "max_train_samples": 64, "max_eval_samples": 32},
+        "adapter": {"method": "aflora", "rank": 4},
+        "freezing": {"t_i": 2, "t_f": 2},
+        "training": {"max_steps": 10, "batch_size": 8, "max_length": 32, "lr": 4e-3, "log_every": 1},
+    }
+    for name, values in sections.items():
+        if isinstance(raw.get(name), dict):
+            raw[name].update(values)
+        else:
+            raw[name] = values
+    return raw
+
+
+def run(raw: dict[str, Any], *, resume: bool = False, on_event: Any = None) -> Trainer:
+    """Prepare and train a recipe to the end; returns the trainer for inspection."""
+    trainer = Trainer(parse_recipe(copy.deepcopy(raw), "test recipe"), resume=resume, on_event=on_event)
+    trainer.prepare()
+    trainer.train()
+    trainer.close()
+    return trainer
+
+
+def write_recipe(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def recipe_of(raw: dict[str, Any]) -> Recipe:
+    return parse_recipe(copy.deepcopy(raw), "test recipe")

@@ -1,0 +1,172 @@
+"""Real training runs on the shipped MiniLM model and movie-review sentences."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from runs import quick_recipe, recipe_of, run
+from safetensors.torch import load_file
+
+from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.freezing import freeze_fraction
+from aflora_cli.trainer import epoch_batches, plan_schedule
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("learn") / "run"
+    raw = quick_recipe(
+        out,
+        data={"max_train_samples": 640, "max_eval_samples": 200},
+        training={"max_steps": 40, "batch_size": 16, "lr": 3e-2, "head_lr": 3e-2, "eval_every": 20, "warmup_ratio": 0.0},
+        freezing={"t_i": 5, "t_f": 10},
+    )
+    run(raw)
+    return out
+
+
+def test_validation_accuracy_rises_above_chance(learning_run: Path) -> None:
+    evals = [r for r in _records(learning_run) if "eval" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    # 200 balanced validation rows: chance is 0.5 with a standard deviation of 0.035
+    assert evals[-1]["eval"]["validation"]["accuracy"] > 0.62
+
+
+def test_freeze_log_follows_eq5(learning_run: Path) -> None:
+    manifest = json.loads((learning_run / "last" / MANIFEST_FILE).read_text())
+    freezing, log = manifest["freezing"], manifest["freeze_log"]
+    total, t_i, t_f = freezing["total_steps"], freezing["t_i"], freezing["t_f"]
+    assert (total, t_i, t_f) == (40, 5, 10)
+    assert len(log) == 6 * 2 * 2  # 6 layers x (intermediate, output) x (A, B)
+    assert all(name.endswith((".lora_A", ".lora_B")) and ("intermediate" in name or "output.dense" in name) for name in log)
+    for step in range(total):
+        frozen = sum(1 for s in log.values() if s is not None and s <= step)
+        assert frozen == math.floor(freeze_fraction(step, total, t_i, t_f) * len(log)), step
+    assert max(log.values()) == total - t_f  # everything is frozen from T - t_f on
+
+
+def test_trainable_count_shrinks_and_is_averaged(learning_run: Path) -> None:
+    manifest = json.loads((learning_run / "last" / MANIFEST_FILE).read_text())
+    counts = manifest["trainable_params"]
+    logged = [r["trainable"] for r in _records(learning_run) if "trainable" in r]
+    assert logged == sorted(logged, reverse=True) and logged[0] > logged[-1]
+    # at the end only the vectors remain: 36 modules x (rank 4 + out features)
+    vectors = 6 * (4 * (4 + 384) + (4 + 1536) + (4 + 384))
+    assert counts["end"] == vectors == logged[-1]
+    pms = 6 * (4 * 384 + 1536 * 4 + 4 * 1536 + 384 * 4)
+    assert counts["start"] == vectors + pms
+    tensors = load_file(str(learning_run / "last" / WEIGHTS_FILE))
+    per_step = [counts["start"]] * 40
+    for name, step in manifest["freeze_log"].items():
+        for t in range(step, 40):
+            per_step[t] -= tensors[name].numel()
+    assert counts["average"] == pytest.approx(sum(per_step) / 40)
+
+
+def test_checkpoint_holds_adapter_head_and_manifest(learning_run: Path) -> None:
+    tensors = load_file(str(learning_run / "best" / WEIGHTS_FILE))
+    assert tensors["bert.encoder.layer.0.intermediate.dense.lora_A"].shape == (4, 384)
+    assert tensors["bert.encoder.layer.0.intermediate.dense.lora_B"].shape == (1536, 4)
+    assert tensors["bert.encoder.layer.0.attention.self.query.lambda_b"].shape == (384,)
+    assert tensors["classifier.weight"].shape == (2, 384)
+    manifest = json.loads((learning_run / "best" / MANIFEST_FILE).read_text())
+    assert manifest["recipe"]["training"]["max_steps"] == 40
+    assert manifest["base_model"]["fingerprint"].startswith("sha256:")
+    assert manifest["task"]["name"] == "movie_reviews"
+    assert not (learning_run / "best" / "training_state.pt").exists()
+    assert (learning_run / "last" / "training_state.pt").exists()
+
+
+def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    settings = {"training": {"max_steps": 12, "save_every": 4, "eval_every": 6}, "freezing": {"t_i": 2, "t_f": 3}}
+    straight = quick_recipe(tmp_path / "straight", **settings)
+    run(straight)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_7(kind: str, record: dict) -> None:
+        if kind == "step" and record["step"] == 7:
+            raise Crash
+
+    interrupted = quick_recipe(tmp_path / "interrupted", **settings)
+    with pytest.raises(Crash):
+        run(interrupted, on_event=crash_at_step_7)
+    assert json.loads((tmp_path / "interrupted" / "last" / MANIFEST_FILE).read_text())["step"] == 4
+    resumed = run(interrupted, resume=True)
+    assert resumed.step == 12
+
+    expected = load_file(str(tmp_path / "straight" / "last" / WEIGHTS_FILE))
+    got = load_file(str(tmp_path / "interrupted" / "last" / WEIGHTS_FILE))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    logs = [json.loads((tmp_path / d / "last" / MANIFEST_FILE).read_text()) for d in ("straight", "interrupted")]
+    assert logs[0]["freeze_log"] == logs[1]["freeze_log"]
+    assert _records(tmp_path / "straight") == _records(tmp_path / "interrupted")
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
+    from aflora_cli.errors import AfloraError
+    from aflora_cli.trainer import Trainer
+
+    raw = quick_recipe(tmp_path / "run", training={"max_steps": 2})
+    run(raw)
+    raw["training"]["lr"] = 1e-4
+    with pytest.raises(AfloraError, match="differs at training.lr"):
+        Trainer(recipe_of(raw), resume=True).prepare()
+
+
+def test_nonfinite_step_is_skipped_and_not_scored(tmp_path: Path) -> None:
+    from aflora_cli.trainer import Trainer
+
+    raw = quick_recipe(tmp_path / "run", training={"max_steps": 4}, freezing={"t_i": 10, "t_f": 0})
+    trainer = Trainer(recipe_of(raw))
+    trainer.prepare()
+    calls = {"n": 0}
+
+    def poison_second_step(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 2 else output
+
+    handle = trainer.model.classifier.register_forward_hook(poison_second_step)
+    head_before_step_two: dict[str, torch.Tensor] = {}
+
+    def snapshot(kind: str, record: dict) -> None:
+        if kind == "step" and record["step"] == 1:
+            head_before_step_two["w"] = trainer.model.classifier.weight.detach().clone()
+            head_before_step_two["ibar"] = trainer.freezer._ibar.clone()
+        if kind == "step" and record["step"] == 2:
+            assert not record["finite"]
+            assert torch.equal(trainer.model.classifier.weight, head_before_step_two["w"])
+            assert torch.equal(trainer.freezer._ibar, head_before_step_two["ibar"])
+
+    trainer.on_event = snapshot
+    trainer.train()
+    handle.remove()
+    skipped = [r for r in _records(tmp_path / "run") if r.get("event") == "skipped_nonfinite"]
+    assert [r["step"] for r in skipped] == [2]
+    assert not torch.equal(trainer.model.classifier.weight, head_before_step_two["w"])
+
+
+def test_schedule_and_batches() -> None:
+    raw = quick_recipe(Path("unused"), training={"max_steps": None, "epochs": 2, "batch_size": 8, "gradient_accumulation": 3})
+    raw["freezing"] = {"t_i": "1 epoch", "t_f": "25%"}
+    sched = plan_schedule(recipe_of(raw), train_rows=100, world_size=2)
+    # 50 rows per rank -> 7 micro-batches -> 3 optimizer steps per epoch
+    assert (sched.micro_batches_per_epoch, sched.steps_per_epoch, sched.total_steps) == (7, 3, 6)
+    assert (sched.t_i, sched.t_f) == (3, 2)
+    alone = epoch_batches(10, epoch=1, seed=3, rank=0, world_size=1, batch_size=4)
+    ranks = [epoch_batches(10, epoch=1, seed=3, rank=r, world_size=2, batch_size=2) for r in (0, 1)]
+    assert sorted(sum(alone, [])) == list(range(10))
+    # the two ranks' k-th micro-batches together are the single process's k-th batch
+    assert sorted(ranks[0][0] + ranks[1][0]) == sorted(alone[0])
+    assert epoch_batches(10, 2, 3, 0, 1, 4) != alone
