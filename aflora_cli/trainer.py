@@ -401,7 +401,7 @@ class Trainer:
         self.group.barrier()
 
     def _improved(self, results: dict[str, Any] | None) -> bool:
-        if results is None:
+        if not results or not results["eval"]:
             return False
         spec = self.data.spec
         first_split = next(iter(results["eval"].values()))

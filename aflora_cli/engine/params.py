@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import nn
@@ -28,31 +29,24 @@ def trainable_timeline(
     so a PM frozen at step t no longer counts at t. `by_step` lists the steps where the count changes;
     `average` is the mean over steps 0..T-1 (the paper's #Params, head excluded).
     """
-    drops: dict[int, int] = {}
+    drops: Counter[int] = Counter()
     for name, step in freeze_log.items():
         if step is not None:
-            drops[step] = drops.get(step, 0) + sizes[name]
+            drops[step] += sizes[name]
     without, with_head = start
-    by_step = [{"step": 0, "trainable": without, "trainable_with_head": with_head}]
-    weighted = weighted_head = 0
-    previous = 0
+    by_step = [] if 0 in drops else [{"step": 0, "trainable": without, "trainable_with_head": with_head}]
     for step in sorted(drops):
-        span = min(step, total_steps) - previous
-        weighted, weighted_head = weighted + span * without, weighted_head + span * with_head
         without, with_head = without - drops[step], with_head - drops[step]
-        if by_step[-1]["step"] == step:
-            by_step.pop()
         by_step.append({"step": step, "trainable": without, "trainable_with_head": with_head})
-        previous = min(step, total_steps)
-    span = total_steps - previous
-    weighted, weighted_head = weighted + span * without, weighted_head + span * with_head
+    ends = [point["step"] for point in by_step[1:]] + [total_steps]
+    spans = [end - point["step"] for point, end in zip(by_step, ends)]
     steps = max(total_steps, 1)
     return {
         "start": start[0],
         "start_with_head": start[1],
         "end": without,
         "end_with_head": with_head,
-        "average": weighted / steps,
-        "average_with_head": weighted_head / steps,
+        "average": sum(p["trainable"] * n for p, n in zip(by_step, spans)) / steps,
+        "average_with_head": sum(p["trainable_with_head"] * n for p, n in zip(by_step, spans)) / steps,
         "by_step": by_step,
     }
