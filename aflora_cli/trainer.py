@@ -108,7 +108,9 @@ class Trainer:
     def prepare(self) -> None:
         """Load model and data, inject adapters, build freezer, optimizer and schedule (and resume state)."""
         recipe = self.recipe
-        if recipe.precision == "fp16" and recipe.device == "cpu":
+        if recipe.device == "cuda" and not torch.cuda.is_available():
+            raise AfloraError("device: cuda was asked for, but torch sees no CUDA device; use auto or cpu")
+        if recipe.precision == "fp16" and (recipe.device == "cpu" or not torch.cuda.is_available()):
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
         resumed = self._check_output_dir()
         self.group = distributed.setup(recipe.device)

@@ -80,11 +80,12 @@ def _custom(tmp_path: Path, train_rows: str, **data: Any) -> Path:
             lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", model={"name_or_path": "./models/minilm"})),
             ["model.name_or_path", "not found"],
         ),
+        (lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", precision="fp16")), ["precision: fp16 needs CUDA"]),
         (lambda d: _custom(d, "sentence,label\nfine,1\n"), ["train.csv", "text"]),
         (lambda d: _custom(d, "text,label\nfine,1\nawful,7\n", label_names=["neg", "pos"]), ["train.csv", "7"]),
         (lambda d: _custom(d, "text,label\n"), ["train.csv", "no data rows"]),
     ],
-    ids=["missing", "bad-yaml", "unknown-key", "wrong-type", "hub-model", "local-model", "column", "label", "empty"],
+    ids=["missing", "bad-yaml", "unknown-key", "wrong-type", "hub-model", "local-model", "fp16-cpu", "column", "label", "empty"],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, make: Any, fragments: list[str]) -> None:
     recipe = make(tmp_path)
