@@ -11,9 +11,10 @@ from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.data import TaskSpec
 from aflora_cli.engine import base_model
-from aflora_cli.engine.checkpoint import load_weights_into, read_manifest, read_weights
+from aflora_cli.engine.checkpoint import load_weights_into, read_weights
 from aflora_cli.engine.inject import Target, inject_adapters, unfreeze_head
 from aflora_cli.errors import AfloraError
+from aflora_cli.inspection import read_checkpoint_manifest
 from aflora_cli.recipe import Recipe, parse_recipe
 
 
@@ -65,7 +66,7 @@ def describe(adapted: AdaptedModel, recipe: Recipe, spec: TaskSpec) -> dict[str,
 def load_checkpoint(path: Path, base: str | None = None) -> tuple[AdaptedModel, dict[str, Any], Recipe, TaskSpec]:
     """Rebuild base + adapters + head from a checkpoint; `base` points at the base model if it moved."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_checkpoint_manifest(path)
     tensors = read_weights(path)
     recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
     try:

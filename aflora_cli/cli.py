@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aflora_cli.errors import AfloraError
@@ -32,6 +35,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 
@@ -45,10 +49,10 @@ def user_errors(command: F) -> F:
             _quiet_libraries()
             return command(*args, **kwargs)
         except AfloraError as err:
-            errors.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            errors.print("interrupted; `aflora train RECIPE --resume` continues from the last checkpoint")
+            errors.print("interrupted", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -76,10 +80,15 @@ def train(
             return
         with TrainingProgress(console) as progress:
             trainer.on_event = progress
-            final = trainer.train()
+            try:
+                final = trainer.train()
+            except KeyboardInterrupt:
+                errors.print(f"interrupted: `aflora train {recipe_path} --resume` continues from {recipe.output_dir}/last")
+                raise typer.Exit(130) from None
         if trainer.group.is_main:
-            console.print(f"done: {format_metrics(final['eval'])}" if final else "done")
-            console.print(f"checkpoints: {recipe.output_dir}/last, {recipe.output_dir}/best")
+            console.print(f"done: {format_metrics(final['eval'])}" if final and final["eval"] else "done")
+            saved = [str(Path(recipe.output_dir) / name) for name in ("last", "best") if (Path(recipe.output_dir) / name).is_dir()]
+            console.print(f"checkpoints: {', '.join(saved)}")
     finally:
         trainer.close()
 
@@ -100,3 +109,86 @@ def _print_plan(trainer: Any) -> None:
         f"steps: T = {sched.total_steps} ({sched.steps_per_epoch} per epoch), t_i = {sched.t_i}, "
         f"t_f = {sched.t_f}, warmup = {sched.warmup_steps}"
     )
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
+    split: Annotated[str | None, typer.Option(help="the task's split to score (default: its first eval split)")] = None,
+    data: Annotated[Path | None, typer.Option(help="a local csv/tsv/jsonl/json/parquet file of the task's columns")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
+) -> None:
+    """Score a checkpoint on its task's split, or on a local file, with the task's metric."""
+    from aflora_cli.scoring import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, split=split, data_file=data, base=base)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        from aflora_cli.report import render_eval
+
+        render_eval(console, result)
+
+
+class _Format(str, Enum):
+    transformers = "transformers"
+    peft = "peft"
+
+
+class _DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command()
+@user_errors
+def merge(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="directory to write")],
+    format_: Annotated[
+        _Format, typer.Option("--format", help="a merged transformers model, or a PEFT LoRA adapter")
+    ] = _Format.transformers,
+    dtype: Annotated[_DType, typer.Option(help="dtype of the saved weights")] = _DType.fp32,
+    force: Annotated[bool, typer.Option("--force", help="replace DIR if it is not empty")] = False,
+    base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
+) -> None:
+    """Fold the adapters into the base weights and save a plain transformers model (or export a PEFT adapter)."""
+    from aflora_cli.merging import merge_checkpoint
+
+    result = merge_checkpoint(checkpoint, out, format=format_.value, dtype=dtype.value, force=force, base=base)
+    if result.format == "peft":
+        console.print(
+            f"wrote a PEFT LoRA adapter for {result.modules} modules ({result.dtype}) to {result.out}: "
+            f"load it with peft.PeftModel.from_pretrained(base_model, {str(result.out)!r})",
+            highlight=False,
+            markup=False,
+        )
+    else:
+        console.print(
+            f"merged {result.modules} adapters into their base weights; wrote a transformers model "
+            f"({result.dtype}) to {result.out}: load it with "
+            f"AutoModelForSequenceClassification.from_pretrained({str(result.out)!r})",
+            highlight=False,
+            markup=False,
+        )
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Show a checkpoint's run: summary, when each PM froze, trainable parameters over time, per-layer heat map."""
+    from aflora_cli.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint)
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        from aflora_cli.report import render_inspect
+
+        render_inspect(console, report)

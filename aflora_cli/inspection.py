@@ -1,0 +1,225 @@
+"""`aflora inspect`: what a checkpoint says about its run, from the checkpoint directory alone.
+
+The report is plain data (it is what `--json` prints): the model and task, the step plan, the metric at
+the checkpoint, the trainable-parameter counts over training, every projection matrix (PM) with the step
+it froze, and the per-layer freezing heat map of the paper's Fig. 5. Rendering lives in `report.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from aflora_cli.errors import AfloraError
+
+MATRICES = ("lora_A", "lora_B")
+_NUMBER = re.compile(r"^\d+$")
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------ manifest checks
+
+
+def entry(manifest: dict[str, Any], key: str, types: type | tuple[type, ...], path: Path) -> Any:
+    """`manifest[a][b]` for key "a.b", or one clear error naming the file and the key."""
+    value: Any = manifest
+    for part in key.split("."):
+        value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+    if value is _MISSING or not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        what = "missing" if value is _MISSING else f"damaged ({type(value).__name__})"
+        raise AfloraError(f"{path / MANIFEST_FILE}: entry {key!r} is {what}")
+    return value
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of checkpoint `path`, checked for every entry eval, merge and inspect use."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not (path / WEIGHTS_FILE).is_file():
+        raise AfloraError(f"{path}: not a complete checkpoint ({WEIGHTS_FILE} is missing)")
+    for key, types in (
+        ("base_model.name_or_path", str),
+        ("base_model.fingerprint", str),
+        ("task.name", str),
+        ("task.main_metric", str),
+        ("task.eval_splits", dict),
+        ("method", str),
+        ("rank", int),
+        ("scaling", (int, float)),
+        ("targets", list),
+        ("head", list),
+        ("recipe", dict),
+        ("freezing.total_steps", int),
+        ("freezing.steps_per_epoch", int),
+        ("freezing.t_i", int),
+        ("freezing.t_f", int),
+        ("step", int),
+        ("freeze_log", dict),
+        ("freeze_scores", dict),
+        ("trainable_params.by_step", list),
+        ("trainable_params.average", (int, float)),
+    ):
+        entry(manifest, key, types, path)
+    if manifest.get("metrics") is not None and not isinstance(manifest["metrics"], dict):
+        raise AfloraError(f"{path / MANIFEST_FILE}: entry 'metrics' is damaged")
+    names = set()
+    for target in manifest["targets"]:
+        if not (isinstance(target, dict) and all(isinstance(target.get(k), str) for k in ("name", "kind", "policy"))):
+            raise AfloraError(f"{path / MANIFEST_FILE}: entry 'targets' is damaged ({target!r})")
+        names.update(f"{target['name']}.{matrix}" for matrix in MATRICES)
+    for name, step in manifest["freeze_log"].items():
+        if name not in names or not (step is None or isinstance(step, int)):
+            raise AfloraError(f"{path / MANIFEST_FILE}: entry 'freeze_log' is damaged (at {name!r})")
+    return manifest
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the weights file's header (no tensor data is read)."""
+    file = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AfloraError(f"{file}: damaged weights file ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def split_module(name: str) -> tuple[int | None, str]:
+    """`bert.encoder.layer.3.intermediate.dense` -> (3, "intermediate.dense"): the first numeric path part."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if _NUMBER.match(part):
+            return int(part), ".".join(parts[i + 1 :]) or name
+    return None, name
+
+
+def matrix_rows(manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Every PM of every adapted module, in model order (A before B).
+
+    Adaptive PMs froze when the freeze log says; PMs under policy `frozen` never trained (frozen at step 0);
+    PMs under policy `trainable` never freeze.
+    """
+    per_epoch = max(manifest["freezing"]["steps_per_epoch"], 1)
+    scores = manifest["freeze_scores"]
+    rows = []
+    for target in manifest["targets"]:
+        layer, module = split_module(target["name"])
+        for matrix in MATRICES:
+            name = f"{target['name']}.{matrix}"
+            policy = target["policy"]
+            if policy == "adaptive":
+                step = manifest["freeze_log"].get(name)
+            else:
+                step = 0 if policy == "frozen" else None
+            shape = shapes.get(name)
+            rows.append(
+                {
+                    "name": name,
+                    "layer": layer,
+                    "module": module,
+                    "matrix": matrix[-1],
+                    "kind": target["kind"],
+                    "policy": policy,
+                    "frozen_at_step": step,
+                    "frozen_at_epoch": None if step is None else step / per_epoch,
+                    "score": scores.get(name) if policy == "adaptive" else None,
+                    "params": None if shape is None else _numel(shape),
+                }
+            )
+    return rows
+
+
+def by_freezing_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows sorted by the step their PM froze; never-frozen last; ties keep model order."""
+    return sorted(rows, key=lambda row: (row["frozen_at_step"] is None, row["frozen_at_step"] or 0))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def heatmap(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fig. 5 from rows in model order: one row per layer, one column per module x A/B of the adaptive PMs.
+
+    A cell holds the step its PM froze (None: never froze); `present` is False where a layer has no such PM.
+    """
+    adaptive = [row for row in rows if row["policy"] == "adaptive"]
+    layers = list(dict.fromkeys(row["layer"] for row in adaptive))
+    columns = list(dict.fromkeys(f"{row['module']} {row['matrix']}" for row in adaptive))
+    cells = {(row["layer"], f"{row['module']} {row['matrix']}"): row["frozen_at_step"] for row in adaptive}
+    return {
+        "layers": layers,
+        "columns": columns,
+        "frozen_at_step": [[cells.get((layer, column)) for column in columns] for layer in layers],
+        "present": [[(layer, column) in cells for column in columns] for layer in layers],
+    }
+
+
+def target_groups(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Targets folded over layers: one entry per (module, kind, policy) with the layers it appears in."""
+    groups: dict[tuple[str, str, str], list[int | None]] = {}
+    for target in manifest["targets"]:
+        layer, module = split_module(target["name"])
+        groups.setdefault((module, target["kind"], target["policy"]), []).append(layer)
+    return [
+        {"module": module, "kind": kind, "policy": policy, "layers": layers}
+        for (module, kind, policy), layers in groups.items()
+    ]
+
+
+def final_metric(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's main metric on its first eval split, as logged at this checkpoint (None if not evaluated)."""
+    metrics = manifest.get("metrics")
+    if not metrics:
+        return None
+    split, values = next(iter(metrics.items()))
+    name = manifest["task"]["main_metric"]
+    if not isinstance(values, dict) or name not in values:
+        return None
+    return {"split": split, "name": name, "value": values[name]}
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Everything `aflora inspect` shows, as plain data; reads only the checkpoint directory."""
+    path = Path(path)
+    manifest = read_checkpoint_manifest(path)
+    shapes = weight_shapes(path)
+    freezing = manifest["freezing"]
+    rows = matrix_rows(manifest, shapes)
+    task = manifest["task"]
+    return {
+        "checkpoint": str(path),
+        "base_model": manifest["base_model"],
+        "task": {key: task.get(key) for key in ("name", "problem", "num_labels", "label_names", "metrics")}
+        | {"main_metric": task["main_metric"], "eval_splits": list(task["eval_splits"])},
+        "method": manifest["method"],
+        "rank": manifest["rank"],
+        "scaling": manifest["scaling"],
+        "targets": target_groups(manifest),
+        "head": manifest["head"],
+        "step": manifest["step"],
+        "epoch": manifest["step"] / max(freezing["steps_per_epoch"], 1),
+        "total_steps": freezing["total_steps"],
+        "steps_per_epoch": freezing["steps_per_epoch"],
+        "t_i": freezing["t_i"],
+        "t_f": freezing["t_f"],
+        "freezing": freezing,
+        "metrics": manifest.get("metrics"),
+        "final_metric": final_metric(manifest),
+        "trainable_params": manifest["trainable_params"],
+        "matrices": by_freezing_step(rows),
+        "heatmap": heatmap(rows),
+    }

@@ -1,0 +1,195 @@
+"""`aflora merge`: a checkpoint as a plain transformers model, or as a PEFT LoRA adapter.
+
+`transformers` folds s·Λb·B·Λd·A into W0 of every adapted layer, puts the plain `nn.Linear` back in the
+adapter's place and saves the whole model (config with the task's labels, safetensors weights with the
+trained head, tokenizer): `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it without aflora.
+
+`peft` writes the LoRA form of the same update, which PEFT loads on top of the base model:
+lora_A = diag(Λd)·A, lora_B = diag(Λb)·B (A and B as they are for method `lora`), lora_alpha = s·r so
+that PEFT's scaling lora_alpha / r equals ours, the head in `modules_to_save`. aflora does not need peft
+to write it: the file layout is PEFT's (`base_model.model.<module>.lora_A.weight`, head parameters under
+`base_model.model.<name>`).
+
+Both are written into a temporary sibling of DIR and renamed into place, so a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from aflora_cli.engine.checkpoint import atomic_directory
+from aflora_cli.engine.inject import adapter_modules
+from aflora_cli.errors import AfloraError
+from aflora_cli.scoring import Rebuilt, rebuild
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+FORMATS = ("transformers", "peft")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class MergeResult:
+    out: str
+    format: str
+    dtype: str
+    modules: int
+    files: list[str]
+
+
+# ------------------------------------------------------------------------------------------ the output folder
+
+
+def check_output(out: Path, force: bool, checkpoint: Path) -> None:
+    """Refuse an output folder that is not empty (without `force`), not creatable or not writable."""
+    resolved, source = out.expanduser().resolve(), Path(checkpoint).resolve()
+    if resolved == source or resolved in source.parents or source in resolved.parents:
+        raise AfloraError(f"--out {out}: overlaps the checkpoint {checkpoint}; choose another directory")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise AfloraError(f"--out {out}: exists and is not a directory")
+        if any(out.iterdir()) and not force:
+            raise AfloraError(f"--out {out}: directory is not empty; pass --force to replace it")
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AfloraError(f"--out {out}: cannot be created ({ancestor} is not a directory)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise AfloraError(f"--out {out}: {ancestor} is not writable")
+
+
+def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
+    """Fill a temporary sibling of `out` and rename it into place; on any failure nothing is left behind."""
+    out = out.expanduser()
+    created = []
+    parent = out.resolve().parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    try:
+        with atomic_directory(out) as tmp:
+            fill(tmp)
+            files = sorted(p.name for p in tmp.iterdir())
+    except BaseException as err:
+        for folder in created:  # deepest first; only folders we made, and only if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(err, OSError):
+            raise AfloraError(f"--out {out}: could not write ({err.strerror or err})") from None
+        raise
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- the formats
+
+
+def merged_model(rebuilt: Rebuilt) -> nn.Module:
+    """The rebuilt model in fp32 with every adapter folded into its W0 and replaced by that plain nn.Linear."""
+    model = rebuilt.adapted.model.float()
+    for name, module in adapter_modules(model).items():
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base)
+    return model
+
+
+def peft_tensors(rebuilt: Rebuilt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT LoRA tensors: lora_A = diag(Λd)·A, lora_B = diag(Λb)·B, and the head, under PEFT's key names."""
+    model = rebuilt.adapted.model
+    tensors: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in adapter_modules(model).items():
+            down, up = module.lora_A.float(), module.lora_B.float()
+            if module.lambda_d is not None:
+                down = module.lambda_d.float().unsqueeze(1) * down
+                up = module.lambda_b.float().unsqueeze(1) * up
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = down
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = up
+        params = dict(model.named_parameters())
+        for name in rebuilt.adapted.head_names:
+            tensors[f"{PEFT_PREFIX}{name}"] = params[name].float()
+    return {name: tensor.to(dtype).cpu().contiguous() for name, tensor in tensors.items()}
+
+
+def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
+    """A PEFT LoRA config (task SEQ_CLS) whose scaling lora_alpha / r equals the adapter's scaling."""
+    manifest, recipe = rebuilt.manifest, rebuilt.recipe
+    rank = manifest["rank"]
+    alpha = float(manifest["scaling"]) * rank
+    head_modules = list(dict.fromkeys(name.split(".")[0] for name in rebuilt.adapted.head_names))
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": rebuilt.base_name,
+        "revision": recipe.model.revision,
+        "r": rank,
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
+        "lora_dropout": recipe.adapter.dropout,
+        "target_modules": list(adapter_modules(rebuilt.adapted.model)),
+        "modules_to_save": head_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def merge_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    format: str = "transformers",
+    dtype: str = "fp32",
+    force: bool = False,
+    base: str | None = None,
+) -> MergeResult:
+    """Write checkpoint `path` to `out` as a merged transformers model or a PEFT adapter."""
+    path, out = Path(path), Path(out).expanduser()
+    if format not in FORMATS:
+        raise AfloraError(f"--format {format}: expected one of {', '.join(FORMATS)}")
+    if dtype not in TORCH_DTYPES:
+        raise AfloraError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
+    check_output(out, force, path)
+    rebuilt = rebuild(path, base)
+    torch_dtype = TORCH_DTYPES[dtype]
+    modules = len(adapter_modules(rebuilt.adapted.model))
+    if format == "peft":
+        tensors = peft_tensors(rebuilt, torch_dtype)
+        config = peft_config(rebuilt)
+
+        def fill(folder: Path) -> None:
+            save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+            (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    else:
+        model = merged_model(rebuilt).to(torch_dtype)
+        tokenizer = rebuilt.adapted.tokenizer
+
+        def fill(folder: Path) -> None:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+    files = write_directory(out, fill)
+    return MergeResult(str(out), format, dtype, modules, files)
