@@ -16,6 +16,9 @@ from aflora_cli.engine.freezing import freeze_fraction
 from aflora_cli.trainer import epoch_batches, plan_schedule
 
 
+STEPS = 60  # seeds 7, 8, 9 reach 0.70, 0.70, 0.72 validation accuracy by then
+
+
 def _records(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -25,8 +28,8 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("learn") / "run"
     raw = quick_recipe(
         out,
-        data={"max_train_samples": 640, "max_eval_samples": 200},
-        training={"max_steps": 40, "batch_size": 16, "lr": 3e-2, "head_lr": 3e-2, "eval_every": 20, "warmup_ratio": 0.0},
+        data={"max_train_samples": 960, "max_eval_samples": 200},
+        training={"max_steps": STEPS, "batch_size": 16, "lr": 3e-2, "head_lr": 3e-2, "eval_every": 20, "warmup_ratio": 0.0},
         freezing={"t_i": 5, "t_f": 10},
     )
     run(raw)
@@ -35,16 +38,17 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_validation_accuracy_rises_above_chance(learning_run: Path) -> None:
     evals = [r for r in _records(learning_run) if "eval" in r]
-    assert [r["step"] for r in evals] == [20, 40]
+    accuracy = [r["eval"]["validation"]["accuracy"] for r in evals]
+    assert [r["step"] for r in evals] == [20, 40, 60]
     # 200 balanced validation rows: chance is 0.5 with a standard deviation of 0.035
-    assert evals[-1]["eval"]["validation"]["accuracy"] > 0.62
+    assert accuracy[-1] > 0.62 and accuracy[-1] > accuracy[0]
 
 
 def test_freeze_log_follows_eq5(learning_run: Path) -> None:
     manifest = json.loads((learning_run / "last" / MANIFEST_FILE).read_text())
     freezing, log = manifest["freezing"], manifest["freeze_log"]
     total, t_i, t_f = freezing["total_steps"], freezing["t_i"], freezing["t_f"]
-    assert (total, t_i, t_f) == (40, 5, 10)
+    assert (total, t_i, t_f) == (STEPS, 5, 10)
     assert len(log) == 6 * 2 * 2  # 6 layers x (intermediate, output) x (A, B)
     assert all(name.endswith((".lora_A", ".lora_B")) and ("intermediate" in name or "output.dense" in name) for name in log)
     for step in range(total):
@@ -64,11 +68,11 @@ def test_trainable_count_shrinks_and_is_averaged(learning_run: Path) -> None:
     pms = 6 * (4 * 384 + 1536 * 4 + 4 * 1536 + 384 * 4)
     assert counts["start"] == vectors + pms
     tensors = load_file(str(learning_run / "last" / WEIGHTS_FILE))
-    per_step = [counts["start"]] * 40
+    per_step = [counts["start"]] * STEPS
     for name, step in manifest["freeze_log"].items():
-        for t in range(step, 40):
+        for t in range(step, STEPS):
             per_step[t] -= tensors[name].numel()
-    assert counts["average"] == pytest.approx(sum(per_step) / 40)
+    assert counts["average"] == pytest.approx(sum(per_step) / STEPS)
 
 
 def test_checkpoint_holds_adapter_head_and_manifest(learning_run: Path) -> None:
@@ -78,7 +82,7 @@ def test_checkpoint_holds_adapter_head_and_manifest(learning_run: Path) -> None:
     assert tensors["bert.encoder.layer.0.attention.self.query.lambda_b"].shape == (384,)
     assert tensors["classifier.weight"].shape == (2, 384)
     manifest = json.loads((learning_run / "best" / MANIFEST_FILE).read_text())
-    assert manifest["recipe"]["training"]["max_steps"] == 40
+    assert manifest["recipe"]["training"]["max_steps"] == STEPS
     assert manifest["base_model"]["fingerprint"].startswith("sha256:")
     assert manifest["task"]["name"] == "movie_reviews"
     assert not (learning_run / "best" / "training_state.pt").exists()
