@@ -18,11 +18,10 @@ from typing import Any
 
 import transformers
 
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
-from aflora_cli.recipe import parse_recipe
-from aflora_cli.trainer import Trainer
+from runs import quick_recipe, run
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+
 # `aflora` turns these bars off before it imports transformers; in a test session transformers is already in
 transformers.utils.logging.disable_progress_bar()
 _ROOT = Path(tempfile.mkdtemp(prefix="aflora-test-runs-"))
@@ -30,16 +29,13 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def _recipe(output_dir: Path, method: str) -> dict[str, Any]:
-    raw: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "seed": 11,
-        "device": "cpu",
-        "model": {"name_or_path": MINILM},
-        "data": {"task": "movie_reviews", "max_train_samples": 64, "max_eval_samples": 64},
-        "adapter": {"method": method, "rank": 4},
-        "freezing": {"t_i": 2, "t_f": 2},
-        "training": {"max_steps": 8, "batch_size": 16, "eval_batch_size": 32, "max_length": 32, "lr": 4e-3},
-    }
+    raw = quick_recipe(
+        output_dir,
+        seed=11,
+        data={"max_train_samples": 64, "max_eval_samples": 64},
+        adapter={"method": method, "rank": 4},
+        training={"max_steps": 8, "batch_size": 16, "eval_batch_size": 32, "lr": 4e-3, "log_every": 10},
+    )
     if method == "lora":  # a short run with scaling alpha / r = 2, one evaluation at the end
         raw["adapter"]["alpha"] = 8
         raw["data"].update(max_train_samples=32, max_eval_samples=16)
@@ -50,10 +46,7 @@ def _recipe(output_dir: Path, method: str) -> dict[str, Any]:
 @functools.cache
 def _train(method: str) -> Path:
     output_dir = _ROOT / method
-    trainer = Trainer(parse_recipe(_recipe(output_dir, method), f"test recipe ({method})"))
-    trainer.prepare()
-    trainer.train()
-    trainer.close()
+    run(_recipe(output_dir, method))
     return output_dir
 
 
