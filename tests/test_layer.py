@@ -171,3 +171,34 @@ def test_projection_gradients_are_zero_while_lambda_b_is_zero():
     _randomise_vectors(layer)
     layer(x).pow(2).sum().backward()
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def _explicit(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 written with plain autograd ops, for comparing gradients with the layer's fused path."""
+    base = layer.base
+    low = (x @ layer.lora_A.T) * layer.lambda_d
+    return x @ base.weight.T + base.bias + (low @ layer.lora_B.T) * layer.lambda_b
+
+
+def test_fused_path_gradients_equal_plain_autograd_of_eq1():
+    layer = _adapter().double()
+    _randomise_vectors(layer)
+    for frozen in ((), ("lora_A",), ("lora_A", "lora_B")):
+        for name in ("lora_A", "lora_B"):
+            getattr(layer, name).requires_grad_(name not in frozen)
+        params = [p for p in (layer.lora_A, layer.lora_B, layer.lambda_d, layer.lambda_b) if p.requires_grad]
+        x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+        out = layer(x)
+        upstream = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *params], upstream)
+        expected = torch.autograd.grad(_explicit(layer, x), [x, *params], upstream)
+        torch.testing.assert_close(out, _explicit(layer, x), rtol=1e-12, atol=1e-12)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_path_passes_gradcheck():
+    layer = _adapter().double()
+    _randomise_vectors(layer)
+    x = torch.randn(2, IN, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))

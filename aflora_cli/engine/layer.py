@@ -9,6 +9,64 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class _AdaptedLinear(torch.autograd.Function):
+    """W0·x + b + up·(A·x_a) in one node, with hand-picked matrix layouts for the thin products.
+
+    Same values and gradients as the plain autograd expression, but (on CPU, measured on all-MiniLM-L6-v2)
+    much cheaper: the low-rank product is accumulated into the base output (`addmm_`, no extra add),
+    the adapter's input gradient into the base's (`addmm_`), and the rank-r gradients are formed as
+    r-row products (`downᵀ·g`, `upᵀ·gᵀ`) — autograd's own `gᵀ·down` and `g·up` on an (N × out) gradient
+    run several times slower. `x_a` is the adapter's input (x after dropout), or x itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_a, weight, bias, lora_a, up):  # type: ignore[override]
+        out = F.linear(x, weight, bias)
+        down = F.linear(x_a, lora_a).to(out.dtype)
+        flat_out = out.view(-1, out.shape[-1])
+        flat_out.addmm_(down.reshape(-1, down.shape[-1]), up.to(out.dtype).t())
+        ctx.same_input = x_a is x
+        ctx.x_dtype, ctx.xa_dtype = x.dtype, x_a.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(
+            x if weight.requires_grad else None,
+            x_a if lora_a.requires_grad else None,
+            weight,
+            lora_a,
+            up,
+            down if up.requires_grad else None,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, x_a, weight, lora_a, up, down = ctx.saved_tensors
+        need_x, need_xa, need_w, need_b, need_a, need_up = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        dtype, lead = g.dtype, grad.shape[:-1]
+        grad_x = grad_xa = grad_w = grad_b = grad_a = grad_up = None
+        grad_down_t = grad_down = None
+        if need_x or need_xa or need_a:  # the gradient at the rank-r bottleneck: (r × N), and laid out (N × r)
+            grad_down_t = up.to(dtype).t().mm(g.t())
+            grad_down = grad_down_t.t().contiguous()
+        if need_x:
+            grad_x = g.mm(weight.to(dtype))
+            if ctx.same_input:
+                grad_x.addmm_(grad_down, lora_a.to(dtype))
+            grad_x = grad_x.view(*lead, weight.shape[1]).to(ctx.x_dtype)
+        if need_xa and not ctx.same_input:
+            grad_xa = grad_down.mm(lora_a.to(dtype)).view(*lead, lora_a.shape[1]).to(ctx.xa_dtype)
+        if need_w:
+            grad_w = x.reshape(-1, x.shape[-1]).to(dtype).t().mm(g).t().to(weight.dtype)
+        if need_b:
+            grad_b = g.sum(0).to(ctx.bias_dtype)
+        if need_a:
+            grad_a = grad_down_t.mm(x_a.reshape(-1, x_a.shape[-1]).to(dtype)).to(lora_a.dtype)
+        if need_up:
+            grad_up = down.reshape(-1, down.shape[-1]).to(dtype).t().mm(g).t().to(up.dtype)
+        return grad_x, grad_xa, grad_w, grad_b, grad_a, grad_up
+
+
 class AdapterLinear(nn.Module):
     """A frozen `nn.Linear` W0 with a parallel low-rank path.
 
@@ -77,11 +135,13 @@ class AdapterLinear(nn.Module):
         return self.up_projection() @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
+        base = self.base
         if self.merged:
-            return result
-        down = F.linear(self.dropout(x), self.lora_A)
-        return result + F.linear(down, self.up_projection())
+            return base(x)
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            # a subclass or a hooked layer keeps its own forward: the plain, unfused expression
+            return base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.up_projection())
+        return _AdaptedLinear.apply(x, self.dropout(x), base.weight, base.bias, self.lora_A, self.up_projection())
 
     @torch.no_grad()
     def merge(self) -> None:
