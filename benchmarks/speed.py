@@ -1,0 +1,432 @@
+"""Training-step speed and peak memory: AFLoRA against LoRA, ELoRA, PEFT's LoRA and VeRA, and the floor.
+
+    python benchmarks/speed.py --threads 1          # MiniLM, 32 x 128 and 32 x 256: ~35 min on this machine
+    python benchmarks/speed.py --shapes 32x128 --reps 9 --json speed.json
+    python benchmarks/speed.py --smoke              # tiny sizes, seconds; what CI runs
+
+One process builds every variant on the same pretrained all-MiniLM-L6-v2 and the same batch (random token
+ids, every position attended), then times them *alternately*, a rotating order each round, so that load
+from other processes on the machine hits all methods alike; a method's time is the median of its rounds.
+
+A step is what `aflora train` does per optimizer step, run through the trainer's own code
+(`Trainer._forward_backward` and `Trainer._optimizer_step`): forward, backward, gradient norm, freezer
+update (score EMAs and schedule; a no-op without adaptive PMs), clipping, AdamW, zero_grad, LR schedule.
+PEFT's models go through the same trainer code with an empty freezer. The floor is the frozen base model
+in train mode with the gradient flowing only to its input embeddings: forward and backward, no optimizer.
+
+Peak memory is measured per method in a fresh subprocess (Linux). After two untimed warm-up steps (so
+one-time allocations are left out) the resident-set high-water mark (VmHWM) is reset through
+/proc/self/clear_refs and two steps run; the growth of VmHWM over the resident size before them is the
+step's peak (activations, gradients, temporaries). glibc's mmap threshold is fixed at 64 KiB in the probe
+so that freed tensors leave the resident set. The adapter's own parameters and buffers (beyond the base
+model) and AdamW's state are added, so a method that keeps large frozen random matrices pays for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_LINEARS, MINILM, machine, offline_and_quiet  # noqa: E402
+
+METHODS = ("floor", "aflora_before", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
+LABELS = {
+    "floor": "floor (frozen base, grad to input)",
+    "aflora_before": "AFLoRA r=4, PMs trainable",
+    "aflora_frozen": "AFLoRA r=4, all PMs frozen",
+    "lora": "our LoRA r=8",
+    "elora": "our ELoRA r=1024",
+    "peft_lora": "PEFT LoRA r=8",
+    "peft_vera": "PEFT VeRA r=1024",
+}
+
+
+# ---- building the variants -----------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One method on its own copy of the base model, with a `step()` that trains on the batch once."""
+
+    name: str
+    model: Any
+    step: Callable[[], None]
+    trainable: int
+    adapter_bytes: int
+    freezer_times: list[float] = field(default_factory=list)
+    optimizer: Any = None
+
+    def optimizer_bytes(self) -> int:
+        if self.optimizer is None:
+            return 0
+        return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
+                   for t in state.values() if hasattr(t, "numel"))
+
+
+def _trainer_for(model: Any, head_names: list[str], freezer: Any) -> Any:
+    """An aflora Trainer around an already built model: the trainer's own step code, no data or files."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from aflora_cli import distributed
+    from aflora_cli.recipe import parse_recipe
+    from aflora_cli.trainer import Trainer
+
+    recipe = parse_recipe(
+        {
+            "output_dir": tempfile.gettempdir(),
+            "device": "cpu",
+            "model": {"name_or_path": MINILM},
+            "data": {"task": "movie_reviews"},
+            "training": {"lr": 4e-3, "max_steps": 10**6, "warmup_ratio": 0.0},
+        },
+        "speed benchmark",
+    )
+    trainer = Trainer(recipe)
+    trainer.group = distributed.setup("cpu")
+    trainer.model = model
+    trainer.adapted = SimpleNamespace(head_names=head_names)
+    trainer.freezer = freezer
+    trainer.frozen_numel = 0
+    trainer.optimizer = trainer._build_optimizer()
+    trainer.scheduler = get_linear_schedule_with_warmup(trainer.optimizer, 0, 10**6)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer._wrap()
+    return trainer
+
+
+def _param_bytes(module: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
+    """`name` (one of METHODS) on a deep copy of `base`, stepping on `batch`."""
+    from aflora_cli.engine.freezing import Freezer
+    from aflora_cli.engine.inject import adaptive_matrices, head_parameter_names, inject_adapters, unfreeze_head
+    from aflora_cli.recipe import AdapterConfig
+
+    model = copy.deepcopy(base)
+    base_bytes = _param_bytes(base)
+    model.train()
+
+    if name == "floor":
+        for param in model.parameters():
+            param.requires_grad_(False)
+        embeddings = model.get_input_embeddings()
+        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+
+        def floor_step() -> None:
+            embedded = embeddings(batch["input_ids"]).detach().requires_grad_(True)
+            model(inputs_embeds=embedded, **inputs).loss.backward()
+
+        return Variant(name, model, floor_step, 0, 0)
+
+    if name.startswith("peft_"):
+        from peft import LoraConfig, TaskType, VeraConfig, get_peft_model
+
+        if name == "peft_lora":
+            config: Any = LoraConfig(r=8, lora_alpha=8, target_modules=BERT_LINEARS, task_type=TaskType.SEQ_CLS)
+        else:
+            config = VeraConfig(r=1024, target_modules=BERT_LINEARS, task_type=TaskType.SEQ_CLS)
+        model = get_peft_model(model, config)
+        model.train()
+        head = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+        freezer = Freezer({}, total_steps=1, t_i=0, t_f=0)
+    else:
+        method, rank = {"aflora_before": ("aflora", 4), "aflora_frozen": ("aflora", 4),
+                        "lora": ("lora", 8), "elora": ("elora", 1024)}[name]
+        targets = inject_adapters(model, AdapterConfig(method=method, rank=rank))
+        unfreeze_head(model)
+        head = head_parameter_names(model)
+        matrices = adaptive_matrices(model, targets)
+        if name == "aflora_frozen":  # run the schedule to its end: every adaptive PM frozen, as after T - t_f
+            freezer = Freezer(matrices, total_steps=1, t_i=0, t_f=0)
+            freezer.apply_schedule(1)
+        else:  # never reaches t_i: scores update every step, nothing freezes
+            freezer = Freezer(matrices, total_steps=10**9, t_i=10**9, t_f=0)
+    trainer = _trainer_for(model, head, freezer)
+    variant = Variant(name, model, lambda: None, 0, _param_bytes(model) - base_bytes, optimizer=trainer.optimizer)
+    variant.trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
+
+    for attr in ("update_scores", "apply_schedule"):  # time the freezer's share of each step
+        original = getattr(freezer, attr)
+
+        def timed(step: int, _original: Callable[[int], Any] = original) -> Any:
+            start = time.perf_counter()
+            out = _original(step)
+            variant.freezer_times.append(time.perf_counter() - start)
+            return out
+
+        setattr(freezer, attr, timed)
+
+    def trainer_step() -> None:
+        loss = trainer._forward_backward([batch])
+        trainer._optimizer_step(loss)
+        trainer.step += 1
+
+    variant.step = trainer_step
+    return variant
+
+
+def load_base(num_labels: int = 2) -> Any:
+    from aflora_cli.engine import base_model
+
+    model_dir = base_model.resolve_model_dir(MINILM)
+    tokenizer = base_model.load_tokenizer(model_dir)
+    return base_model.load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
+
+
+def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (batch_size, length), generator=generator)
+    ids[:, 0] = 101  # [CLS]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
+    }
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+
+
+def time_methods(base: Any, shape: tuple[int, int], methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
+    """Median step time per method, timed alternately in rotating order after `warmup` steps each."""
+    batch = make_batch(*shape, base.config.vocab_size)
+    variants = [build_variant(name, base, batch) for name in methods]
+    for variant in variants:
+        for _ in range(warmup):
+            variant.step()
+        variant.freezer_times.clear()
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for rep in range(reps):
+        shift = rep % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            start = time.perf_counter()
+            variant.step()
+            times[variant.name].append(time.perf_counter() - start)
+    out = {}
+    for variant in variants:
+        series = sorted(times[variant.name])
+        freezer = variant.freezer_times
+        # two freezer calls per step (update_scores, apply_schedule): sum them pairwise
+        per_step = [a + b for a, b in zip(freezer[::2], freezer[1::2])]
+        out[variant.name] = {
+            "median_s": statistics.median(series),
+            "min_s": series[0],
+            "max_s": series[-1],
+            "times_s": times[variant.name],
+            "freezer_median_s": statistics.median(per_step) if per_step else None,
+            "trainable": variant.trainable,
+            "adapter_bytes": variant.adapter_bytes,
+        }
+    del variants
+    return out
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_probe(method: str, shape: tuple[int, int], steps: int = 2, warmup: int = 2) -> dict[str, Any]:
+    """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux).
+
+    `warmup` steps run first, so one-time allocations (thread pools, BLAS buffers, AdamW's state) are
+    not counted as step memory; AdamW's state is added back from its tensors' sizes.
+    """
+    import gc
+
+    base = load_base()
+    batch = make_batch(*shape, base.config.vocab_size)
+    variant = build_variant(method, base, batch)
+    del base
+    for _ in range(warmup):
+        variant.step()
+    gc.collect()
+    before = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    for _ in range(steps):
+        variant.step()
+    peak = _status_kib("VmHWM")
+    adapter = variant.adapter_bytes + variant.optimizer_bytes()
+    if before is None or peak is None or not resettable:
+        return {"method": method, "step_bytes": None, "adapter_bytes": adapter}
+    return {"method": method, "step_bytes": (peak - before) * 1024, "adapter_bytes": adapter}
+
+
+def measure_memory(methods: list[str], shape: tuple[int, int], in_process: bool) -> dict[str, Any]:
+    out = {}
+    for method in methods:
+        if in_process:  # smoke only: numbers are not comparable across methods in one process
+            out[method] = memory_probe(method, shape, steps=1, warmup=0)
+            continue
+        command = [sys.executable, __file__, "--memory-probe", method, "--shapes", f"{shape[0]}x{shape[1]}"]
+        # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
+        # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
+        # activations resident after the warm-up steps and hide the step's peak)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0 or not lines:
+            print(f"memory probe {method} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+            out[method] = {"method": method, "step_bytes": None, "adapter_bytes": None}
+        else:
+            out[method] = json.loads(lines[-1])
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A markdown table and the target ratios for one shape."""
+    lines = [
+        f"### batch {shape[0]} x {shape[1]} tokens",
+        "",
+        "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA | x floor | step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lora = timing.get("peft_lora", {}).get("median_s")
+    floor = timing.get("floor", {}).get("median_s")
+    totals: dict[str, float | None] = {}
+    for name, t in timing.items():
+        mem = memory.get(name, {})
+        step_b, adapter_b = mem.get("step_bytes"), mem.get("adapter_bytes")
+        total = step_b + adapter_b if step_b is not None and adapter_b is not None else None
+        totals[name] = total
+        mib = lambda b: _fmt(b / 2**20 if b is not None else None, ".0f")  # noqa: E731
+        lines.append(
+            f"| {LABELS[name]} | {t['trainable']:,} | {t['median_s']:.3f} | {t['min_s']:.3f} / {t['max_s']:.3f} | "
+            f"{_fmt(_ratio(t['median_s'], lora), '.3f')} | {_fmt(_ratio(t['median_s'], floor), '.3f')} | "
+            f"{mib(step_b)} | {mib(adapter_b)} | {mib(total)} |"
+        )
+    med = {name: t["median_s"] for name, t in timing.items()}
+    before, frozen = med.get("aflora_before"), med.get("aflora_frozen")
+    freezer = timing.get("aflora_before", {}).get("freezer_median_s")
+    ratios = {
+        "aflora_before_over_peft_lora": _ratio(before, med.get("peft_lora")),
+        "aflora_frozen_over_peft_lora": _ratio(frozen, med.get("peft_lora")),
+        "aflora_frozen_over_floor": _ratio(frozen, med.get("floor")),
+        "peft_vera_over_aflora_before": _ratio(med.get("peft_vera"), before),
+        "peft_vera_over_aflora_frozen": _ratio(med.get("peft_vera"), frozen),
+        "elora_over_aflora_before": _ratio(med.get("elora"), before),
+        "freezer_share_of_step": _ratio(freezer, before),
+        "aflora_before_memory_over_peft_lora": _ratio(totals.get("aflora_before"), totals.get("peft_lora")),
+        "aflora_frozen_memory_over_peft_lora": _ratio(totals.get("aflora_frozen"), totals.get("peft_lora")),
+    }
+    targets = [
+        ("AFLoRA (PMs trainable) step <= 1.0 x PEFT LoRA", ratios["aflora_before_over_peft_lora"], 1.0, "le"),
+        ("AFLoRA (PMs frozen) step <= 1.0 x PEFT LoRA", ratios["aflora_frozen_over_peft_lora"], 1.0, "le"),
+        ("AFLoRA (PMs frozen) step <= 1.05 x floor", ratios["aflora_frozen_over_floor"], 1.05, "le"),
+        ("PEFT VeRA / AFLoRA (PMs trainable) >= 1.8", ratios["peft_vera_over_aflora_before"], 1.8, "ge"),
+        ("PEFT VeRA / AFLoRA (PMs frozen) >= 1.8", ratios["peft_vera_over_aflora_frozen"], 1.8, "ge"),
+        ("freezer update <= 2 % of an AFLoRA step", ratios["freezer_share_of_step"], 0.02, "le"),
+        ("AFLoRA (PMs trainable) peak memory <= PEFT LoRA", ratios["aflora_before_memory_over_peft_lora"], 1.0, "le"),
+        ("AFLoRA (PMs frozen) peak memory <= PEFT LoRA", ratios["aflora_frozen_memory_over_peft_lora"], 1.0, "le"),
+    ]
+    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
+    for label, value, bound, how in targets:
+        met = None if value is None else (value <= bound if how == "le" else value >= bound)
+        shown = _fmt(value * 100, ".2f") + " %" if "2 %" in label and value is not None else _fmt(value, ".3f")
+        lines.append(f"| {label} | {shown} | {'n/a' if met is None else ('yes' if met else 'NO')} |")
+    if freezer is not None:
+        lines.append(f"\nfreezer update (score EMAs + schedule) median: {freezer * 1e3:.2f} ms per step")
+    return "\n".join(lines), ratios
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for part in text.split(","):
+        b, _, l = part.strip().lower().partition("x")
+        shapes.append((int(b), int(l)))
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, in-process memory: seconds")
+    parser.add_argument("--shapes", default="32x128,32x256", help="batch x length pairs, comma separated")
+    parser.add_argument("--reps", type=int, default=7, help="timed rounds (one step per method each)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    offline_and_quiet()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, parse_shapes(args.shapes)[0])))
+        return 0
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    shapes = parse_shapes(args.shapes)
+    reps, warmup = args.reps, args.warmup
+    if args.smoke:
+        shapes, reps, warmup = [(2, 16)], 2, 1
+
+    info = machine()
+    print(f"# speed: {MINILM}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+          f"torch {info['torch']}")
+    torch.manual_seed(0)
+    base = load_base()
+    results: dict[str, Any] = {"machine": info, "reps": reps, "warmup": warmup, "shapes": {}}
+    for shape in shapes:
+        started = time.perf_counter()
+        timing = time_methods(base, shape, methods, reps, warmup)
+        memory = {} if args.no_memory else measure_memory(methods, shape, in_process=args.smoke)
+        table, ratios = report(shape, timing, memory)
+        print(table)
+        print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
+        results["shapes"][f"{shape[0]}x{shape[1]}"] = {"timing": timing, "memory": memory, "ratios": ratios}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The benchmark scripts' smoke modes: they run end to end on tiny sizes and print their tables.
+
+Nothing here asserts a time or a score: the full runs are for people (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_speed_smoke_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    result = _run("speed.py", "--json", str(out))
+    text = result.stdout
+    for label in ("floor", "AFLoRA r=4, PMs trainable", "AFLoRA r=4, all PMs frozen", "PEFT LoRA r=8", "PEFT VeRA r=1024"):
+        assert label in text
+    assert "freezer update <= 2 % of an AFLoRA step" in text
+    data = json.loads(out.read_text())
+    timing = next(iter(data["shapes"].values()))["timing"]
+    assert set(timing) == {"floor", "aflora_before", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera"}
+    assert all(t["median_s"] > 0 for t in timing.values())
+    assert timing["aflora_frozen"]["trainable"] < timing["aflora_before"]["trainable"]
+
+
+def test_replicate_smoke_writes_results_and_resumes(tmp_path: Path) -> None:
+    result = _run("replicate.py", "--out", str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "replicate.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in records} == {"movie_reviews", "movie_reviews_rating", "bbc_news"}
+    for record in records:
+        assert record["steps"] > 0 and record["train_flops"] > 0
+        assert 0 < record["trainable_average"] <= record["trainable_start"]
+        assert "validation" in record["metrics"] and "test" in record["metrics"]
+    assert "The paper's claims on these numbers" in result.stdout
+    assert "#### bbc_news" in result.stdout
+
+    again = _run("replicate.py", "--out", str(tmp_path))  # everything is done: nothing reruns
+    assert f"{len(records)} already in" in again.stdout
+    assert len((tmp_path / "replicate.jsonl").read_text().splitlines()) == len(records)
+
+
+@pytest.mark.parametrize("script", ["speed.py", "replicate.py"])
+def test_help(script: str) -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "--smoke" in result.stdout
