@@ -1,12 +1,15 @@
 """Training-step speed and peak memory: AFLoRA against LoRA, ELoRA, PEFT's LoRA and VeRA, and the floor.
 
-    python benchmarks/speed.py --threads 1          # MiniLM, 32 x 128 and 32 x 256: ~35 min on this machine
+    python benchmarks/speed.py                      # MiniLM, 32 x 128 and 32 x 256: ~35 min on this machine
     python benchmarks/speed.py --shapes 32x128 --reps 9 --json speed.json
     python benchmarks/speed.py --smoke              # tiny sizes, seconds; what CI runs
 
 One process builds every variant on the same pretrained all-MiniLM-L6-v2 and the same batch (random token
 ids, every position attended), then times them *alternately*, a rotating order each round, so that load
 from other processes on the machine hits all methods alike; a method's time is the median of its rounds.
+The speed of this machine's cores drifts by ±20 % from minute to minute, so a ratio between two methods is
+the median of their per-round ratios (each round runs every method once, back to back), not the ratio of
+their medians.
 
 A step is what `aflora train` does per optimizer step, run through the trainer's own code
 (`Trainer._forward_backward` and `Trainer._optimizer_step`): forward, backward, gradient norm, freezer
@@ -311,6 +314,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def paired_ratio(timing: dict[str, Any], a: str, b: str) -> float | None:
+    """Median over rounds of (time of `a`) / (time of `b`) in the same round."""
+    if a not in timing or b not in timing:
+        return None
+    return statistics.median(x / y for x, y in zip(timing[a]["times_s"], timing[b]["times_s"]))
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -320,11 +330,9 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
     lines = [
         f"### batch {shape[0]} x {shape[1]} tokens",
         "",
-        "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA | x floor | step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
+        "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA (paired) | x floor (paired) | step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lora = timing.get("peft_lora", {}).get("median_s")
-    floor = timing.get("floor", {}).get("median_s")
     totals: dict[str, float | None] = {}
     for name, t in timing.items():
         mem = memory.get(name, {})
@@ -334,19 +342,18 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
         mib = lambda b: _fmt(b / 2**20 if b is not None else None, ".0f")  # noqa: E731
         lines.append(
             f"| {LABELS[name]} | {t['trainable']:,} | {t['median_s']:.3f} | {t['min_s']:.3f} / {t['max_s']:.3f} | "
-            f"{_fmt(_ratio(t['median_s'], lora), '.3f')} | {_fmt(_ratio(t['median_s'], floor), '.3f')} | "
+            f"{_fmt(paired_ratio(timing, name, 'peft_lora'), '.3f')} | {_fmt(paired_ratio(timing, name, 'floor'), '.3f')} | "
             f"{mib(step_b)} | {mib(adapter_b)} | {mib(total)} |"
         )
-    med = {name: t["median_s"] for name, t in timing.items()}
-    before, frozen = med.get("aflora_before"), med.get("aflora_frozen")
+    before = timing.get("aflora_before", {}).get("median_s")
     freezer = timing.get("aflora_before", {}).get("freezer_median_s")
     ratios = {
-        "aflora_before_over_peft_lora": _ratio(before, med.get("peft_lora")),
-        "aflora_frozen_over_peft_lora": _ratio(frozen, med.get("peft_lora")),
-        "aflora_frozen_over_floor": _ratio(frozen, med.get("floor")),
-        "peft_vera_over_aflora_before": _ratio(med.get("peft_vera"), before),
-        "peft_vera_over_aflora_frozen": _ratio(med.get("peft_vera"), frozen),
-        "elora_over_aflora_before": _ratio(med.get("elora"), before),
+        "aflora_before_over_peft_lora": paired_ratio(timing, "aflora_before", "peft_lora"),
+        "aflora_frozen_over_peft_lora": paired_ratio(timing, "aflora_frozen", "peft_lora"),
+        "aflora_frozen_over_floor": paired_ratio(timing, "aflora_frozen", "floor"),
+        "peft_vera_over_aflora_before": paired_ratio(timing, "peft_vera", "aflora_before"),
+        "peft_vera_over_aflora_frozen": paired_ratio(timing, "peft_vera", "aflora_frozen"),
+        "elora_over_aflora_before": paired_ratio(timing, "elora", "aflora_before"),
         "freezer_share_of_step": _ratio(freezer, before),
         "aflora_before_memory_over_peft_lora": _ratio(totals.get("aflora_before"), totals.get("peft_lora")),
         "aflora_frozen_memory_over_peft_lora": _ratio(totals.get("aflora_frozen"), totals.get("peft_lora")),
@@ -383,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, in-process memory: seconds")
     parser.add_argument("--shapes", default="32x128,32x256", help="batch x length pairs, comma separated")
-    parser.add_argument("--reps", type=int, default=7, help="timed rounds (one step per method each)")
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds (one step per method each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

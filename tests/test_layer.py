@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -173,26 +174,31 @@ def test_projection_gradients_are_zero_while_lambda_b_is_zero():
     assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
 
 
-def _explicit(layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 written with plain autograd ops, for comparing gradients with the layer's fused path."""
+def _explicit(layer: AdapterLinear, x: torch.Tensor, x_a: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 written with plain autograd ops (adapter input `x_a`), to compare with the fused path."""
     base = layer.base
-    low = (x @ layer.lora_A.T) * layer.lambda_d
+    low = (x_a @ layer.lora_A.T) * layer.lambda_d
     return x @ base.weight.T + base.bias + (low @ layer.lora_B.T) * layer.lambda_b
 
 
-def test_fused_path_gradients_equal_plain_autograd_of_eq1():
-    layer = _adapter().double()
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["merged-weight path", "dropout path"])
+def test_fused_path_gradients_equal_plain_autograd_of_eq1(dropout: float):
+    layer = _adapter(dropout=dropout).double().train()
     _randomise_vectors(layer)
     for frozen in ((), ("lora_A",), ("lora_A", "lora_B")):
         for name in ("lora_A", "lora_B"):
             getattr(layer, name).requires_grad_(name not in frozen)
         params = [p for p in (layer.lora_A, layer.lora_B, layer.lambda_d, layer.lambda_b) if p.requires_grad]
         x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(5)
         out = layer(x)
+        torch.manual_seed(5)  # the same dropout mask for the plain expression
+        x_a = nn.functional.dropout(x, dropout, training=True) if dropout else x
+        expected_out = _explicit(layer, x, x_a)
         upstream = torch.randn_like(out)
         got = torch.autograd.grad(out, [x, *params], upstream)
-        expected = torch.autograd.grad(_explicit(layer, x), [x, *params], upstream)
-        torch.testing.assert_close(out, _explicit(layer, x), rtol=1e-12, atol=1e-12)
+        expected = torch.autograd.grad(expected_out, [x, *params], upstream)
+        torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
