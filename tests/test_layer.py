@@ -181,17 +181,23 @@ def _explicit(layer: AdapterLinear, x: torch.Tensor, x_a: torch.Tensor) -> torch
     return x @ base.weight.T + base.bias + (low @ layer.lora_B.T) * layer.lambda_b
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["merged-weight path", "dropout path"])
-def test_fused_path_gradients_equal_plain_autograd_of_eq1(dropout: float):
+# rows·(IN + OUT) >= IN·OUT selects the merged-weight strategy: 15 rows or more for 24 × 40
+PATHS = {"thin path": (0.0, (2, 3)), "merged-weight path": (0.0, (4, 5)), "dropout path": (0.5, (4, 5))}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_path_gradients_equal_plain_autograd_of_eq1(path: str):
+    dropout, lead = PATHS[path]
     layer = _adapter(dropout=dropout).double().train()
     _randomise_vectors(layer)
     for frozen in ((), ("lora_A",), ("lora_A", "lora_B")):
         for name in ("lora_A", "lora_B"):
             getattr(layer, name).requires_grad_(name not in frozen)
         params = [p for p in (layer.lora_A, layer.lora_B, layer.lambda_d, layer.lambda_b) if p.requires_grad]
-        x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(*lead, IN, dtype=torch.float64, requires_grad=True)
         torch.manual_seed(5)
         out = layer(x)
+        assert out.grad_fn.merged == (path == "merged-weight path")  # the node is its own context
         torch.manual_seed(5)  # the same dropout mask for the plain expression
         x_a = nn.functional.dropout(x, dropout, training=True) if dropout else x
         expected_out = _explicit(layer, x, x_a)

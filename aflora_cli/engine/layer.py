@@ -9,30 +9,42 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """W0 + up·A (out × in)."""
+    return torch.addmm(weight, up.to(weight.dtype), lora_a.to(weight.dtype))
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """W0·x + b + up·(A·x_a) in one node, with the fewest passes over the activations.
 
     Same values (up to rounding) and gradients as the plain autograd expression, but much cheaper on CPU
-    (measured on all-MiniLM-L6-v2), because products with r = 4 columns are memory-bound: each one reads a
-    whole activation or gradient tensor. When the adapter sees x itself (no dropout), W0 + up·A is formed
-    (out × in, a few MFLOP) and used for the forward and the input gradient, so the low-rank path adds no
-    pass over the output or its gradient; the only thin products left are the ones the trainable factors
-    need (`A·x` for `up`'s gradient, `upᵀ·gᵀ` for A's). With dropout on the adapter's input `x_a`, the
-    low-rank product is accumulated into the base output instead (`addmm_`).
+    (measured on all-MiniLM-L6-v2): products with r = 4 columns are memory-bound, each one reads a whole
+    activation or gradient tensor. Two strategies:
+    - merged (the adapter sees x itself, and rows·(in + out) ≥ in·out, i.e. forming W0 + up·A costs no more
+      multiply-adds than the forward's two thin products): W0 + up·A is formed and used for
+      the forward and the input gradient, so the low-rank path adds no pass over the output or its
+      gradient; the only thin products left are the ones trainable factors need (`A·x` for `up`'s
+      gradient, `upᵀ·gᵀ` for A's);
+    - thin (few rows, or dropout on the adapter's input `x_a`): the rank-r product is accumulated into
+      the base output (`addmm_`), and its input gradient into the base's, with r-row products
+      (`downᵀ·g`, `upᵀ·gᵀ`), which run several times faster than autograd's `gᵀ·down` and `g·up`.
     """
 
     @staticmethod
     def forward(ctx, x, x_a, weight, bias, lora_a, up):  # type: ignore[override]
+        rows = x.numel() // x.shape[-1]
+        out_features, in_features = weight.shape
         ctx.same_input = x_a is x
+        ctx.merged = ctx.same_input and rows * (in_features + out_features) >= in_features * out_features
         ctx.x_dtype, ctx.xa_dtype = x.dtype, x_a.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if ctx.same_input:
-            out = F.linear(x, torch.addmm(weight, up.to(weight.dtype), lora_a.to(weight.dtype)), bias)
+        if ctx.merged:
+            out = F.linear(x, _merged_weight(weight, lora_a, up), bias)
             down = F.linear(x, lora_a) if up.requires_grad else None
         else:
             out = F.linear(x, weight, bias)
             down = F.linear(x_a, lora_a).to(out.dtype)
-            out.view(-1, out.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), up.to(out.dtype).t())
+            out.view(-1, out_features).addmm_(down.reshape(-1, down.shape[-1]), up.to(out.dtype).t())
         ctx.save_for_backward(
             x if weight.requires_grad else None,
             x_a if lora_a.requires_grad else None,
@@ -50,17 +62,20 @@ class _AdaptedLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         dtype, lead = g.dtype, grad.shape[:-1]
         grad_x = grad_xa = grad_w = grad_b = grad_a = grad_up = None
-        grad_down_t = None  # the gradient at the rank-r bottleneck, laid out (r × N)
-        if need_a or (not ctx.same_input and (need_x or need_xa)):
+        grad_down_t = grad_down = None  # the gradient at the rank-r bottleneck: (r × N), and laid out (N × r)
+        if need_a or (not ctx.merged and (need_x or need_xa)):
             grad_down_t = up.to(dtype).t().mm(g.t())
+            grad_down = grad_down_t.t().contiguous() if not ctx.merged else None
         if need_x:
-            if ctx.same_input:
-                grad_x = g.mm(torch.addmm(weight, up.to(weight.dtype), lora_a.to(weight.dtype)).to(dtype))
+            if ctx.merged:
+                grad_x = g.mm(_merged_weight(weight, lora_a, up).to(dtype))
             else:
                 grad_x = g.mm(weight.to(dtype))
+                if ctx.same_input:
+                    grad_x.addmm_(grad_down, lora_a.to(dtype))
             grad_x = grad_x.view(*lead, weight.shape[1]).to(ctx.x_dtype)
         if need_xa and not ctx.same_input:
-            grad_xa = grad_down_t.t().mm(lora_a.to(dtype)).view(*lead, lora_a.shape[1]).to(ctx.xa_dtype)
+            grad_xa = grad_down.mm(lora_a.to(dtype)).view(*lead, lora_a.shape[1]).to(ctx.xa_dtype)
         if need_w:
             grad_w = x.reshape(-1, x.shape[-1]).to(dtype).t().mm(g).t().to(weight.dtype)
         if need_b:
