@@ -306,10 +306,12 @@ def run_grid(args: argparse.Namespace, scale: dict[str, Any]) -> Path:
     if args.smoke:  # every task once, and a second method: enough to exercise the whole path quickly
         grid = [item for item in grid if item[2] == args.methods[0] or (item[1] == args.tasks[0] and item[2] in args.methods[:2])]
     todo = [item for item in grid if (item[1], item[2], item[0]) not in done]
+    finished, shard = len(grid) - len(todo), ""
     if args.shard is not None:
         index, count = args.shard
         todo = todo[index::count]
-    print(f"# replicate: {len(grid)} runs, {len(grid) - len(todo)} already in {results}, {len(todo)} to go", flush=True)
+        shard = f" (shard {index}/{count})"
+    print(f"# replicate: {len(grid)} runs, {finished} already in {results}, {len(todo)} to go{shard}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="aflora-replicate-"))
     flops_cache: dict[tuple[str, str], Any] = {}
     try:
