@@ -151,11 +151,17 @@ def write_bbc(folder: Path, scale: dict[str, Any]) -> None:
 # ---- FLOPs -----------------------------------------------------------------------------------------
 
 
+def _inplace_addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_step_flops(model: Any, batch: dict[str, Any]) -> int:
-    """Matmul FLOPs of one forward + backward (torch's FlopCounterMode); gradients are cleared after."""
+    """Matmul FLOPs of one forward + backward (torch's FlopCounterMode, which by itself does not count the
+    in-place `addmm_` of the adapter's thin path); gradients are cleared after."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _inplace_addmm_flop}) as counter:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())

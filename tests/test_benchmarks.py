@@ -61,3 +61,28 @@ def test_replicate_smoke_writes_results_and_resumes(tmp_path: Path) -> None:
 def test_help(script: str) -> None:
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "--smoke" in result.stdout
+
+
+def test_flop_count_includes_the_thin_paths_in_place_products() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from replicate import count_step_flops
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+    from torch import nn
+
+    from aflora_cli.engine.layer import AdapterLinear
+
+    class OneLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = AdapterLinear(nn.Linear(24, 40), 4)
+
+        def forward(self, x: torch.Tensor) -> object:
+            return type("Out", (), {"loss": self.layer(x).sum()})()
+
+    # 6 rows take the thin path. Forward: W0·x + b 2·6·24·40, A·x 2·6·24·4, accumulation into the output
+    # (addmm_) 2·6·4·40; backward: bottleneck gradient 2·4·40·6, A's gradient 2·4·6·24, up's 2·4·6·40.
+    expected = 2 * 6 * 24 * 40 + 2 * 6 * 24 * 4 + 2 * 6 * 4 * 40 + 2 * 4 * 40 * 6 + 2 * 4 * 6 * 24 + 2 * 4 * 6 * 40
+    assert count_step_flops(OneLayer(), {"x": torch.randn(2, 3, 24)}) == expected

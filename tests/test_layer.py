@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from aflora_cli.engine.layer import AdapterLinear
+from aflora_cli.engine.layer import AdapterLinear, merging_is_cheaper
 
 IN, OUT, RANK = 24, 40, 4
 
@@ -181,8 +181,21 @@ def _explicit(layer: AdapterLinear, x: torch.Tensor, x_a: torch.Tensor) -> torch
     return x @ base.weight.T + base.bias + (low @ layer.lora_B.T) * layer.lambda_b
 
 
-# rows·(IN + OUT) >= IN·OUT selects the merged-weight strategy: 15 rows or more for 24 × 40
-PATHS = {"thin path": (0.0, (2, 3)), "merged-weight path": (0.0, (4, 5)), "dropout path": (0.5, (4, 5))}
+# 6 rows take the thin strategy and 64 the merged one, whichever factors train (see the test below)
+PATHS = {"thin path": (0.0, (2, 3)), "merged-weight path": (0.0, (8, 8)), "dropout path": (0.5, (8, 8))}
+
+
+def test_merging_is_cheaper_at_the_hand_computed_break_even():
+    # MiniLM's FFN input layer, 384 -> 1536. Inference: rows·(384 + 1536) >= 384·1536 from 307.2 rows on.
+    assert not merging_is_cheaper(307, 384, 1536, need_x=False, need_a=False, need_up=False)
+    assert merging_is_cheaper(308, 384, 1536, need_x=False, need_a=False, need_up=False)
+    # Training with A and B frozen (Λ's train): 2·rows·(384 + 1536) >= 2·384·1536 + rows·384 from 341.3 rows on.
+    assert not merging_is_cheaper(341, 384, 1536, need_x=True, need_a=False, need_up=True)
+    assert merging_is_cheaper(342, 384, 1536, need_x=True, need_a=False, need_up=True)
+    # A trains too (its bottleneck gradient is needed anyway): rows·(2·384 + 1536) >= 2·384·1536 + rows·384
+    # from 614.4 rows on.
+    assert not merging_is_cheaper(614, 384, 1536, need_x=True, need_a=True, need_up=True)
+    assert merging_is_cheaper(615, 384, 1536, need_x=True, need_a=True, need_up=True)
 
 
 @pytest.mark.parametrize("path", PATHS)

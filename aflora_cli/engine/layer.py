@@ -14,33 +14,45 @@ def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, up: torch.Tensor)
     return torch.addmm(weight, up.to(weight.dtype), lora_a.to(weight.dtype))
 
 
+def merging_is_cheaper(
+    rows: int, in_features: int, out_features: int, need_x: bool, need_a: bool, need_up: bool
+) -> bool:
+    """Whether forming W0 + up·A (in the forward, and again for the input gradient) costs no more
+    multiply-adds than the thin products it replaces; both sides in units of the rank r."""
+    thin = rows * (in_features + out_features)  # A·x and its accumulation into the output
+    if need_x:  # the bottleneck gradient (shared with A's when A trains) and its accumulation into x's
+        thin += rows * in_features + (0 if need_a else rows * out_features)
+    merged = in_features * out_features * (2 if need_x else 1) + (rows * in_features if need_up else 0)
+    return merged <= thin
+
+
 class _AdaptedLinear(torch.autograd.Function):
     """W0·x + b + up·(A·x_a) in one node, with the fewest passes over the activations.
 
     Same values (up to rounding) and gradients as the plain autograd expression, but much cheaper on CPU
     (measured on all-MiniLM-L6-v2): products with r = 4 columns are memory-bound, each one reads a whole
-    activation or gradient tensor. Two strategies:
-    - merged (the adapter sees x itself, and rows·(in + out) ≥ in·out, i.e. forming W0 + up·A costs no more
-      multiply-adds than the forward's two thin products): W0 + up·A is formed and used for
-      the forward and the input gradient, so the low-rank path adds no pass over the output or its
-      gradient; the only thin products left are the ones trainable factors need (`A·x` for `up`'s
-      gradient, `upᵀ·gᵀ` for A's);
+    activation or gradient tensor. Two strategies, whichever costs fewer multiply-adds for this call:
+    - merged (the adapter sees x itself, enough rows): W0 + up·A is formed and used for the forward and
+      the input gradient, so the low-rank path adds no pass over the output or its gradient; the only thin
+      products left are the ones trainable factors need (`A·x` for `up`'s gradient, `upᵀ·gᵀ` for A's);
     - thin (few rows, or dropout on the adapter's input `x_a`): the rank-r product is accumulated into
       the base output (`addmm_`), and its input gradient into the base's, with r-row products
       (`downᵀ·g`, `upᵀ·gᵀ`), which run several times faster than autograd's `gᵀ·down` and `g·up`.
     """
 
     @staticmethod
-    def forward(ctx, x, x_a, weight, bias, lora_a, up):  # type: ignore[override]
-        rows = x.numel() // x.shape[-1]
+    def forward(ctx, x, x_a, weight, bias, lora_a, up, grad_enabled):  # type: ignore[override]
         out_features, in_features = weight.shape
+        need_x, _, _, _, need_a, need_up, _ = (n and grad_enabled for n in ctx.needs_input_grad)
         ctx.same_input = x_a is x
-        ctx.merged = ctx.same_input and rows * (in_features + out_features) >= in_features * out_features
+        ctx.merged = ctx.same_input and merging_is_cheaper(
+            x.numel() // in_features, in_features, out_features, need_x, need_a, need_up
+        )
         ctx.x_dtype, ctx.xa_dtype = x.dtype, x_a.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         if ctx.merged:
             out = F.linear(x, _merged_weight(weight, lora_a, up), bias)
-            down = F.linear(x, lora_a) if up.requires_grad else None
+            down = F.linear(x, lora_a) if need_up else None
         else:
             out = F.linear(x, weight, bias)
             down = F.linear(x_a, lora_a).to(out.dtype)
@@ -58,7 +70,7 @@ class _AdaptedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, x_a, weight, lora_a, up, down = ctx.saved_tensors
-        need_x, need_xa, need_w, need_b, need_a, need_up = ctx.needs_input_grad
+        need_x, need_xa, need_w, need_b, need_a, need_up, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         dtype, lead = g.dtype, grad.shape[:-1]
         grad_x = grad_xa = grad_w = grad_b = grad_a = grad_up = None
@@ -84,7 +96,7 @@ class _AdaptedLinear(torch.autograd.Function):
             grad_a = grad_down_t.mm(x_a.reshape(-1, x_a.shape[-1]).to(dtype)).to(lora_a.dtype)
         if need_up:
             grad_up = down.reshape(-1, down.shape[-1]).to(dtype).t().mm(g).t().to(up.dtype)
-        return grad_x, grad_xa, grad_w, grad_b, grad_a, grad_up
+        return grad_x, grad_xa, grad_w, grad_b, grad_a, grad_up, None
 
 
 class AdapterLinear(nn.Module):
@@ -161,7 +173,8 @@ class AdapterLinear(nn.Module):
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             # a subclass or a hooked layer keeps its own forward: the plain, unfused expression
             return base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.up_projection())
-        return _AdaptedLinear.apply(x, self.dropout(x), base.weight, base.bias, self.lora_A, self.up_projection())
+        x_a, up = self.dropout(x), self.up_projection()
+        return _AdaptedLinear.apply(x, x_a, base.weight, base.bias, self.lora_A, up, torch.is_grad_enabled())
 
     @torch.no_grad()
     def merge(self) -> None:
