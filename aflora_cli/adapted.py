@@ -63,10 +63,15 @@ def describe(adapted: AdaptedModel, recipe: Recipe, spec: TaskSpec) -> dict[str,
     }
 
 
-def load_checkpoint(path: Path, base: str | None = None) -> tuple[AdaptedModel, dict[str, Any], Recipe, TaskSpec]:
-    """Rebuild base + adapters + head from a checkpoint; `base` points at the base model if it moved."""
+def load_checkpoint(
+    path: Path, base: str | None = None, manifest: dict[str, Any] | None = None
+) -> tuple[AdaptedModel, dict[str, Any], Recipe, TaskSpec]:
+    """Rebuild base + adapters + head from a checkpoint; `base` points at the base model if it moved.
+
+    `manifest` is the checkpoint's, already read by `read_checkpoint_manifest`; it is read when not given.
+    """
     path = Path(path)
-    manifest = read_checkpoint_manifest(path)
+    manifest = manifest if manifest is not None else read_checkpoint_manifest(path)
     tensors = read_weights(path)
     recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
     try:

@@ -33,10 +33,13 @@ class Rebuilt:
     base_name: str
 
 
-def rebuild(path: str | Path, base: str | None = None) -> Rebuilt:
-    """Base model + adapters + head from checkpoint `path`; `base` is the base model's directory if it moved."""
+def rebuild(path: str | Path, base: str | None = None, manifest: dict[str, Any] | None = None) -> Rebuilt:
+    """Base model + adapters + head from checkpoint `path`; `base` is the base model's directory if it moved.
+
+    `manifest` is the checkpoint's, already read by `read_checkpoint_manifest`; it is read when not given.
+    """
     path = Path(path)
-    manifest = read_checkpoint_manifest(path)
+    manifest = manifest if manifest is not None else read_checkpoint_manifest(path)
     name = manifest["base_model"]["name_or_path"]
     if base is not None:
         folder = Path(base).expanduser()
@@ -49,7 +52,7 @@ def rebuild(path: str | Path, base: str | None = None) -> Rebuilt:
         raise AfloraError(
             f"{path}: its base model {name} is not there any more; pass --base with the model's directory"
         )
-    adapted, manifest, recipe, spec = load_checkpoint(path, base)
+    adapted, manifest, recipe, spec = load_checkpoint(path, base, manifest)
     return Rebuilt(adapted, manifest, recipe, spec, base or name)
 
 
@@ -116,8 +119,8 @@ def evaluate_checkpoint(
     else:
         name = split or next(iter(manifest["task"]["eval_splits"]), None) or "train"
         _check_split(manifest, name)
-    rebuilt = rebuild(path, base)
-    spec, recipe, manifest = rebuilt.spec, rebuilt.recipe, rebuilt.manifest
+    rebuilt = rebuild(path, base, manifest)
+    spec, recipe = rebuilt.spec, rebuilt.recipe
     tokenizer = rebuilt.adapted.tokenizer
     if data_file is not None:
         dataset = load_eval_file(spec, data_file, tokenizer, recipe.training.max_length)
