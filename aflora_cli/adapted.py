@@ -38,7 +38,9 @@ def load_base(recipe: Recipe, base_dir: Path | None = None) -> tuple[Path, PreTr
 
 def build_adapted(recipe: Recipe, spec: TaskSpec, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> AdaptedModel:
     """Base model + task head + adapters on every target, PMs set per the recipe's policy."""
-    model = base_model.load_classifier(model_dir, spec.num_labels, spec.problem, spec.label_names, tokenizer.pad_token_id)
+    model = base_model.load_classifier(
+        model_dir, spec.num_labels, spec.problem, list(spec.label_names or []), tokenizer.pad_token_id
+    )
     targets = inject_adapters(model, recipe.adapter)
     head_names = unfreeze_head(model)
     return AdaptedModel(model, tokenizer, targets, head_names, model_dir, base_model.fingerprint(model_dir))

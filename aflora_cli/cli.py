@@ -64,7 +64,9 @@ def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: training.max_steps=40")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in output_dir from its last checkpoint")] = False,
-    dry_run: Annotated[bool, typer.Option(help="print the resolved recipe, targets and parameter counts, then exit")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="print the resolved recipe, targets and parameter counts, then exit")
+    ] = False,
 ) -> None:
     """Fine-tune from a recipe and write checkpoints to its output_dir."""
     from aflora_cli.progress import TrainingProgress, format_metrics
@@ -83,11 +85,17 @@ def train(
             try:
                 final = trainer.train()
             except KeyboardInterrupt:
-                errors.print(f"interrupted: `aflora train {recipe_path} --resume` continues from {recipe.output_dir}/last")
+                errors.print(
+                    f"interrupted: `aflora train {recipe_path} --resume` continues from {recipe.output_dir}/last"
+                )
                 raise typer.Exit(130) from None
         if trainer.group.is_main:
             console.print(f"done: {format_metrics(final['eval'])}" if final and final["eval"] else "done")
-            saved = [str(Path(recipe.output_dir) / name) for name in ("last", "best") if (Path(recipe.output_dir) / name).is_dir()]
+            saved = [
+                str(Path(recipe.output_dir) / name)
+                for name in ("last", "best")
+                if (Path(recipe.output_dir) / name).is_dir()
+            ]
             console.print(f"checkpoints: {', '.join(saved)}")
     finally:
         trainer.close()
@@ -116,7 +124,9 @@ def _print_plan(trainer: Any) -> None:
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
     split: Annotated[str | None, typer.Option(help="the task's split to score (default: its first eval split)")] = None,
-    data: Annotated[Path | None, typer.Option(help="a local csv/tsv/jsonl/json/parquet file of the task's columns")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="a local csv/tsv/jsonl/json/parquet file of the task's columns")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
 ) -> None:

@@ -87,16 +87,26 @@ def _classification(
     eval_splits: Mapping[str, str] | None = None,
 ) -> TaskSpec:
     """A classification task on column `label`; its first metric is the main one."""
-    return TaskSpec(name, text_columns, "label", "classification", len(label_names), label_names, metrics,
-                    metrics[0], eval_splits or {"validation": "validation"})
+    return TaskSpec(
+        name,
+        text_columns,
+        "label",
+        "classification",
+        len(label_names),
+        label_names,
+        metrics,
+        metrics[0],
+        eval_splits or {"validation": "validation"},
+    )
 
 
 def _regression(
     name: str, text_columns: tuple[str, ...], label_column: str, eval_splits: Mapping[str, str]
 ) -> TaskSpec:
     """A regression task scored by Pearson (main) and Spearman correlation."""
-    return TaskSpec(name, text_columns, label_column, "regression", 1, None, ("pearson", "spearman"), "pearson",
-                    eval_splits)
+    return TaskSpec(
+        name, text_columns, label_column, "regression", 1, None, ("pearson", "spearman"), "pearson", eval_splits
+    )
 
 
 _PAIR = ("sentence1", "sentence2")
@@ -112,7 +122,9 @@ GLUE_TASKS: dict[str, TaskSpec] = {
         _classification("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1")),
         _regression("stsb", _PAIR, "label", {"validation": "validation"}),
         _classification(
-            "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+            "mnli",
+            ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"),
             eval_splits={"validation_matched": "validation_matched", "validation_mismatched": "validation_mismatched"},
         ),
         _classification("qnli", ("question", "sentence"), _NLI),
@@ -121,8 +133,9 @@ GLUE_TASKS: dict[str, TaskSpec] = {
 }
 
 SHIPPED_TASKS: dict[str, TaskSpec] = {
-    "movie_reviews": _classification("movie_reviews", ("sentence",), ("negative", "positive"),
-                                     eval_splits=_SHIPPED_SPLITS),
+    "movie_reviews": _classification(
+        "movie_reviews", ("sentence",), ("negative", "positive"), eval_splits=_SHIPPED_SPLITS
+    ),
     "movie_reviews_rating": _regression("movie_reviews_rating", ("sentence",), "rating", _SHIPPED_SPLITS),
 }
 _SHIPPED_FOLDER = {"movie_reviews": "movie_reviews", "movie_reviews_rating": "movie_reviews"}
@@ -268,8 +281,10 @@ def _class_ids(values: list[Any], spec: TaskSpec, source: str) -> list[int]:
         if class_id is None:
             class_id = _as_index(value)
         if class_id is None or not 0 <= class_id < spec.num_labels:
-            raise AfloraError(f"{source}: row {number}: label {value!r} in column {spec.label_column!r} "
-                              f"is not one of {_allowed_labels(spec)}")
+            raise AfloraError(
+                f"{source}: row {number}: label {value!r} in column {spec.label_column!r} "
+                f"is not one of {_allowed_labels(spec)}"
+            )
         ids.append(class_id)
     return ids
 
@@ -361,11 +376,22 @@ def _custom_spec(cfg: DataConfig) -> TaskSpec:
     else:
         num_labels, label_names = _guess_classes(values)
     if num_labels < 2:
-        raise AfloraError(f"{cfg.train_file}: column {cfg.label_column!r}: classification needs at least two "
-                          f"classes, found {num_labels}")
+        raise AfloraError(
+            f"{cfg.train_file}: column {cfg.label_column!r}: classification needs at least two "
+            f"classes, found {num_labels}"
+        )
     metrics = ("accuracy", "f1") if num_labels == 2 else ("accuracy",)
-    return TaskSpec("custom", text_columns, cfg.label_column, "classification", num_labels, label_names, metrics,
-                    "accuracy", eval_splits)
+    return TaskSpec(
+        "custom",
+        text_columns,
+        cfg.label_column,
+        "classification",
+        num_labels,
+        label_names,
+        metrics,
+        "accuracy",
+        eval_splits,
+    )
 
 
 def _guess_problem(values: list[Any]) -> Problem:

@@ -70,7 +70,7 @@ def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
         entry(manifest, key, types, path)
     if manifest.get("metrics") is not None and not isinstance(manifest["metrics"], dict):
         raise AfloraError(f"{path / MANIFEST_FILE}: entry 'metrics' is damaged")
-    names = set()
+    names: set[str] = set()
     for target in manifest["targets"]:
         if not (isinstance(target, dict) and all(isinstance(target.get(k), str) for k in ("name", "kind", "policy"))):
             raise AfloraError(f"{path / MANIFEST_FILE}: entry 'targets' is damaged ({target!r})")
@@ -86,7 +86,7 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     file = path / WEIGHTS_FILE
     try:
         with safe_open(str(file), framework="pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError, ValueError) as err:
         raise AfloraError(f"{file}: damaged weights file ({err})") from None
 
@@ -117,10 +117,7 @@ def matrix_rows(manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) ->
         for matrix in MATRICES:
             name = f"{target['name']}.{matrix}"
             policy = target["policy"]
-            if policy == "adaptive":
-                step = manifest["freeze_log"].get(name)
-            else:
-                step = 0 if policy == "frozen" else None
+            step = manifest["freeze_log"].get(name) if policy == "adaptive" else 0 if policy == "frozen" else None
             shape = shapes.get(name)
             rows.append(
                 {

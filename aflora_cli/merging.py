@@ -20,11 +20,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from transformers import PreTrainedModel
 
 from aflora_cli.engine.checkpoint import atomic_directory
 from aflora_cli.engine.inject import adapter_modules
@@ -98,15 +98,16 @@ def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the formats
 
 
-def merged_model(rebuilt: Rebuilt) -> nn.Module:
-    """The rebuilt model in fp32 with every adapter folded into its W0 and replaced by that plain nn.Linear."""
+def merged_model(rebuilt: Rebuilt, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The rebuilt model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
+    then cast to `dtype`."""
     model = rebuilt.adapted.model.float()
     for name, module in adapter_modules(model).items():
         module.merge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base)
-    return model
+    return cast(PreTrainedModel, model.to(dtype))
 
 
 def peft_tensors(rebuilt: Rebuilt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -184,7 +185,7 @@ def merge_checkpoint(
             (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     else:
-        model = merged_model(rebuilt).to(torch_dtype)
+        model = merged_model(rebuilt, torch_dtype)
         tokenizer = rebuilt.adapted.tokenizer
 
         def fill(folder: Path) -> None:

@@ -49,7 +49,9 @@ class TrainingProgress:
             if not record["finite"]:
                 self.console.print(f"[yellow]step {record['step']}: non-finite loss or gradient, step skipped")
         elif kind == "eval":
-            self.console.print(f"step {record['step']} (epoch {record['epoch']:.2f}) — {format_metrics(record['eval'])}")
+            self.console.print(
+                f"step {record['step']} (epoch {record['epoch']:.2f}) — {format_metrics(record['eval'])}"
+            )
         elif kind == "save" and record["best"]:
             self.console.print(f"[green]step {record['step']}: new best checkpoint")
 

@@ -167,7 +167,9 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
         key = ".".join(str(part) for part in first["loc"]) or "(top level)"
         problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
         value = first.get("input")
-        shown = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+        shown = (
+            "" if first["type"] in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+        )
         more = f" and {err.error_count() - 1} more problem(s)" if err.error_count() > 1 else ""
         raise AfloraError(f"{source}: {key}: {problem}{shown}{more}") from None
 

@@ -64,8 +64,9 @@ def _count(n: float) -> str:
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title=Text(f"checkpoint {report['checkpoint']}"), title_justify="left", show_header=False,
-                  box=box.SIMPLE)
+    table = Table(
+        title=Text(f"checkpoint {report['checkpoint']}"), title_justify="left", show_header=False, box=box.SIMPLE
+    )
     table.add_column(style="bold")
     table.add_column()
     base = report["base_model"]
@@ -89,8 +90,12 @@ def summary_table(report: dict[str, Any]) -> Table:
         f"steps per epoch); t_i = {report['t_i']}, t_f = {report['t_f']}",
     )
     metric = report["final_metric"]
-    table.add_row("metric", "not evaluated at this checkpoint" if metric is None
-                  else f"{metric['name']} {metric['value']:.4f} on {metric['split']}")
+    table.add_row(
+        "metric",
+        "not evaluated at this checkpoint"
+        if metric is None
+        else f"{metric['name']} {metric['value']:.4f} on {metric['split']}",
+    )
     params = report["trainable_params"]
     line = (
         f"start {_count(params.get('start', 0))}, end {_count(params.get('end', 0))}, "
@@ -114,8 +119,15 @@ def _layers(layers: list[int | None]) -> str:
 def timeline_table(report: dict[str, Any]) -> Table:
     """The adaptive PMs in the order they froze."""
     table = Table(title="freeze timeline (adaptive PMs, in the order they froze)", title_justify="left")
-    for column, justify in (("#", "right"), ("layer", "right"), ("PM", "left"), ("kind", "left"),
-                            ("froze at step", "right"), ("epoch", "right"), ("score then", "right")):
+    for column, justify in (
+        ("#", "right"),
+        ("layer", "right"),
+        ("PM", "left"),
+        ("kind", "left"),
+        ("froze at step", "right"),
+        ("epoch", "right"),
+        ("score then", "right"),
+    ):
         table.add_column(column, justify=justify, no_wrap=column == "PM")  # type: ignore[arg-type]
     adaptive = [row for row in report["matrices"] if row["policy"] == "adaptive"]
     for i, row in enumerate(adaptive, start=1):
@@ -141,8 +153,10 @@ def fixed_policy_lines(report: dict[str, Any]) -> list[str]:
         if row["policy"] != "adaptive":
             groups[(row["kind"], row["policy"])] = groups.get((row["kind"], row["policy"]), 0) + 1
     meaning = {"frozen": "frozen at their initial values for the whole run", "trainable": "trainable the whole run"}
-    return [f"{kind} PMs ({count}): {meaning.get(policy, policy)} (policy {policy})"
-            for (kind, policy), count in groups.items()]
+    return [
+        f"{kind} PMs ({count}): {meaning.get(policy, policy)} (policy {policy})"
+        for (kind, policy), count in groups.items()
+    ]
 
 
 def curve_points(by_step: list[dict[str, Any]], end: int, rows: int = CURVE_ROWS) -> list[dict[str, Any]]:
@@ -174,8 +188,9 @@ def curve_table(report: dict[str, Any]) -> Table:
     table.add_column("")
     for point in points:
         bar = "█" * max(round(point["trainable"] / top * BAR_WIDTH), 1 if point["trainable"] else 0)
-        table.add_row(str(point["step"]), f"{point['step'] / per_epoch:.2f}", f"{point['trainable']:,}",
-                      Text(bar, style="cyan"))
+        table.add_row(
+            str(point["step"]), f"{point['step'] / per_epoch:.2f}", f"{point['trainable']:,}", Text(bar, style="cyan")
+        )
     return table
 
 

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from datasets import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
@@ -97,11 +98,15 @@ class Trainer:
             manifest = read_manifest(last)
             key = _differing_key(manifest["recipe"], self.recipe.model_dump(mode="json"))
             if key:
-                raise AfloraError(f"{last}: the run was started with another recipe (it differs at {key}); resume with the same recipe")
+                raise AfloraError(
+                    f"{last}: the run was started with another recipe (it differs at {key}); "
+                    "resume with the same recipe"
+                )
             return manifest
         if last.exists() or (self.output_dir / METRICS_FILE).exists():
             raise AfloraError(
-                f"output_dir {self.output_dir} already holds a run; pass --resume to continue it or choose another output_dir"
+                f"output_dir {self.output_dir} already holds a run; pass --resume to continue it "
+                "or choose another output_dir"
             )
         return None
 
@@ -117,9 +122,11 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         model_dir, tokenizer = load_base(recipe)
         self.data: TaskData = load_task_data(recipe.data, tokenizer, recipe.training.max_length, recipe.seed)
+        assert self.data.train is not None  # load_task_data loads every split when none is named
+        self.train_set: Dataset = self.data.train
         self.adapted: AdaptedModel = build_adapted(recipe, self.data.spec, model_dir, tokenizer)
         self.model = self.adapted.model.to(self.group.device)
-        self.schedule = plan_schedule(recipe, len(self.data.train), self.group.world_size)
+        self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         freezing = recipe.freezing
         self.freezer = Freezer(
             adaptive_matrices(self.model, self.adapted.targets),
@@ -220,7 +227,11 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = {key: value.to(self.group.device) for key, value in batch.items()}
             last = i == len(micro_batches) - 1
-            sync = self.forward_model.no_sync() if self.group.distributed and not last else nullcontext()
+            sync = (
+                cast(DistributedDataParallel, self.forward_model).no_sync()
+                if self.group.distributed and not last
+                else nullcontext()
+            )
             with sync:
                 with self._autocast():
                     loss = self.forward_model(**batch).loss.float() / len(micro_batches)
@@ -264,7 +275,7 @@ class Trainer:
         while self.step < sched.total_steps:
             epoch, within = divmod(self.step, sched.steps_per_epoch)
             batches = epoch_batches(
-                len(self.data.train),
+                len(self.train_set),
                 epoch,
                 self.recipe.seed,
                 self.group.rank,
@@ -274,7 +285,7 @@ class Trainer:
             # its own generator: a DataLoader would otherwise draw from the global RNG that dropout uses
             loader = iter(
                 DataLoader(
-                    self.data.train,
+                    self.train_set,
                     batch_sampler=batches[within * accum :],
                     collate_fn=collate,
                     generator=torch.Generator(),
@@ -295,9 +306,21 @@ class Trainer:
                     **self._counts(),
                 }
                 if not outcome["finite"]:
-                    self._log({"step": self.step, "event": "skipped_nonfinite", "loss": record["loss"], "grad_norm": record["grad_norm"]})
+                    self._log(
+                        {
+                            "step": self.step,
+                            "event": "skipped_nonfinite",
+                            "loss": record["loss"],
+                            "grad_norm": record["grad_norm"],
+                        }
+                    )
                 if self.step % self.recipe.training.log_every == 0 or outcome["newly_frozen"]:
-                    self._log({key: record[key] for key in ("step", "epoch", "loss", "lr", "grad_norm", "trainable", "frozen_pms")})
+                    self._log(
+                        {
+                            key: record[key]
+                            for key in ("step", "epoch", "loss", "lr", "grad_norm", "trainable", "frozen_pms")
+                        }
+                    )
                 self._emit("step", record)
                 final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
         return final

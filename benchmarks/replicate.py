@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MINILM, machine, offline_and_quiet, write_bbc_splits  # noqa: E402
+from common import MINILM, machine, offline_and_quiet, write_bbc_splits
 
 HERE = Path(__file__).resolve().parent
 DATA_SEED = 0  # fixes which rows the subsets hold, independent of the training seed
@@ -46,7 +46,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "elora": ("ELoRA (r=1024, vectors only)", {"adapter": {"method": "elora", "rank": 1024}}),
     "pm_trainable": ("PMs trainable throughout (FFN)", {"adapter": {"policy": {"ffn": "trainable"}}}),
     "pm_frozen": ("PMs frozen throughout", {"adapter": {"policy": {"ffn": "frozen"}}}),
-    "both_adaptive": ("PMs adaptive in FFN and attention", {"adapter": {"policy": {"attention": "adaptive", "ffn": "adaptive"}}}),
+    "both_adaptive": (
+        "PMs adaptive in FFN and attention",
+        {"adapter": {"policy": {"attention": "adaptive", "ffn": "adaptive"}}},
+    ),
     "together": ("A and B of a layer frozen together", {"freezing": {"granularity": "together"}}),
     "score_weight_grad": ("score |p * grad|", {"freezing": {"score": "weight_grad"}}),
     "score_grad_over_weight": ("score |grad / p|", {"freezing": {"score": "grad_over_weight"}}),
@@ -99,7 +102,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_recipe(task: str, method: str, seed: int, scale: dict[str, Any], data_dir: Path, output_dir: Path) -> dict[str, Any]:
+def build_recipe(
+    task: str, method: str, seed: int, scale: dict[str, Any], data_dir: Path, output_dir: Path
+) -> dict[str, Any]:
     """The raw recipe of one run."""
     lr = LORA_LR if METHODS[method][1].get("adapter", {}).get("method") == "lora" else VECTOR_LR
     lr, head_lr = scale.get("lr") or lr, scale.get("head_lr") or HEAD_LR[task]
@@ -189,7 +194,12 @@ def flops_profile(trainer: Any) -> dict[str, Any]:
     ids = torch.randint(1000, trainer.model.config.vocab_size, (size, length), generator=generator)
     spec = trainer.data.spec
     labels = torch.randn(size) if spec.problem == "regression" else torch.randint(0, spec.num_labels, (size,))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids), "labels": labels}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "token_type_ids": torch.zeros_like(ids),
+        "labels": labels,
+    }
 
     model = trainer.model
     matrices = adaptive_matrices(model, trainer.adapted.targets)
@@ -310,7 +320,11 @@ def run_grid(args: argparse.Namespace, scale: dict[str, Any]) -> Path:
     done = {(r["task"], r["method"], r["seed"]) for r in read_results(results) if r.get("scale_key") == key}
     grid = [(seed, task, method) for seed in args.seeds for task in args.tasks for method in args.methods]
     if args.smoke:  # every task once, and a second method: enough to exercise the whole path quickly
-        grid = [item for item in grid if item[2] == args.methods[0] or (item[1] == args.tasks[0] and item[2] in args.methods[:2])]
+        grid = [
+            item
+            for item in grid
+            if item[2] == args.methods[0] or (item[1] == args.tasks[0] and item[2] in args.methods[:2])
+        ]
     todo = [item for item in grid if (item[1], item[2], item[0]) not in done]
     finished, shard = len(grid) - len(todo), ""
     if args.shard is not None:
@@ -425,13 +439,15 @@ def report(records: list[dict[str, Any]]) -> str:
         lines += [
             f"#### {task} ({metric}, mean ± std over seeds)",
             "",
-            f"| method | seeds | validation {metric} | test {metric} | avg trainable (no head) | start | train time (s) | train TFLOPs | GFLOPs per step: start → all PMs frozen |",
+            f"| method | seeds | validation {metric} | test {metric} | avg trainable (no head) | start "
+            "| train time (s) | train TFLOPs | GFLOPs per step: start → all PMs frozen |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for method, s in rows:
             val, test = s["validation"], s["test"]
             lines.append(
-                f"| {_cell(METHODS[method][0])} | {s['n']} | {val[0]:.4f} ± {val[1]:.4f} | {test[0]:.4f} ± {test[1]:.4f} | "
+                f"| {_cell(METHODS[method][0])} | {s['n']} | {val[0]:.4f} ± {val[1]:.4f} | "
+                f"{test[0]:.4f} ± {test[1]:.4f} | "
                 f"{s['trainable_average']:,.0f} | {s['trainable_start']:,.0f} | {s['train_time_s']:.0f} | "
                 f"{s['train_flops'] / 1e12:.2f} | {s['flops_start'] / 1e9:.2f} → {s['flops_end'] / 1e9:.2f} "
                 f"({(s['flops_end'] / s['flops_start'] - 1) * 100:+.1f} %) |"
@@ -460,7 +476,9 @@ def claims(summary: dict[tuple[str, str], dict[str, Any]], records: list[dict[st
         if (task, a) not in summary or (task, b) not in summary:
             return "n/a"
         x, y = summary[(task, a)]["validation"], summary[(task, b)]["validation"]
-        seeds = sorted({s for (t, m, s) in by_run if t == task and m == a} & {s for (t, m, s) in by_run if t == task and m == b})
+        seeds = sorted(
+            {s for (t, m, s) in by_run if t == task and m == a} & {s for (t, m, s) in by_run if t == task and m == b}
+        )
         diffs = [by_run[(task, a, s)] - by_run[(task, b, s)] for s in seeds]
         mean, std = _mean_std(diffs)
         held = sum(d >= 0 for d in diffs)
@@ -491,7 +509,7 @@ def claims(summary: dict[tuple[str, str], dict[str, Any]], records: list[dict[st
     ]
     for label, fn in rows:
         lines.append(f"| {_cell(label)} | " + " | ".join(fn(t) for t in TASKS) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,10 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: robust when other jobs share the cores)")
-    parser.add_argument("--shard", default=None,
-                        help="I/N: run every N-th of the remaining runs, from the I-th (0-based), e.g. two processes")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: robust when other jobs share the cores)"
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I/N: run every N-th of the remaining runs, from the I-th (0-based), e.g. two processes",
+    )
     parser.add_argument("--train-rows", type=int, default=None, help="override the scale's training rows")
     parser.add_argument("--batch-size", type=int, default=None, help="override the scale's batch size")
     parser.add_argument("--lr", type=float, default=None, help="override every task's learning rate")
@@ -522,7 +544,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown {name}(s) {', '.join(unknown)}; known: {', '.join(known)}")
     scale = dict(SMOKE if args.smoke else FULL)
-    overrides = (("train_rows", args.train_rows), ("batch_size", args.batch_size), ("lr", args.lr), ("head_lr", args.head_lr))
+    overrides = (
+        ("train_rows", args.train_rows),
+        ("batch_size", args.batch_size),
+        ("lr", args.lr),
+        ("head_lr", args.head_lr),
+    )
     for key, value in overrides:
         if value is not None:
             scale[key] = value
@@ -536,8 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.out) / "replicate.jsonl"
     if not args.report:
         info = machine()
-        print(f"# {MINILM} on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
-              f"{torch.get_num_threads()} torch thread(s); scale {scale}", flush=True)
+        print(
+            f"# {MINILM} on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
+            f"{torch.get_num_threads()} torch thread(s); scale {scale}",
+            flush=True,
+        )
         run_grid(args, scale)
     key = scale_key(scale)
     records = [r for r in read_results(results) if r.get("scale_key") == key]

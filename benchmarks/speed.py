@@ -43,7 +43,7 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_LINEARS, MINILM, machine, offline_and_quiet  # noqa: E402
+from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
 
 METHODS = ("floor", "aflora_before", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
 LABELS = {
@@ -75,8 +75,12 @@ class Variant:
     def optimizer_bytes(self) -> int:
         if self.optimizer is None:
             return 0
-        return sum(t.numel() * t.element_size() for state in self.optimizer.state.values()
-                   for t in state.values() if hasattr(t, "numel"))
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.optimizer.state.values()
+            for t in state.values()
+            if hasattr(t, "numel")
+        )
 
 
 def _trainer_for(model: Any, head_names: list[str], freezer: Any) -> Any:
@@ -149,8 +153,12 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
         head = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
         freezer = Freezer({}, total_steps=1, t_i=0, t_f=0)
     else:
-        method, rank = {"aflora_before": ("aflora", 4), "aflora_frozen": ("aflora", 4),
-                        "lora": ("lora", 8), "elora": ("elora", 1024)}[name]
+        method, rank = {
+            "aflora_before": ("aflora", 4),
+            "aflora_frozen": ("aflora", 4),
+            "lora": ("lora", 8),
+            "elora": ("elora", 1024),
+        }[name]
         targets = inject_adapters(model, AdapterConfig(method=method, rank=rank))
         unfreeze_head(model)
         head = head_parameter_names(model)
@@ -330,7 +338,8 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
     lines = [
         f"### batch {shape[0]} x {shape[1]} tokens",
         "",
-        "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA (paired) | x floor (paired) | step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
+        "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA (paired) | x floor (paired) "
+        "| step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     totals: dict[str, float | None] = {}
@@ -342,7 +351,8 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
         mib = lambda b: _fmt(b / 2**20 if b is not None else None, ".0f")  # noqa: E731
         lines.append(
             f"| {LABELS[name]} | {t['trainable']:,} | {t['median_s']:.3f} | {t['min_s']:.3f} / {t['max_s']:.3f} | "
-            f"{_fmt(paired_ratio(timing, name, 'peft_lora'), '.3f')} | {_fmt(paired_ratio(timing, name, 'floor'), '.3f')} | "
+            f"{_fmt(paired_ratio(timing, name, 'peft_lora'), '.3f')} | "
+            f"{_fmt(paired_ratio(timing, name, 'floor'), '.3f')} | "
             f"{mib(step_b)} | {mib(adapter_b)} | {mib(total)} |"
         )
     before = timing.get("aflora_before", {}).get("median_s")
@@ -417,8 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes, reps, warmup = [(2, 16)], 2, 1
 
     info = machine()
-    print(f"# speed: {MINILM}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
-          f"torch {info['torch']}")
+    print(
+        f"# speed: {MINILM}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+        f"torch {info['torch']}"
+    )
     torch.manual_seed(0)
     base = load_base()
     results: dict[str, Any] = {"machine": info, "reps": reps, "warmup": warmup, "shapes": {}}

@@ -21,7 +21,12 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--smoke", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -31,7 +36,13 @@ def test_speed_smoke_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     result = _run("speed.py", "--json", str(out))
     text = result.stdout
-    for label in ("floor", "AFLoRA r=4, PMs trainable", "AFLoRA r=4, all PMs frozen", "PEFT LoRA r=8", "PEFT VeRA r=1024"):
+    for label in (
+        "floor",
+        "AFLoRA r=4, PMs trainable",
+        "AFLoRA r=4, all PMs frozen",
+        "PEFT LoRA r=8",
+        "PEFT VeRA r=1024",
+    ):
         assert label in text
     assert "freezer update <= 2 % of an AFLoRA step" in text
     data = json.loads(out.read_text())
@@ -59,7 +70,9 @@ def test_replicate_smoke_writes_results_and_resumes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", ["speed.py", "replicate.py"])
 def test_help(script: str) -> None:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and "--smoke" in result.stdout
 
 

@@ -35,10 +35,14 @@ from aflora_cli.recipe import DataConfig
 
 MOVIES = SHIPPED_DIR / "movie_reviews"
 ROOT = Path(__file__).resolve().parents[1]
-QUOTED = ("Apallingly absurd...the chemistry or lack thereof between Newton and Wahlberg could turn an Imax "
-          'theater into a 9" black and white portable TV.')
-DOUBLED_SINGLE = ("The Rock is destined to be the 21st Century's new ''Conan'' and that he's going to make a splash "
-                  "even greater than Arnold Schwarzenegger, Jean Claud Van Damme or Steven Segal.")
+QUOTED = (
+    "Apallingly absurd...the chemistry or lack thereof between Newton and Wahlberg could turn an Imax "
+    'theater into a 9" black and white portable TV.'
+)
+DOUBLED_SINGLE = (
+    "The Rock is destined to be the 21st Century's new ''Conan'' and that he's going to make a splash "
+    "even greater than Arnold Schwarzenegger, Jean Claud Van Damme or Steven Segal."
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +101,13 @@ def test_the_build_script_writes_files_the_loader_reads_back(tmp_path: Path) -> 
     assert spec and spec.loader
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    rows = [(QUOTED, "0", "-3.2"), ('"Quoted" at the start', "1", "1"), ("tab\tand\nnewline", "1", "2.5"),
-            ("''Conan''", "1", "0.5"), ("", "0", "-1")]
+    rows = [
+        (QUOTED, "0", "-3.2"),
+        ('"Quoted" at the start', "1", "1"),
+        ("tab\tand\nnewline", "1", "2.5"),
+        ("''Conan''", "1", "0.5"),
+        ("", "0", "-1"),
+    ]
     path = tmp_path / "round_trip.tsv"
     script.write_tsv(path, rows)
     assert read_table(path) == {name: [row[i] for row in rows] for i, name in enumerate(script.COLUMNS)}
@@ -126,8 +135,9 @@ def test_rating_task_is_regression_on_the_same_sentences(tokenizer: PreTrainedTo
     assert dataset["labels"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_sample_limits_are_seeded_and_keep_file_order(tokenizer: PreTrainedTokenizerBase,
-                                                       movies: data.TaskData) -> None:
+def test_sample_limits_are_seeded_and_keep_file_order(
+    tokenizer: PreTrainedTokenizerBase, movies: data.TaskData
+) -> None:
     def sample(seed: int) -> list[list[int]]:
         cfg = DataConfig(task="movie_reviews", max_train_samples=50, max_eval_samples=20)
         task = load_task_data(cfg, tokenizer, 64, seed=seed)
@@ -156,11 +166,14 @@ def test_collator_pads_each_batch_to_its_longest(movies: data.TaskData, tokenize
 
 
 def test_custom_csv_with_string_labels(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    train = _write_csv(tmp_path / "train.csv", [["text", "mood"], ["great fun", "pos"], ["dull, long", "neg"],
-                                                ["so-so", "meh"], ['a "gem"', "pos"]])
+    train = _write_csv(
+        tmp_path / "train.csv",
+        [["text", "mood"], ["great fun", "pos"], ["dull, long", "neg"], ["so-so", "meh"], ['a "gem"', "pos"]],
+    )
     valid = _write_csv(tmp_path / "valid.csv", [["text", "mood"], ["fine", "meh"], ["awful", "neg"]])
-    task = _custom(tokenizer, train_file=str(train), validation_file=str(valid), text_columns=["text"],
-                   label_column="mood")
+    task = _custom(
+        tokenizer, train_file=str(train), validation_file=str(valid), text_columns=["text"], label_column="mood"
+    )
     assert task.spec.label_names == ("meh", "neg", "pos") and task.spec.num_labels == 3
     assert task.spec.metrics == ("accuracy",) and list(task.spec.eval_splits) == ["validation"]
     assert task.train["labels"] == [2, 1, 0, 2]
@@ -169,8 +182,10 @@ def test_custom_csv_with_string_labels(tmp_path: Path, tokenizer: PreTrainedToke
 
 
 def test_custom_label_names_map_text_and_accept_ids(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    train = _write_jsonl(tmp_path / "train.jsonl", [{"s": "yes", "label": "positive"}, {"s": "no", "label": 0},
-                                                    {"s": "ok", "label": "1"}])
+    train = _write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"s": "yes", "label": "positive"}, {"s": "no", "label": 0}, {"s": "ok", "label": "1"}],
+    )
     task = _custom(tokenizer, train_file=str(train), text_columns=["s"], label_names=["negative", "positive"])
     assert task.spec.label_names == ("negative", "positive")
     assert task.spec.metrics == ("accuracy", "f1")
@@ -178,8 +193,12 @@ def test_custom_label_names_map_text_and_accept_ids(tmp_path: Path, tokenizer: P
 
 
 def test_custom_tsv_sentence_pairs_with_integer_labels(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    rows = [["premise", "hypothesis", "label"], ["a man sleeps", "a person rests", "0"],
-            ["a cat", "a dog", "2"], ["it rains", "it is wet", "1"]]
+    rows = [
+        ["premise", "hypothesis", "label"],
+        ["a man sleeps", "a person rests", "0"],
+        ["a cat", "a dog", "2"],
+        ["it rains", "it is wet", "1"],
+    ]
     train = _write_csv(tmp_path / "train.tsv", rows, delimiter="\t")
     task = _custom(tokenizer, train_file=str(train), test_file=str(train), text_columns=["premise", "hypothesis"])
     assert task.spec.num_labels == 3 and task.spec.label_names is None
@@ -190,8 +209,9 @@ def test_custom_tsv_sentence_pairs_with_integer_labels(tmp_path: Path, tokenizer
     assert tokenizer.decode(first["input_ids"]) == "[CLS] a man sleeps [SEP] a person rests [SEP]"
 
 
-def test_custom_regression_is_inferred_from_fractional_labels(tmp_path: Path,
-                                                              tokenizer: PreTrainedTokenizerBase) -> None:
+def test_custom_regression_is_inferred_from_fractional_labels(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
     train = tmp_path / "train.json"
     train.write_text(json.dumps([{"a": "x", "b": "y", "score": 3.5}, {"a": "p", "b": "q", "score": 1}]))
     task = _custom(tokenizer, train_file=str(train), text_columns=["a", "b"], label_column="score")
@@ -208,8 +228,10 @@ def test_custom_parquet_with_explicit_regression(tmp_path: Path, tokenizer: PreT
 
 
 def test_eval_file_for_an_existing_task(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    path = _write_jsonl(tmp_path / "sst2.jsonl", [{"sentence": "lovely", "label": "positive"},
-                                                  {"sentence": "bad", "label": 0}, {"sentence": "ok", "label": 1}])
+    path = _write_jsonl(
+        tmp_path / "sst2.jsonl",
+        [{"sentence": "lovely", "label": "positive"}, {"sentence": "bad", "label": 0}, {"sentence": "ok", "label": 1}],
+    )
     dataset = load_eval_file(GLUE_TASKS["sst2"], path, tokenizer, max_length=16, max_samples=2, seed=3)
     assert len(dataset) == 2 and set(dataset["labels"]) <= {0, 1}
 
@@ -241,8 +263,7 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     assert str(path) in message and ".csv" in message and ".parquet" in message
 
 
-def test_missing_column_names_file_column_and_present_ones(tmp_path: Path,
-                                                           tokenizer: PreTrainedTokenizerBase) -> None:
+def test_missing_column_names_file_column_and_present_ones(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     train = _write_csv(tmp_path / "train.csv", [["text", "label"], ["hi", "1"], ["yo", "0"]])
     message = _fails("missing column 'sentence'", _custom, tokenizer, train_file=str(train), text_columns=["sentence"])
     assert str(train) in message and "columns present: text, label" in message
@@ -251,28 +272,48 @@ def test_missing_column_names_file_column_and_present_ones(tmp_path: Path,
 def test_label_outside_the_set_is_named(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     train = _write_csv(tmp_path / "train.csv", [["text", "label"], ["a", "pos"], ["b", "neg"]])
     valid = _write_csv(tmp_path / "valid.csv", [["text", "label"], ["c", "pos"], ["d", "neutral"]])
-    message = _fails("label 'neutral'", _custom, tokenizer, train_file=str(train), validation_file=str(valid),
-                     text_columns=["text"])
+    message = _fails(
+        "label 'neutral'", _custom, tokenizer, train_file=str(train), validation_file=str(valid), text_columns=["text"]
+    )
     assert str(valid) in message and "row 2" in message and "neg, pos" in message
 
 
 def test_class_id_out_of_range(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     path = _write_jsonl(tmp_path / "eval.jsonl", [{"sentence": "x", "label": 2}])
-    _fails(r"label 2 in column 'label' is not one of negative, positive \(or 0..1\)",
-           load_eval_file, GLUE_TASKS["sst2"], path, tokenizer, 16)
+    _fails(
+        r"label 2 in column 'label' is not one of negative, positive \(or 0..1\)",
+        load_eval_file,
+        GLUE_TASKS["sst2"],
+        path,
+        tokenizer,
+        16,
+    )
 
 
 def test_regression_label_must_be_a_number(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     train = _write_csv(tmp_path / "train.csv", [["text", "y"], ["a", "0.5"], ["b", "lots"]])
-    _fails("row 2: label 'lots' in column 'y' is not a finite number", _custom, tokenizer, train_file=str(train),
-           text_columns=["text"], label_column="y", problem="regression")
+    _fails(
+        "row 2: label 'lots' in column 'y' is not a finite number",
+        _custom,
+        tokenizer,
+        train_file=str(train),
+        text_columns=["text"],
+        label_column="y",
+        problem="regression",
+    )
 
 
 def test_empty_split(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     train = _write_csv(tmp_path / "train.csv", [["text", "label"], ["a", "1"], ["b", "0"]])
     valid = _write_csv(tmp_path / "valid.csv", [["text", "label"]])
-    _fails(f"{valid}: no data rows", _custom, tokenizer, train_file=str(train), validation_file=str(valid),
-           text_columns=["text"])
+    _fails(
+        f"{valid}: no data rows",
+        _custom,
+        tokenizer,
+        train_file=str(train),
+        validation_file=str(valid),
+        text_columns=["text"],
+    )
 
 
 def test_ragged_csv_row(tmp_path: Path) -> None:
@@ -289,8 +330,13 @@ def test_invalid_json_line(tmp_path: Path) -> None:
 
 def test_text_must_be_text(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     train = _write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 0}, {"label": 1}])
-    _fails("row 2: column 'text' has no value, expected text", _custom, tokenizer, train_file=str(train),
-           text_columns=["text"])
+    _fails(
+        "row 2: column 'text' has no value, expected text",
+        _custom,
+        tokenizer,
+        train_file=str(train),
+        text_columns=["text"],
+    )
 
 
 def test_single_class_is_rejected(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -304,18 +350,31 @@ def test_unknown_task_lists_the_known_ones() -> None:
 
 
 def test_custom_keys_are_refused_for_built_in_tasks() -> None:
-    _fails("data.train_file: only used with task 'custom'", resolve_task,
-           DataConfig(task="movie_reviews", train_file="x.csv"))
+    _fails(
+        "data.train_file: only used with task 'custom'",
+        resolve_task,
+        DataConfig(task="movie_reviews", train_file="x.csv"),
+    )
 
 
 def test_text_column_count() -> None:
-    _fails("data.text_columns: expected 1 or 2 column names, got 3", resolve_task,
-           DataConfig(task="custom", train_file="x.csv", text_columns=["a", "b", "c"]))
+    _fails(
+        "data.text_columns: expected 1 or 2 column names, got 3",
+        resolve_task,
+        DataConfig(task="custom", train_file="x.csv", text_columns=["a", "b", "c"]),
+    )
 
 
 def test_unknown_split(tokenizer: PreTrainedTokenizerBase) -> None:
-    _fails("split 'dev': not a split of task 'movie_reviews'; available: train, validation, test",
-           load_task_data, DataConfig(task="movie_reviews"), tokenizer, 16, 0, splits=["dev"])
+    _fails(
+        "split 'dev': not a split of task 'movie_reviews'; available: train, validation, test",
+        load_task_data,
+        DataConfig(task="movie_reviews"),
+        tokenizer,
+        16,
+        0,
+        splits=["dev"],
+    )
 
 
 def test_glue_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -323,6 +382,12 @@ def test_glue_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tokenizer
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(data, "load_dataset", offline)
-    message = _fails("could not load nyu-mll/glue \\(rte\\) from the Hugging Face Hub", load_task_data,
-                     DataConfig(task="rte"), tokenizer, 16, 0)
+    message = _fails(
+        "could not load nyu-mll/glue \\(rte\\) from the Hugging Face Hub",
+        load_task_data,
+        DataConfig(task="rte"),
+        tokenizer,
+        16,
+        0,
+    )
     assert "HF_DATASETS_OFFLINE" in message and "custom" in message and "OfflineModeIsEnabled" in message

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import torch
-from runs import MINILM, quick_recipe, write_recipe
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from aflora_cli.engine.base_model import resolve_model_dir
 from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from runs import MINILM, quick_recipe, write_recipe
 
 
 def _tiny_bert_dir(path: Path) -> Path:

@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from aflora_cli.adapted import load_checkpoint
+from aflora_cli.cli import app
+from aflora_cli.data import SHIPPED_DIR, read_table
+from aflora_cli.engine.base_model import resolve_model_dir
+from aflora_cli.engine.checkpoint import MANIFEST_FILE
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,
@@ -16,13 +23,6 @@ from trained_checkpoints import (
     manifest_of,
     moved_base,
 )
-from typer.testing import CliRunner
-
-from aflora_cli.adapted import load_checkpoint
-from aflora_cli.cli import app
-from aflora_cli.data import SHIPPED_DIR, read_table
-from aflora_cli.engine.base_model import resolve_model_dir
-from aflora_cli.engine.checkpoint import MANIFEST_FILE
 
 runner = CliRunner()
 MINILM_DIR = resolve_model_dir("sentence-transformers/all-MiniLM-L6-v2")
@@ -66,8 +66,10 @@ def test_eval_local_file_scores_its_rows(tmp_path: Path) -> None:
     """--data: a jsonl file with the task's columns (labels by name), scored against an independent count."""
     checkpoint = aflora_run() / "best"
     table = read_table(SHIPPED_DIR / "movie_reviews" / "validation.tsv")
-    rows = [{"sentence": s, "label": ["negative", "positive"][int(l)]} for s, l in
-            zip(table["sentence"][:24], table["label"][:24], strict=True)]
+    rows = [
+        {"sentence": s, "label": ["negative", "positive"][int(l)]}
+        for s, l in zip(table["sentence"][:24], table["label"][:24], strict=True)
+    ]
     file = tmp_path / "mine.jsonl"
     file.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -77,8 +79,9 @@ def test_eval_local_file_scores_its_rows(tmp_path: Path) -> None:
     adapted, *_ = load_checkpoint(checkpoint)
     labels = torch.tensor([["negative", "positive"].index(row["label"]) for row in rows])
     with torch.no_grad():
-        batch = adapted.tokenizer([row["sentence"] for row in rows], truncation=True, max_length=32,
-                                  padding=True, return_tensors="pt")
+        batch = adapted.tokenizer(
+            [row["sentence"] for row in rows], truncation=True, max_length=32, padding=True, return_tensors="pt"
+        )
         predicted = adapted.model.eval()(**batch).logits.argmax(-1)
     assert abs(out["metrics"]["accuracy"] - (predicted == labels).float().mean().item()) <= 1e-6
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_freeze_fraction(step, expected):
 def test_freeze_fraction_is_monotone_and_in_range():
     values = [freeze_fraction(t, 100, 10, 30) for t in range(101)]
     assert all(0.0 <= v <= 1.0 for v in values)
-    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     assert 0.578 < values[25] < 0.579
 
 
@@ -300,7 +301,8 @@ def test_together_freezes_a_module_at_once():
             scores = freezer.current_scores()
             for module in ("m0", "m1"):  # one score per unit: mean over A's and B's elements together
                 seqs = [
-                    _flat(torch.tensor(grads[f"{module}.lora_A"]) * (1 + 0.1 * s)) + _flat(torch.tensor(grads[f"{module}.lora_B"]) * (1 + 0.1 * s))
+                    _flat(torch.tensor(grads[f"{module}.lora_A"]) * (1 + 0.1 * s))
+                    + _flat(torch.tensor(grads[f"{module}.lora_B"]) * (1 + 0.1 * s))
                     for s in range(2)
                 ]
                 expected = _hand_scores(seqs)[2]

@@ -89,7 +89,7 @@ def test_default_targets_and_kinds(build, expected):
     assert _kinds(targets) == expected
     # the pooler / classifier / score linears are not adapted
     assert set(adapter_modules(model)) == set(expected)
-    for name, module in adapter_modules(model).items():
+    for _name, module in adapter_modules(model).items():
         assert isinstance(module, AdapterLinear) and module.rank == R
 
 
@@ -159,7 +159,7 @@ def test_no_match_lists_the_linear_layers():
 
 def test_unknown_model_type_without_targets():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(AfloraError, match="adapter.targets"):
+    with pytest.raises(AfloraError, match=r"adapter\.targets"):
         find_targets(model, AdapterConfig())
     model.config = SimpleNamespace(model_type="mystery-net")
     with pytest.raises(AfloraError, match="mystery-net"):
@@ -241,7 +241,15 @@ def test_policy_override():
     "build, expected",
     [
         (tiny_bert, ["classifier.weight", "classifier.bias"]),
-        (tiny_roberta, ["classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"]),
+        (
+            tiny_roberta,
+            [
+                "classifier.dense.weight",
+                "classifier.dense.bias",
+                "classifier.out_proj.weight",
+                "classifier.out_proj.bias",
+            ],
+        ),
         (tiny_deberta, ["pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias"]),
         (tiny_llama, ["score.weight"]),
     ],
@@ -298,7 +306,11 @@ HEAD_SIZES = {
 @pytest.mark.parametrize("method", ["aflora", "lora", "elora"])
 @pytest.mark.parametrize(
     "arch, build, shapes",
-    [("bert", tiny_bert, _encoder_shapes()), ("deberta-v2", tiny_deberta, _encoder_shapes()), ("llama", tiny_llama, _llama_shapes())],
+    [
+        ("bert", tiny_bert, _encoder_shapes()),
+        ("deberta-v2", tiny_deberta, _encoder_shapes()),
+        ("llama", tiny_llama, _llama_shapes()),
+    ],
     ids=["bert", "deberta-v2", "llama"],
 )
 def test_count_trainable_matches_formula(arch, build, shapes, method):

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+from aflora_cli.cli import app
+from aflora_cli.engine import base_model
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,
@@ -18,10 +22,6 @@ from trained_checkpoints import (
     lora_run,
     manifest_of,
 )
-from typer.testing import CliRunner
-
-from aflora_cli.cli import app
-from aflora_cli.engine import base_model
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}
@@ -76,15 +76,21 @@ def test_json_matrices_follow_the_freeze_log() -> None:
     assert len(adaptive) == 24 and all(row["module"] in ("intermediate.dense", "output.dense") for row in adaptive)
     assert any(row["frozen_at_step"] is not None for row in adaptive)  # the fixture's run froze some PMs
     # params: A is r x in, B is out x r
-    sizes = {("intermediate.dense", "A"): 4 * 384, ("intermediate.dense", "B"): 1536 * 4,
-             ("output.dense", "A"): 4 * 1536, ("output.dense", "B"): 384 * 4}
+    sizes = {
+        ("intermediate.dense", "A"): 4 * 384,
+        ("intermediate.dense", "B"): 1536 * 4,
+        ("output.dense", "A"): 4 * 1536,
+        ("output.dense", "B"): 384 * 4,
+    }
     assert all(row["params"] == sizes[(row["module"], row["matrix"])] for row in adaptive)
 
     assert report["trainable_params"] == manifest["trainable_params"]
     assert report["trainable_params"]["average"] == manifest["trainable_params"]["average"]
     assert report["trainable_params"]["by_step"][0]["step"] == 0
     assert report["final_metric"] == {
-        "split": "validation", "name": "accuracy", "value": manifest["metrics"]["validation"]["accuracy"]
+        "split": "validation",
+        "name": "accuracy",
+        "value": manifest["metrics"]["validation"]["accuracy"],
     }
 
 
@@ -107,36 +113,50 @@ def test_rich_report_shows_summary_timeline_curve_and_heatmap() -> None:
     assert result.exit_code == 0, result.output
     text = result.stdout
     params = manifest["trainable_params"]
-    for fragment in ("sentence-transformers/all-MiniLM-L6-v2", "movie_reviews", "aflora, rank 4",
-                     "8 of 8", "t_i = 2, t_f = 2", f"{params['start']:,}", f"{params['end']:,}",
-                     f"average {params['average']:,.{0 if float(params['average']).is_integer() else 1}f}",
-                     f"accuracy {manifest['metrics']['validation']['accuracy']:.4f} on validation",
-                     "freeze timeline", "trainable parameters over training", "steps before freezing, per layer",
-                     "attention PMs (48)"):
+    for fragment in (
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "movie_reviews",
+        "aflora, rank 4",
+        "8 of 8",
+        "t_i = 2, t_f = 2",
+        f"{params['start']:,}",
+        f"{params['end']:,}",
+        f"average {params['average']:,.{0 if float(params['average']).is_integer() else 1}f}",
+        f"accuracy {manifest['metrics']['validation']['accuracy']:.4f} on validation",
+        "freeze timeline",
+        "trainable parameters over training",
+        "steps before freezing, per layer",
+        "attention PMs (48)",
+    ):
         assert fragment in text, fragment
     # the timeline lists the adaptive PMs in the order they froze
-    timeline = text[text.index("freeze timeline"):text.index("attention PMs (48)")]
+    timeline = text[text.index("freeze timeline") : text.index("attention PMs (48)")]
     rows = re.findall(r"│\s+\d+ │\s+(\d) │ (\S+) ([AB])\s+│ ffn\s+│\s+(\d+|never) │", timeline)
     assert len(rows) == 24
     expected = sorted(
         ((int(l), m, x) for l, m, x, _ in rows),
-        key=lambda key: (manifest["freeze_log"][f"bert.encoder.layer.{key[0]}.{key[1]}.lora_{key[2]}"] is None,
-                         manifest["freeze_log"][f"bert.encoder.layer.{key[0]}.{key[1]}.lora_{key[2]}"] or 0),
+        key=lambda key: (
+            manifest["freeze_log"][f"bert.encoder.layer.{key[0]}.{key[1]}.lora_{key[2]}"] is None,
+            manifest["freeze_log"][f"bert.encoder.layer.{key[0]}.{key[1]}.lora_{key[2]}"] or 0,
+        ),
     )
     assert [(int(l), m, x) for l, m, x, _ in rows] == expected
     for layer, module, matrix, step in rows:
         logged = manifest["freeze_log"][f"bert.encoder.layer.{layer}.{module}.lora_{matrix}"]
         assert step == ("never" if logged is None else str(logged))
     # the curve: one bar row per change point, ending at the checkpoint's step with the final count
-    curve = text[text.index("trainable parameters over training"):text.index("steps before freezing")]
+    curve = text[text.index("trainable parameters over training") : text.index("steps before freezing")]
     points = re.findall(r"^\s+(\d+)\s+[\d.]+\s+([\d,]+)\s+█*", curve, flags=re.M)
     assert points[0] == ("0", f"{params['start']:,}") and points[-1] == ("8", f"{params['end']:,}")
     # the heat map: a row per layer with the step each PM froze
-    heat = text[text.index("steps before freezing, per layer"):]
+    heat = text[text.index("steps before freezing, per layer") :]
     for layer in range(6):
         cells = re.search(rf"^\s+{layer}\s+(.*)$", heat, flags=re.M)[1].split()
-        values = [manifest["freeze_log"][f"bert.encoder.layer.{layer}.{m}.lora_{x}"]
-                  for m in ("intermediate.dense", "output.dense") for x in "AB"]
+        values = [
+            manifest["freeze_log"][f"bert.encoder.layer.{layer}.{m}.lora_{x}"]
+            for m in ("intermediate.dense", "output.dense")
+            for x in "AB"
+        ]
         assert cells == ["never" if v is None else str(v) for v in values]
 
 
@@ -155,8 +175,9 @@ def test_lora_checkpoint_has_no_adaptive_pms() -> None:
 
 def test_inspect_without_metrics_and_without_base_model(tmp_path: Path) -> None:
     """A checkpoint saved between evaluations, whose base model is gone: inspect still reports it."""
-    checkpoint = copy_checkpoint(aflora_run() / "best", tmp_path / "c", metrics=None,
-                                 base_model__name_or_path="/nonexistent/base")
+    checkpoint = copy_checkpoint(
+        aflora_run() / "best", tmp_path / "c", metrics=None, base_model__name_or_path="/nonexistent/base"
+    )
     report = inspect_json(checkpoint)
     assert report["final_metric"] is None and report["base_model"]["name_or_path"] == "/nonexistent/base"
     result = runner.invoke(app, ["inspect", str(checkpoint)], env=WIDE)
@@ -166,18 +187,23 @@ def test_inspect_without_metrics_and_without_base_model(tmp_path: Path) -> None:
 def test_never_frozen_pms_come_last(tmp_path: Path) -> None:
     """A checkpoint saved before every adaptive PM froze: the still-trainable ones sort last, shown as never."""
     still = ["bert.encoder.layer.0.intermediate.dense.lora_A", "bert.encoder.layer.3.output.dense.lora_B"]
-    checkpoint = copy_checkpoint(aflora_run() / "last", tmp_path / "c",
-                                 **{f"freeze_log__{name}": None for name in still},
-                                 **{f"freeze_scores__{name}": None for name in still})
+    checkpoint = copy_checkpoint(
+        aflora_run() / "last",
+        tmp_path / "c",
+        **{f"freeze_log__{name}": None for name in still},
+        **{f"freeze_scores__{name}": None for name in still},
+    )
     report = inspect_json(checkpoint)
     assert [row["name"] for row in report["matrices"][-2:]] == still
     assert all(row["frozen_at_step"] is None and row["frozen_at_epoch"] is None for row in report["matrices"][-2:])
     assert report["heatmap"]["frozen_at_step"][0][0] is None and report["heatmap"]["frozen_at_step"][3][3] is None
     text = runner.invoke(app, ["inspect", str(checkpoint)], env=WIDE).stdout
-    timeline = text[text.index("freeze timeline"):text.index("attention PMs (48)")]
+    timeline = text[text.index("freeze timeline") : text.index("attention PMs (48)")]
     assert re.findall(r"(\d) │ (\S+ [AB])\s+│ ffn\s+│\s+never", timeline) == [
-        ("0", "intermediate.dense A"), ("3", "output.dense B")]
-    heat = text[text.index("steps before freezing, per layer"):]
+        ("0", "intermediate.dense A"),
+        ("3", "output.dense B"),
+    ]
+    heat = text[text.index("steps before freezing, per layer") :]
     assert re.search(r"^\s+0\s+never\s", heat, flags=re.M) and re.search(r"^\s+3\s+(\d+\s+){3}never", heat, flags=re.M)
 
 
@@ -190,8 +216,9 @@ def test_inspect_bad_checkpoint_is_one_clear_line(kind: str, tmp_path: Path) -> 
 def test_bad_checkpoint_in_a_real_process(tmp_path: Path) -> None:
     """The installed entry point: exit code 2, one line naming the path, no traceback."""
     checkpoint = bad_checkpoint("manifest not JSON", aflora_run() / "best", tmp_path)
-    done = subprocess.run([sys.executable, "-m", "aflora_cli", "inspect", str(checkpoint)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "aflora_cli", "inspect", str(checkpoint)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()

@@ -12,14 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from trained_checkpoints import (
-    BAD_CHECKPOINTS,
-    aflora_run,
-    assert_user_error,
-    bad_checkpoint,
-    lora_run,
-    manifest_of,
-)
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -31,6 +23,14 @@ from aflora_cli.engine.checkpoint import WEIGHTS_FILE
 from aflora_cli.engine.inject import adapter_modules
 from aflora_cli.merging import merged_model
 from aflora_cli.scoring import rebuild
+from trained_checkpoints import (
+    BAD_CHECKPOINTS,
+    aflora_run,
+    assert_user_error,
+    bad_checkpoint,
+    lora_run,
+    manifest_of,
+)
 
 runner = CliRunner()
 ROWS = 32
@@ -56,7 +56,7 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 def reference() -> dict:
     """The unmerged adapter model of the aflora `best` checkpoint and its logits on the validation rows."""
     checkpoint = aflora_run() / "best"
-    adapted, manifest, _, _ = load_checkpoint(checkpoint)
+    adapted, _manifest, _, _ = load_checkpoint(checkpoint)
     batch = validation_batch(adapted.tokenizer)
     return {"checkpoint": checkpoint, "adapted": adapted, "batch": batch, "logits": logits(adapted.model, batch)}
 
@@ -89,8 +89,10 @@ def test_merged_model_loads_as_plain_transformers_and_matches(reference: dict, m
     assert torch.equal(head, checkpoint_tensors["classifier.weight"])
     w0 = reference["adapted"].model.get_submodule("bert.encoder.layer.0.output.dense").base.weight
     assert (ffn - w0).abs().max().item() > 1e-6  # the adapter's update is in there
-    assert AutoTokenizer.from_pretrained(merged_dir)("a fine film")["input_ids"] == \
-        reference["adapted"].tokenizer("a fine film")["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(merged_dir)("a fine film")["input_ids"]
+        == reference["adapted"].tokenizer("a fine film")["input_ids"]
+    )
 
 
 def test_merged_model_loads_without_aflora(merged_dir: Path, tmp_path: Path) -> None:
@@ -152,8 +154,11 @@ def test_merge_refuses_unwritable_or_overlapping_output(tmp_path: Path) -> None:
     blocker.write_text("x")
     for out in (blocker / "sub" / "model", blocker):
         assert_user_error(runner.invoke(app, ["merge", str(checkpoint), "--out", str(out)]), str(out))
-    assert_user_error(runner.invoke(app, ["merge", str(checkpoint), "--out", str(checkpoint.parent), "--force"]),
-                      str(checkpoint.parent), "overlaps")
+    assert_user_error(
+        runner.invoke(app, ["merge", str(checkpoint), "--out", str(checkpoint.parent), "--force"]),
+        str(checkpoint.parent),
+        "overlaps",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     assert (checkpoint / WEIGHTS_FILE).is_file()
 

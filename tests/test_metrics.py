@@ -13,8 +13,17 @@ from aflora_cli.metrics import METRICS, compute_metrics
 
 
 def _spec(problem: str, metrics: tuple[str, ...], num_labels: int = 2) -> TaskSpec:
-    return TaskSpec("t", ("sentence",), "label", problem, num_labels, None, metrics, metrics[0],  # type: ignore[arg-type]
-                    {"validation": "validation"})
+    return TaskSpec(
+        "t",
+        ("sentence",),
+        "label",
+        problem,
+        num_labels,
+        None,
+        metrics,
+        metrics[0],  # type: ignore[arg-type]
+        {"validation": "validation"},
+    )
 
 
 def _one_hot_logits(classes: list[int], num_labels: int = 2) -> np.ndarray:
@@ -43,8 +52,9 @@ def test_classification_metrics_match_the_confusion_matrix() -> None:
 
 def test_f1_is_for_the_positive_class() -> None:
     # TP=2, FN=2, FP=1: precision 2/3, recall 1/2, F1 = 2PR/(P+R) = 4/7.
-    scores = compute_metrics(_spec("classification", ("f1",)), _one_hot_logits([1, 1, 0, 0, 1, 0]),
-                             np.array([1, 1, 1, 1, 0, 0]))
+    scores = compute_metrics(
+        _spec("classification", ("f1",)), _one_hot_logits([1, 1, 0, 0, 1, 0]), np.array([1, 1, 1, 1, 0, 0])
+    )
     assert scores["f1"] == pytest.approx(4 / 7)
 
 
@@ -81,11 +91,15 @@ def test_degenerate_inputs_give_zero_without_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert compute_metrics(regression, np.full((4, 1), 0.3), np.array([0.1, 0.5, 0.2, 0.9])) == {
-            "pearson": 0.0, "spearman": 0.0}
+            "pearson": 0.0,
+            "spearman": 0.0,
+        }
         assert compute_metrics(regression, np.array([0.4]), np.array([0.1])) == {"pearson": 0.0, "spearman": 0.0}
         # Always predicting class 0: no true or false positives, so MCC and F1 are 0.
         assert compute_metrics(classification, _one_hot_logits([0, 0, 0, 0]), np.array([0, 1, 1, 0])) == {
-            "matthews_correlation": 0.0, "f1": 0.0}
+            "matthews_correlation": 0.0,
+            "f1": 0.0,
+        }
 
 
 def test_mismatched_lengths_are_rejected() -> None:

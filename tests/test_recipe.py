@@ -56,7 +56,13 @@ def test_glue_recipes_carry_table_5(task: str) -> None:
 def test_overrides_reach_any_key(tmp_path: Path) -> None:
     recipe = load_recipe(
         RECIPES / "quickstart.yaml",
-        ["training.max_steps=40", "output_dir=runs/x", "seed=3", "data.max_train_samples=100", "adapter.policy.attention=adaptive"],
+        [
+            "training.max_steps=40",
+            "output_dir=runs/x",
+            "seed=3",
+            "data.max_train_samples=100",
+            "adapter.policy.attention=adaptive",
+        ],
     )
     assert (recipe.training.max_steps, recipe.seed, recipe.data.max_train_samples) == (40, 3, 100)
     assert recipe.output_dir == "runs/x"
@@ -83,12 +89,32 @@ def test_relative_data_files_are_taken_from_the_recipe_folder(tmp_path: Path) ->
     ("text", "overrides", "message"),
     [
         ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\nbogus: 1\n", [], r"r\.yaml: bogus: unknown key"),
-        ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\ntraining: {lr: fast}\n", [], r"training\.lr: .*number"),
-        ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n", ["training.batch_size=0"], r"training\.batch_size: .*greater than 0"),
-        ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n", ["adapter.method=dora"], r"adapter\.method: .*'aflora'"),
-        ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n", ["freezing.t_f=soon"], r"freezing\.t_f: .*epochs"),
+        (
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\ntraining: {lr: fast}\n",
+            [],
+            r"training\.lr: .*number",
+        ),
+        (
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n",
+            ["training.batch_size=0"],
+            r"training\.batch_size: .*greater than 0",
+        ),
+        (
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n",
+            ["adapter.method=dora"],
+            r"adapter\.method: .*'aflora'",
+        ),
+        (
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n",
+            ["freezing.t_f=soon"],
+            r"freezing\.t_f: .*epochs",
+        ),
         ("output_dir: o\ndata: {task: sst2}\n", [], r"r\.yaml: model: Field required"),
-        ("output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n", ["training.max_steps"], r"expected KEY=VALUE"),
+        (
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {task: sst2}\n",
+            ["training.max_steps"],
+            r"expected KEY=VALUE",
+        ),
         ("- a list\n", [], r"r\.yaml: expected a mapping"),
         ("output_dir: [unclosed\n", [], r"r\.yaml: invalid YAML at line 2"),
     ],
@@ -102,5 +128,5 @@ def test_bad_recipes_name_the_file_and_key(tmp_path: Path, text: str, overrides:
 
 
 def test_missing_recipe(tmp_path: Path) -> None:
-    with pytest.raises(AfloraError, match="nope.yaml: recipe not found"):
+    with pytest.raises(AfloraError, match=r"nope\.yaml: recipe not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 from pathlib import Path
 
 import pytest
 import torch
-from runs import quick_recipe, recipe_of, run
 from safetensors.torch import load_file
 
 from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.engine.freezing import freeze_fraction
 from aflora_cli.trainer import epoch_batches, plan_schedule
-
+from runs import quick_recipe, recipe_of, run
 
 STEPS = 60  # seeds 7, 8, 9 reach 0.70, 0.70, 0.72 validation accuracy by then
 
@@ -29,7 +30,14 @@ def learning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = quick_recipe(
         out,
         data={"max_train_samples": 960, "max_eval_samples": 200},
-        training={"max_steps": STEPS, "batch_size": 16, "lr": 3e-2, "head_lr": 3e-2, "eval_every": 20, "warmup_ratio": 0.0},
+        training={
+            "max_steps": STEPS,
+            "batch_size": 16,
+            "lr": 3e-2,
+            "head_lr": 3e-2,
+            "eval_every": 20,
+            "warmup_ratio": 0.0,
+        },
         freezing={"t_i": 5, "t_f": 10},
     )
     run(raw)
@@ -50,7 +58,9 @@ def test_freeze_log_follows_eq5(learning_run: Path) -> None:
     total, t_i, t_f = freezing["total_steps"], freezing["t_i"], freezing["t_f"]
     assert (total, t_i, t_f) == (STEPS, 5, 10)
     assert len(log) == 6 * 2 * 2  # 6 layers x (intermediate, output) x (A, B)
-    assert all(name.endswith((".lora_A", ".lora_B")) and ("intermediate" in name or "output.dense" in name) for name in log)
+    assert all(
+        name.endswith((".lora_A", ".lora_B")) and ("intermediate" in name or "output.dense" in name) for name in log
+    )
     for step in range(total):
         frozen = sum(1 for s in log.values() if s is not None and s <= step)
         assert frozen == math.floor(freeze_fraction(step, total, t_i, t_f) * len(log)), step
@@ -125,7 +135,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     raw = quick_recipe(tmp_path / "run", training={"max_steps": 2})
     run(raw)
     raw["training"]["lr"] = 1e-4
-    with pytest.raises(AfloraError, match="differs at training.lr"):
+    with pytest.raises(AfloraError, match=r"differs at training\.lr"):
         Trainer(recipe_of(raw), resume=True).prepare()
 
 
@@ -162,7 +172,9 @@ def test_nonfinite_step_is_skipped_and_not_scored(tmp_path: Path) -> None:
 
 
 def test_schedule_and_batches() -> None:
-    raw = quick_recipe(Path("unused"), training={"max_steps": None, "epochs": 2, "batch_size": 8, "gradient_accumulation": 3})
+    raw = quick_recipe(
+        Path("unused"), training={"max_steps": None, "epochs": 2, "batch_size": 8, "gradient_accumulation": 3}
+    )
     raw["freezing"] = {"t_i": "1 epoch", "t_f": "25%"}
     sched = plan_schedule(recipe_of(raw), train_rows=100, world_size=2)
     # 50 rows per rank -> 7 micro-batches -> 3 optimizer steps per epoch
@@ -170,7 +182,7 @@ def test_schedule_and_batches() -> None:
     assert (sched.t_i, sched.t_f) == (3, 2)
     alone = epoch_batches(10, epoch=1, seed=3, rank=0, world_size=1, batch_size=4)
     ranks = [epoch_batches(10, epoch=1, seed=3, rank=r, world_size=2, batch_size=2) for r in (0, 1)]
-    assert sorted(sum(alone, [])) == list(range(10))
+    assert sorted(functools.reduce(operator.iadd, alone, [])) == list(range(10))
     # the two ranks' k-th micro-batches together are the single process's k-th batch
     assert sorted(ranks[0][0] + ranks[1][0]) == sorted(alone[0])
     assert epoch_batches(10, 2, 3, 0, 1, 4) != alone

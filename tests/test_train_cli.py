@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import quick_recipe, write_recipe
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
+from runs import quick_recipe, write_recipe
 
 runner = CliRunner()
 
@@ -55,7 +55,13 @@ def _custom(tmp_path: Path, train_rows: str, **data: Any) -> Path:
     (tmp_path / "val.csv").write_text("text,label\ngood,1\nbad,0\n")
     raw = quick_recipe(
         tmp_path / "out",
-        data={"task": "custom", "train_file": "train.csv", "validation_file": "val.csv", "text_columns": ["text"], **data},
+        data={
+            "task": "custom",
+            "train_file": "train.csv",
+            "validation_file": "val.csv",
+            "text_columns": ["text"],
+            **data,
+        },
     )
     for key in ("max_train_samples", "max_eval_samples"):
         raw["data"].pop(key)
@@ -67,25 +73,44 @@ def _custom(tmp_path: Path, train_rows: str, **data: Any) -> Path:
     [
         (lambda d: d / "missing.yaml", ["missing.yaml: recipe not found"]),
         (lambda d: _write(d / "r.yaml", "model: [oops\n"), ["r.yaml: invalid YAML"]),
-        (lambda d: write_recipe(d / "r.yaml", {**quick_recipe(d / "out"), "epochz": 3}), ["r.yaml: epochz: unknown key"]),
+        (
+            lambda d: write_recipe(d / "r.yaml", {**quick_recipe(d / "out"), "epochz": 3}),
+            ["r.yaml: epochz: unknown key"],
+        ),
         (
             lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", training={"batch_size": "large"})),
             ["r.yaml: training.batch_size"],
         ),
         (
-            lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", model={"name_or_path": "no-such-org/no-such-model"})),
+            lambda d: write_recipe(
+                d / "r.yaml", quick_recipe(d / "out", model={"name_or_path": "no-such-org/no-such-model"})
+            ),
             ["model.name_or_path", "no-such-org/no-such-model"],
         ),
         (
             lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", model={"name_or_path": "./models/minilm"})),
             ["model.name_or_path", "not found"],
         ),
-        (lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", precision="fp16")), ["precision: fp16 needs CUDA"]),
+        (
+            lambda d: write_recipe(d / "r.yaml", quick_recipe(d / "out", precision="fp16")),
+            ["precision: fp16 needs CUDA"],
+        ),
         (lambda d: _custom(d, "sentence,label\nfine,1\n"), ["train.csv", "text"]),
         (lambda d: _custom(d, "text,label\nfine,1\nawful,7\n", label_names=["neg", "pos"]), ["train.csv", "7"]),
         (lambda d: _custom(d, "text,label\n"), ["train.csv", "no data rows"]),
     ],
-    ids=["missing", "bad-yaml", "unknown-key", "wrong-type", "hub-model", "local-model", "fp16-cpu", "column", "label", "empty"],
+    ids=[
+        "missing",
+        "bad-yaml",
+        "unknown-key",
+        "wrong-type",
+        "hub-model",
+        "local-model",
+        "fp16-cpu",
+        "column",
+        "label",
+        "empty",
+    ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, make: Any, fragments: list[str]) -> None:
     recipe = make(tmp_path)

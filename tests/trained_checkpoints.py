@@ -18,9 +18,8 @@ from typing import Any
 
 import transformers
 
-from runs import quick_recipe, run
-
 from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from runs import quick_recipe, run
 
 # `aflora` turns these bars off before it imports transformers; in a test session transformers is already in
 transformers.utils.logging.disable_progress_bar()

@@ -32,7 +32,9 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise AfloraError(f"model.name_or_path: {name_or_path} has no config.json; expected a transformers model directory")
+            raise AfloraError(
+                f"model.name_or_path: {name_or_path} has no config.json; expected a transformers model directory"
+            )
         return path.resolve()
     packaged = _packaged_dir(name_or_path)
     if packaged is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,12 +15,13 @@ from aflora_cli.recipe import AdapterConfig
 
 Kind = Literal["attention", "ffn"]
 Policy = Literal["trainable", "frozen", "adaptive"]
+KindPatterns = dict[Kind, list[str]]
 
-_ENCODER = {
+_ENCODER: KindPatterns = {
     "attention": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
     "ffn": ["intermediate.dense", "output.dense"],
 }
-_DEBERTA = {
+_DEBERTA: KindPatterns = {
     "attention": [
         "attention.self.query_proj",
         "attention.self.key_proj",
@@ -28,11 +30,11 @@ _DEBERTA = {
     ],
     "ffn": ["intermediate.dense", "output.dense"],
 }
-_LLAMA = {
+_LLAMA: KindPatterns = {
     "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
     "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
-DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
+DEFAULT_TARGETS: dict[str, KindPatterns] = {
     "bert": _ENCODER,
     "roberta": _ENCODER,
     "xlm-roberta": _ENCODER,
@@ -43,7 +45,7 @@ DEFAULT_TARGETS: dict[str, dict[str, list[str]]] = {
     "qwen3": _LLAMA,
 }
 
-METHOD_POLICY: dict[str, dict[str, Policy]] = {
+METHOD_POLICY: dict[str, dict[Kind, Policy]] = {
     "aflora": {"attention": "frozen", "ffn": "adaptive"},
     "lora": {"attention": "trainable", "ffn": "trainable"},
     "elora": {"attention": "frozen", "ffn": "frozen"},
@@ -71,15 +73,15 @@ def _pattern_summary(names: list[str]) -> str:
     return ", ".join(folded)
 
 
-def resolve_policy(cfg: AdapterConfig) -> dict[str, Policy]:
+def resolve_policy(cfg: AdapterConfig) -> dict[Kind, Policy]:
     """The method's PM policy per kind, with the recipe's `policy` entries on top."""
     return {**METHOD_POLICY[cfg.method], **(cfg.policy or {})}
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     """Every `nn.Linear` the recipe targets, classed by kind; attention wins where both kinds match."""
-    patterns = cfg.targets
-    if patterns is None:
+    patterns: Mapping[Kind, list[str]]
+    if cfg.targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             known = ", ".join(sorted(DEFAULT_TARGETS))
@@ -88,11 +90,14 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
                 "give adapter.targets.attention / adapter.targets.ffn"
             )
         patterns = DEFAULT_TARGETS[model_type]
+    else:
+        patterns = cfg.targets
     policy = resolve_policy(cfg)
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     targets = []
+    kinds: tuple[Kind, ...] = ("attention", "ffn")
     for name in linears:
-        kind = next((k for k in ("attention", "ffn") if any(_matches(name, p) for p in patterns.get(k, []))), None)
+        kind = next((k for k in kinds if any(_matches(name, p) for p in patterns.get(k, []))), None)
         if kind is not None:
             targets.append(Target(name, kind, policy[kind]))
     if not targets:

@@ -41,7 +41,7 @@ class _AdaptedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_a, weight, bias, lora_a, up, grad_enabled):  # type: ignore[override]
+    def forward(ctx, x, x_a, weight, bias, lora_a, up, grad_enabled):
         out_features, in_features = weight.shape
         need_x, _, _, _, need_a, need_up, _ = (n and grad_enabled for n in ctx.needs_input_grad)
         ctx.same_input = x_a is x
@@ -68,7 +68,7 @@ class _AdaptedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, x_a, weight, lora_a, up, down = ctx.saved_tensors
         need_x, need_xa, need_w, need_b, need_a, need_up, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
@@ -84,15 +84,18 @@ class _AdaptedLinear(torch.autograd.Function):
             else:
                 grad_x = g.mm(weight.to(dtype))
                 if ctx.same_input:
+                    assert grad_down is not None  # computed above for the thin path
                     grad_x.addmm_(grad_down, lora_a.to(dtype))
             grad_x = grad_x.view(*lead, weight.shape[1]).to(ctx.x_dtype)
         if need_xa and not ctx.same_input:
+            assert grad_down is not None
             grad_xa = grad_down.mm(lora_a.to(dtype)).view(*lead, lora_a.shape[1]).to(ctx.xa_dtype)
         if need_w:
             grad_w = x.reshape(-1, x.shape[-1]).to(dtype).t().mm(g).t().to(weight.dtype)
         if need_b:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         if need_a:
+            assert grad_down_t is not None
             grad_a = grad_down_t.mm(x_a.reshape(-1, x_a.shape[-1]).to(dtype)).to(lora_a.dtype)
         if need_up:
             grad_up = down.reshape(-1, down.shape[-1]).to(dtype).t().mm(g).t().to(up.dtype)
@@ -157,7 +160,7 @@ class AdapterLinear(nn.Module):
 
     def up_projection(self) -> torch.Tensor:
         """s·diag(Λb)·B·diag(Λd) (out × r): everything right of A, as one small matrix."""
-        up = self.lora_B
+        up: torch.Tensor = self.lora_B
         if self.lambda_b is not None:
             up = self.lambda_b.unsqueeze(1) * up * self.lambda_d.unsqueeze(0)
         return up * self.scaling if self.scaling != 1.0 else up
@@ -192,4 +195,7 @@ class AdapterLinear(nn.Module):
 
     def extra_repr(self) -> str:
         vectors = self.lambda_b is not None
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, vectors={vectors}, scaling={self.scaling}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, vectors={vectors}, "
+            f"scaling={self.scaling}"
+        )
