@@ -99,3 +99,19 @@ def test_flop_count_includes_the_thin_paths_in_place_products() -> None:
     # (addmm_) 2·6·4·40; backward: bottleneck gradient 2·4·40·6, A's gradient 2·4·6·24, up's 2·4·6·40.
     expected = 2 * 6 * 24 * 40 + 2 * 6 * 24 * 4 + 2 * 6 * 4 * 40 + 2 * 4 * 40 * 6 + 2 * 4 * 6 * 24 + 2 * 4 * 6 * 40
     assert count_step_flops(OneLayer(), {"x": torch.randn(2, 3, 24)}) == expected
+
+
+def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
+    result = _run("at_scale.py", "--out", str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "at_scale.jsonl").read_text().splitlines()]
+    grid = [r for r in records if r["phase"] == "grid"]
+    seeds = [r for r in records if r["phase"] == "seeds"]
+    assert len(grid) == 2 * 4 and len(seeds) == 2 * 2  # two methods: four grid values, then two more seeds
+    for method in ("aflora", "lora"):
+        chosen = {r["lr"] for r in seeds if r["method"] == method}
+        best = max(
+            (r for r in grid if r["method"] == method),
+            key=lambda r: (r["metrics"]["validation"]["accuracy"], -r["lr"]),
+        )
+        assert chosen == {best["lr"]}  # the extra seeds repeat the value seed 0 chose on validation
+    assert "AFLoRA >= LoRA (Table 1)" in result.stdout

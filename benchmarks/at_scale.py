@@ -1,0 +1,338 @@
+"""The paper's accuracy claims at a fair scale: every method at its own best learning rate, several seeds.
+
+    python benchmarks/at_scale.py --phase grid  [--shard 0/2] [--threads 1]   # 1 seed, every grid value
+    python benchmarks/at_scale.py --phase seeds [--shard 0/2] [--threads 1]   # more seeds at each best value
+    python benchmarks/at_scale.py --report                                    # tables from the results file
+    python benchmarks/at_scale.py --smoke --out /tmp/s                        # tiny runs (CI)
+
+Tasks: the shipped movie-review sentences on all-MiniLM-L6-v2 — `movie_reviews` (binary sentiment, accuracy)
+and `movie_reviews_rating` (regression on the mean human rating, Pearson) — with the full training split
+(8,568 rows: 536 optimizer steps in 2 epochs at batch 32, max length 64), scored on the full validation
+split (1,000 rows) to choose and on the full test split (1,000 rows) to report.
+
+Methods (Table 2 of the paper, and its LoRA baseline): AFLoRA (r = 4, FFN PMs adaptive, attention PMs
+frozen), LoRA (r = 8 on all six linear types), FFN PMs trainable throughout, FFN PMs frozen throughout.
+t_i / t_f = 20 % / 40 % of the steps, as in the quickstart: freezing ramps over 20-60 % of training.
+
+Learning rate: one grid for every method, LR_GRID (30x from end to end), with the head's rate equal to
+the adapter's; seed 0 picks each method's value on the validation split (the metric after the last step),
+seeds 1 and 2 repeat that value. Every finished run is one JSON line in `<out>/at_scale.jsonl`; a
+restarted command skips runs already there, so shards can run side by side and survive interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MINILM, machine, offline_and_quiet
+
+HERE = Path(__file__).resolve().parent
+TASKS = ("movie_reviews", "movie_reviews_rating")
+MAIN_METRIC = {"movie_reviews": "accuracy", "movie_reviews_rating": "pearson"}
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "aflora": ("AFLoRA (r=4, FFN adaptive, attention frozen)", {}),
+    "lora": ("LoRA (r=8, all linear layers)", {"adapter": {"method": "lora", "rank": 8}}),
+    "pm_trainable": ("FFN PMs trainable throughout", {"adapter": {"policy": {"ffn": "trainable"}}}),
+    "pm_frozen": ("FFN PMs frozen throughout", {"adapter": {"policy": {"ffn": "frozen"}}}),
+}
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+GRID_SEED = 0
+MORE_SEEDS = (1, 2)
+FULL = {"train_rows": None, "epochs": 2, "batch_size": 32, "max_length": 64, "t_i": "20%", "t_f": "40%"}
+SMOKE = {"train_rows": 24, "eval_rows": 16, "epochs": 1, "batch_size": 8, "max_length": 16, "t_i": 1, "t_f": 1}
+RESULTS_FILE = "at_scale.jsonl"
+# The claims of the paper tested here: (name, better method, worse method).
+CLAIMS = (
+    ("AFLoRA >= LoRA (Table 1)", "aflora", "lora"),
+    ("adaptive >= PMs trainable throughout (Table 2)", "aflora", "pm_trainable"),
+    ("PMs trainable >= PMs frozen throughout (Table 2)", "pm_trainable", "pm_frozen"),
+    ("adaptive >= PMs frozen throughout (Table 2)", "aflora", "pm_frozen"),
+)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def build_recipe(task: str, method: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The raw recipe of one run."""
+    data: dict[str, Any] = {"task": task}
+    if scale.get("train_rows"):
+        data["max_train_samples"] = scale["train_rows"]
+    if scale.get("eval_rows"):
+        data["max_eval_samples"] = scale["eval_rows"]
+    raw: dict[str, Any] = {
+        "output_dir": str(out),
+        "seed": seed,
+        "device": "cpu",
+        "model": {"name_or_path": MINILM},
+        "data": data,
+        "adapter": {"method": "aflora", "rank": 4},
+        "freezing": {"t_i": scale["t_i"], "t_f": scale["t_f"]},
+        "training": {
+            "epochs": scale["epochs"],
+            "batch_size": scale["batch_size"],
+            "eval_batch_size": 128,
+            "max_length": scale["max_length"],
+            "lr": lr,
+            "head_lr": lr,
+            "eval_every": 10**9,  # evaluate and save once, after the last step
+            "save_every": 10**9,
+            "log_every": 10**9,
+        },
+    }
+    for section, values in METHODS[method][1].items():
+        raw[section] = {**raw[section], **copy.deepcopy(values)}
+    return raw
+
+
+def run_one(raw: dict[str, Any]) -> dict[str, Any]:
+    """Train one recipe with aflora's own Trainer; what the run measured."""
+    from aflora_cli.recipe import parse_recipe
+    from aflora_cli.trainer import Trainer
+
+    stamps: dict[str, float] = {}
+
+    def on_event(kind: str, record: dict[str, Any]) -> None:
+        if kind in ("start", "step"):
+            stamps.setdefault(kind, time.perf_counter())
+            stamps["last_step"] = time.perf_counter()
+
+    trainer = Trainer(parse_recipe(copy.deepcopy(raw), "at_scale"), on_event=on_event)
+    trainer.prepare()
+    final = trainer.train()
+    trainer.close()
+    manifest = trainer.manifest(final)
+    timeline = manifest["trainable_params"]
+    return {
+        "metrics": final["eval"],
+        "steps": trainer.schedule.total_steps,
+        "t_i": trainer.schedule.t_i,
+        "t_f": trainer.schedule.t_f,
+        "trainable_average": timeline["average"],
+        "trainable_start": timeline["start"],
+        "trainable_end": timeline["end"],
+        "frozen_pms": trainer.freezer.num_frozen,
+        "num_units": trainer.freezer.num_units,
+        "train_time_s": stamps["last_step"] - stamps["start"],
+    }
+
+
+# ---- the runs --------------------------------------------------------------------------------------
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of the results file (a line cut short by a crash is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def append(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line, under an exclusive lock so that shards can share the file."""
+    import fcntl
+
+    with path.open("a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(json.dumps(record) + "\n")
+
+
+def best_lr(records: list[dict[str, Any]], task: str, method: str) -> float | None:
+    """The grid value with the best validation metric for seed GRID_SEED; None until the grid is complete."""
+    runs = {r["lr"]: r for r in records if (r["task"], r["method"], r["seed"]) == (task, method, GRID_SEED)}
+    if set(runs) != set(LR_GRID):
+        return None
+    metric = MAIN_METRIC[task]
+    return max(LR_GRID, key=lambda lr: (runs[lr]["metrics"]["validation"][metric], -lr))
+
+
+def plan(
+    phase: str, records: list[dict[str, Any]], tasks: list[str], methods: list[str]
+) -> list[tuple[str, str, float, int]]:
+    """The (task, method, lr, seed) runs of a phase that are not in the results yet."""
+    done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+    runs: list[tuple[str, str, float, int]] = []
+    for task in tasks:
+        for method in methods:
+            if phase == "grid":
+                runs += [(task, method, lr, GRID_SEED) for lr in LR_GRID]
+                continue
+            lr = best_lr(records, task, method)
+            if lr is None:
+                raise SystemExit(f"the grid of {task} / {method} is not complete: run --phase grid first")
+            runs += [(task, method, lr, seed) for seed in MORE_SEEDS]
+    return [run for run in runs if run not in done]
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_phase(args: argparse.Namespace, scale: dict[str, Any]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS_FILE
+    todo = plan(args.phase, read_results(results), args.tasks, args.methods)
+    if args.shard is not None:
+        todo = todo[args.shard[0] :: args.shard[1]]
+    print(f"# at_scale {args.phase}: {len(todo)} runs to go, results in {results}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="aflora-at-scale-"))
+    try:
+        for number, (task, method, lr, seed) in enumerate(todo, start=1):
+            run_dir = work / f"{task}-{method}-{lr}-{seed}"
+            record = run_one(build_recipe(task, method, lr, seed, scale, run_dir))
+            record = {
+                "task": task,
+                "method": method,
+                "lr": lr,
+                "seed": seed,
+                "phase": args.phase,
+                "scale": scale,
+                "commit": commit(),
+                "machine": machine(),
+                **record,
+            }
+            append(results, record)
+            metric = MAIN_METRIC[task]
+            print(
+                f"[{number}/{len(todo)}] {task} {method} lr {lr:g} seed {seed}: validation {metric} "
+                f"{record['metrics']['validation'][metric]:.4f}, test {record['metrics']['test'][metric]:.4f}, "
+                f"{record['steps']} steps in {record['train_time_s']:.0f} s",
+                flush=True,
+            )
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(differences: list[float]) -> str:
+    """'holds', 'does not hold' or 'within noise', from a 95 % t-interval of the mean paired difference."""
+    if len(differences) < 2:
+        return "too few seeds"
+    mean, std = _mean_std(differences)
+    half = T_975.get(len(differences) - 1, 1.96) * std / math.sqrt(len(differences))
+    if mean - half > 0:
+        return "holds"
+    if mean + half < 0:
+        return "does not hold"
+    return "within noise"
+
+
+def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
+    """Markdown: the grid on the validation split, then test results of the seeds at each chosen value."""
+    lines = [
+        "Scale: the full training split (8,568 rows), 2 epochs at batch 32 (536 optimizer steps), max length 64,",
+        "t_i = 20 %, t_f = 40 % of the steps; validation and test splits of 1,000 rows each. "
+        f"Learning-rate grid {', '.join(f'{lr:g}' for lr in LR_GRID)} (head rate = adapter rate), chosen on "
+        f"validation with seed {GRID_SEED}; seeds {GRID_SEED}, {', '.join(map(str, MORE_SEEDS))} at the chosen value.",
+        "",
+    ]
+    for task in tasks:
+        metric = MAIN_METRIC[task]
+        mine = [r for r in records if r["task"] == task]
+        if not mine:
+            continue
+        lines += [f"#### {task}: learning-rate grid (validation {metric}, seed {GRID_SEED})", ""]
+        lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | chosen |"]
+        lines += ["|---|" + "---:|" * (len(LR_GRID) + 1)]
+        chosen: dict[str, float | None] = {}
+        for method, (label, _) in METHODS.items():
+            cells = []
+            for lr in LR_GRID:
+                run = next((r for r in mine if (r["method"], r["lr"], r["seed"]) == (method, lr, GRID_SEED)), None)
+                cells.append("—" if run is None else f"{run['metrics']['validation'][metric]:.4f}")
+            chosen[method] = best_lr(records, task, method)
+            shown = "—" if chosen[method] is None else f"{chosen[method]:g}"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {shown} |")
+        lines += ["", f"#### {task}: at each method's chosen learning rate (test {metric}, mean ± std over seeds)", ""]
+        lines += ["| method | lr | seeds | test | validation | avg trainable (no head) | train time (s) |"]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|"]
+        by_seed: dict[str, dict[int, float]] = {}
+        for method, (label, _) in METHODS.items():
+            runs = [r for r in mine if r["method"] == method and r["lr"] == chosen[method]]
+            if not runs:
+                continue
+            by_seed[method] = {r["seed"]: r["metrics"]["test"][metric] for r in runs}
+            test = _mean_std([r["metrics"]["test"][metric] for r in runs])
+            val = _mean_std([r["metrics"]["validation"][metric] for r in runs])
+            lines.append(
+                f"| {label} | {chosen[method]:g} | {len(runs)} | {test[0]:.4f} ± {test[1]:.4f} | "
+                f"{val[0]:.4f} ± {val[1]:.4f} | {statistics.mean(r['trainable_average'] for r in runs):,.0f} | "
+                f"{statistics.mean(r['train_time_s'] for r in runs):.0f} |"
+            )
+        lines += ["", "| claim | paired test differences per seed | mean ± std | verdict (95 % t-interval) |"]
+        lines += ["|---|---|---:|---|"]
+        for name, better, worse in CLAIMS:
+            if better not in by_seed or worse not in by_seed:
+                continue
+            seeds = sorted(set(by_seed[better]) & set(by_seed[worse]))
+            diffs = [by_seed[better][s] - by_seed[worse][s] for s in seeds]
+            mean, std = _mean_std(diffs)
+            per_seed = ", ".join(f"{d:+.4f}" for d in diffs)
+            lines.append(f"| {name} | {per_seed} | {mean:+.4f} ± {std:.4f} | {verdict(diffs)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("grid", "seeds"))
+    parser.add_argument("--report", action="store_true", help="print the tables from the results file")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs, to check the script end to end")
+    parser.add_argument("--out", default=str(HERE / "results"), help="folder of the results file")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--shard", type=lambda s: tuple(int(p) for p in s.split("/")), help="I/N: every Nth run")
+    parser.add_argument("--threads", type=int, help="torch threads per process")
+    args = parser.parse_args()
+    offline_and_quiet()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = Path(args.out) / RESULTS_FILE
+    if args.smoke:  # one task, two methods: every code path in seconds
+        args.tasks, args.methods = args.tasks[:1], args.methods[:2]
+        for phase in ("grid", "seeds"):
+            args.phase = phase
+            run_phase(args, SMOKE)
+        print(report(read_results(results), args.tasks))
+        return 0
+    if args.phase:
+        run_phase(args, FULL)
+    if args.report:
+        print(report(read_results(results), args.tasks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
