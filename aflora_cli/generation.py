@@ -173,9 +173,12 @@ def generate(
 
     `prompts` are token ids without padding (with whatever bos the tokenizer adds). For a decoder-only model a
     prompt is the start of the text to continue; for an encoder-decoder (`model.config.is_encoder_decoder`) it
-    is the encoder input, and the decoder start token is dropped from the output. Results equal generating each
-    prompt alone. `on_batch(rows)` is called after each batch with the number of prompts it held. The model
-    runs in eval mode under `torch.no_grad()`; its training mode and generation config are restored after.
+    is the encoder input, and the decoder start token is dropped from the output; a bos the model generates
+    or is forced to generate (BART's `forced_bos_token_id`) stays, so decode with `skip_special_tokens=True`.
+    Pad never appears. Results equal generating each prompt alone, exactly in exact arithmetic; on a large
+    model in half precision, rounding that differs with the padded shape can still flip a near-tied token.
+    `on_batch(rows)` is called after each batch with the number of prompts it held (for a progress bar).
+    The model runs in eval mode under `torch.no_grad()`; its training mode and generation config are restored.
     """
     if batch_size < 1:
         raise AfloraError(f"the generation batch size must be at least 1, got {batch_size}")
