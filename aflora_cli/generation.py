@@ -111,10 +111,12 @@ def special_tokens(model: Any, tokenizer: PreTrainedTokenizerBase) -> SpecialTok
 def generation_config(model: Any, settings: GenerationSettings, tokens: SpecialTokens) -> GenerationConfig:
     """A complete GenerationConfig: `settings` plus token facts, nothing else inherited from the checkpoint.
 
-    Pad is suppressed (unless it doubles as eos): it is not text, and a pad token generated mid-answer would
-    look like padding to no-repeat-n-gram blocking in a left-padded batch, breaking batch independence.
+    Pad is suppressed (unless it doubles as eos or a forced bos): it is not text, and a pad token generated
+    mid-answer would look like padding to no-repeat-n-gram blocking in a left-padded batch, breaking batch
+    independence.
     """
     own = getattr(model, "generation_config", None)
+    forced_bos = getattr(own, "forced_bos_token_id", None)
     beams = settings.num_beams > 1
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -132,9 +134,10 @@ def generation_config(model: Any, settings: GenerationSettings, tokens: SpecialT
         eos_token_id=list(tokens.eos) or None,
         bos_token_id=tokens.bos,
         decoder_start_token_id=tokens.decoder_start,
-        forced_bos_token_id=getattr(own, "forced_bos_token_id", None),
+        forced_bos_token_id=forced_bos,
         forced_eos_token_id=getattr(own, "forced_eos_token_id", None),
-        suppress_tokens=None if tokens.pad in tokens.eos else [tokens.pad],
+        # Never suppress a token that must be produced: every logit would be -inf.
+        suppress_tokens=None if tokens.pad in (*tokens.eos, forced_bos) else [tokens.pad],
     )
 
 
