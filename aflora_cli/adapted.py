@@ -7,20 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from aflora_cli.data import TaskSpec
 from aflora_cli.engine import base_model
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights
-from aflora_cli.engine.inject import Target, inject_adapters, unfreeze_head
+from aflora_cli.engine.inject import Target, inject_adapters
 from aflora_cli.errors import AfloraError
 from aflora_cli.inspection import read_checkpoint_manifest
 from aflora_cli.recipe import Recipe, parse_recipe
+from aflora_cli.tasks import Task, resolve_task, task_from_manifest
 
 
 @dataclass
 class AdaptedModel:
-    """The model with adapters and head, and what is needed to describe it in a checkpoint."""
+    """The model with adapters (and head, if its family has one), and what describes it in a checkpoint."""
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -30,32 +30,49 @@ class AdaptedModel:
     fingerprint: str
 
 
-def load_base(recipe: Recipe, base_dir: Path | None = None) -> tuple[Path, PreTrainedTokenizerBase]:
-    """The base model's local directory and tokenizer, before the task is known."""
-    model_dir = base_dir or base_model.resolve_model_dir(recipe.model.name_or_path, recipe.model.revision)
-    return model_dir, base_model.load_tokenizer(model_dir)
+@dataclass
+class Base:
+    """The base model before the task is known: where it is, its fingerprint, its tokenizer."""
+
+    model_dir: Path
+    fingerprint: str
+    tokenizer: PreTrainedTokenizerBase
+
+    def config(self) -> Any:
+        return base_model.load_or_fail(lambda: AutoConfig.from_pretrained(self.model_dir), self.model_dir, "config")
 
 
-def build_adapted(recipe: Recipe, spec: TaskSpec, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> AdaptedModel:
-    """Base model + task head + adapters on every target, PMs set per the recipe's policy."""
-    model = base_model.load_classifier(
-        model_dir, spec.num_labels, spec.problem, list(spec.label_names or []), tokenizer.pad_token_id
-    )
+def load_base(recipe: Recipe) -> Base:
+    """Locate the recipe's base model (converting a GGUF on first use) and load its tokenizer."""
+    model = recipe.model
+    model_dir, found = base_model.locate_model(model.name_or_path, model.revision, model.gguf_file)
+    return Base(model_dir, found, base_model.load_tokenizer(model_dir))
+
+
+def task_for(recipe: Recipe, base: Base) -> Task:
+    """The recipe's task in the family its base model implies (a text task on an encoder-decoder: seq2seq)."""
+    return resolve_task(recipe, base.config())
+
+
+def build_adapted(recipe: Recipe, task: Task, base: Base) -> AdaptedModel:
+    """Base model (+ task head) + adapters on every target, PMs set per the recipe's policy."""
+    model = task.load_model(base.model_dir, base.tokenizer)
     targets = inject_adapters(model, recipe.adapter)
-    head_names = unfreeze_head(model)
-    return AdaptedModel(model, tokenizer, targets, head_names, model_dir, base_model.fingerprint(model_dir))
+    head_names = task.train_head(model)
+    return AdaptedModel(model, base.tokenizer, targets, head_names, base.model_dir, base.fingerprint)
 
 
-def describe(adapted: AdaptedModel, recipe: Recipe, spec: TaskSpec) -> dict[str, Any]:
+def describe(adapted: AdaptedModel, recipe: Recipe, task: Task) -> dict[str, Any]:
     """The manifest entries that say what model this is: base, task, method, targets, recipe."""
     scaling = adapted.model.get_submodule(adapted.targets[0].name).scaling
     return {
         "base_model": {
             "name_or_path": recipe.model.name_or_path,
             "revision": recipe.model.revision,
+            "gguf_file": recipe.model.gguf_file,
             "fingerprint": adapted.fingerprint,
         },
-        "task": spec.to_dict(),
+        "task": task.describe(),
         "method": recipe.adapter.method,
         "rank": recipe.adapter.rank,
         "scaling": scaling,
@@ -67,7 +84,7 @@ def describe(adapted: AdaptedModel, recipe: Recipe, spec: TaskSpec) -> dict[str,
 
 def load_checkpoint(
     path: Path, base: str | None = None, manifest: dict[str, Any] | None = None
-) -> tuple[AdaptedModel, dict[str, Any], Recipe, TaskSpec]:
+) -> tuple[AdaptedModel, dict[str, Any], Recipe, Task]:
     """Rebuild base + adapters + head from a checkpoint; `base` points at the base model if it moved.
 
     `manifest` is the checkpoint's, already read by `read_checkpoint_manifest`; it is read when not given.
@@ -77,23 +94,24 @@ def load_checkpoint(
     tensors = read_weights(path)
     recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
     try:
-        spec = TaskSpec.from_dict(manifest["task"])
+        task = task_from_manifest(manifest["task"], recipe)
     except (KeyError, TypeError) as err:
         raise AfloraError(f"{path}/adapter_config.json: task: damaged entry ({err})") from None
     if base is not None:
         recipe.model.name_or_path = base
-    model_dir, tokenizer = load_base(recipe)
-    found = base_model.fingerprint(model_dir)
+        if base.endswith(".gguf"):
+            recipe.model.gguf_file = None
+    found = load_base(recipe)
     expected = manifest["base_model"]["fingerprint"]
-    if found != expected:
+    if found.fingerprint != expected:
         raise AfloraError(
-            f"{path}: base model {model_dir} has fingerprint {found[:19]}…, the checkpoint was trained on "
-            f"{expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
+            f"{path}: base model {found.model_dir} has fingerprint {found.fingerprint[:19]}…, the checkpoint was "
+            f"trained on {expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
         )
-    adapted = build_adapted(recipe, spec, model_dir, tokenizer)
+    adapted = build_adapted(recipe, task, found)
     load_weights_into(adapted.model, tensors, adapted.head_names, path)
     params = dict(adapted.model.named_parameters())
     for name, step in manifest.get("freeze_log", {}).items():
         if step is not None:
             params[name].requires_grad_(False)
-    return adapted, manifest, recipe, spec
+    return adapted, manifest, recipe, task

@@ -69,7 +69,7 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune from a recipe and write checkpoints to its output_dir."""
-    from aflora_cli.progress import TrainingProgress, format_metrics
+    from aflora_cli.progress import TrainingProgress, compare_with_start, format_metrics
     from aflora_cli.recipe import load_recipe
     from aflora_cli.trainer import Trainer
 
@@ -91,6 +91,8 @@ def train(
                 raise typer.Exit(130) from None
         if trainer.group.is_main:
             console.print(f"done: {format_metrics(final['eval'])}" if final and final["eval"] else "done")
+            if trainer.start_eval and final and final["eval"]:
+                console.print(compare_with_start(trainer, final), highlight=False)
             saved = [
                 str(Path(recipe.output_dir) / name)
                 for name in ("last", "best")
@@ -129,17 +131,48 @@ def eval_command(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(metavar="FILE.jsonl", help="write every row's input, output, answer and score")
+    ] = None,
 ) -> None:
     """Score a checkpoint on its task's split, or on a local file, with the task's metric."""
+    from aflora_cli.progress import RowProgress
     from aflora_cli.scoring import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, split=split, data_file=data, base=base)
+    with RowProgress(errors, "eval") as progress:
+        result = evaluate_checkpoint(
+            checkpoint, split=split, data_file=data, base=base, predictions_file=predictions, progress=progress
+        )
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         from aflora_cli.report import render_eval
 
         render_eval(console, result)
+
+
+@app.command()
+@user_errors
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory of a text task")],
+    prompt: Annotated[str | None, typer.Option(help="the prompt (default: read from standard input)")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="at most this many new tokens (default: the recipe's eval setting)")
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
+) -> None:
+    """Print the checkpoint's completion of a prompt, rendered as in training (template, chat template)."""
+    import sys
+
+    from aflora_cli.scoring import generate_text
+
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise AfloraError("no prompt: pass --prompt TEXT or pipe the prompt into standard input")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise AfloraError("the prompt is empty")
+    typer.echo(generate_text(checkpoint, prompt, max_new_tokens=max_new_tokens, base=base))
 
 
 class _Format(str, Enum):
@@ -180,7 +213,7 @@ def merge(
         console.print(
             f"merged {result.modules} adapters into their base weights; wrote a transformers model "
             f"({result.dtype}) to {result.out}: load it with "
-            f"AutoModelForSequenceClassification.from_pretrained({str(result.out)!r})",
+            f"{result.auto_class}.from_pretrained({str(result.out)!r})",
             highlight=False,
             markup=False,
         )

@@ -200,8 +200,12 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     return {
         "checkpoint": str(path),
         "base_model": manifest["base_model"],
-        "task": {key: task.get(key) for key in ("name", "problem", "num_labels", "label_names", "metrics")}
-        | {"main_metric": task["main_metric"], "eval_splits": list(task["eval_splits"])},
+        "task": {key: task.get(key) for key in ("name", "problem", "num_labels", "label_names", "metrics", "format")}
+        | {
+            "family": task.get("family", "classification"),
+            "main_metric": task["main_metric"],
+            "eval_splits": list(task["eval_splits"]),
+        },
         "method": manifest["method"],
         "rank": manifest["rank"],
         "scaling": manifest["scaling"],

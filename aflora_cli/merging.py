@@ -1,8 +1,10 @@
 """`aflora merge`: a checkpoint as a plain transformers model, or as a PEFT LoRA adapter.
 
-`transformers` folds s·Λb·B·Λd·A into W0 of every adapted layer, puts the plain `nn.Linear` back in the
-adapter's place and saves the whole model (config with the task's labels, safetensors weights with the
-trained head, tokenizer): `AutoModelForSequenceClassification.from_pretrained(DIR)` loads it without aflora.
+`transformers` folds s·Λb·B·Λd·A into W0 of every adapted layer, puts the plain layer back in the
+adapter's place and saves the whole model (config — with the task's labels for classification —,
+safetensors weights with any trained head, tokenizer, generation config for text models): the task family's
+Auto class (`AutoModelForSequenceClassification`, `AutoModelForCausalLM`, `AutoModelForSeq2SeqLM`) loads it
+with `from_pretrained(DIR)`, without aflora.
 
 `peft` writes the LoRA form of the same update, which PEFT loads on top of the base model:
 lora_A = diag(Λd)·A, lora_B = diag(Λb)·B (A and B as they are for method `lora`), lora_alpha = s·r so
@@ -47,6 +49,7 @@ class MergeResult:
     dtype: str
     modules: int
     files: list[str]
+    auto_class: str
 
 
 # ------------------------------------------------------------------------------------------ the output folder
@@ -129,21 +132,21 @@ def peft_tensors(rebuilt: Rebuilt, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
-    """A PEFT LoRA config (task SEQ_CLS) whose scaling lora_alpha / r equals the adapter's scaling."""
+    """A PEFT LoRA config (the family's task type) whose scaling lora_alpha / r equals the adapter's scaling."""
     manifest, recipe = rebuilt.manifest, rebuilt.recipe
     rank = manifest["rank"]
     alpha = float(manifest["scaling"]) * rank
     head_modules = list(dict.fromkeys(name.split(".")[0] for name in rebuilt.adapted.head_names))
     return {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": rebuilt.task.peft_task_type,
         "base_model_name_or_path": rebuilt.base_name,
         "revision": recipe.model.revision,
         "r": rank,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
         "lora_dropout": recipe.adapter.dropout,
         "target_modules": list(adapter_modules(rebuilt.adapted.model)),
-        "modules_to_save": head_modules,
+        "modules_to_save": head_modules or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -193,4 +196,4 @@ def merge_checkpoint(
             tokenizer.save_pretrained(folder)
 
     files = write_directory(out, fill)
-    return MergeResult(str(out), format, dtype, modules, files)
+    return MergeResult(str(out), format, dtype, modules, files, rebuilt.task.auto_class)

@@ -15,7 +15,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 if TYPE_CHECKING:
-    from aflora_cli.data import TaskSpec
+    from aflora_cli.tasks.classification import TaskSpec
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 

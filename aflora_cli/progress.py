@@ -1,4 +1,4 @@
-"""A rich progress display for training, fed by the trainer's events."""
+"""Rich progress displays for training (fed by the trainer's events) and for long evaluations."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from aflora_cli.tasks import paired_gain
 
 
 def format_metrics(split_metrics: dict[str, dict[str, float]]) -> str:
@@ -31,6 +33,7 @@ class TrainingProgress:
             console=console,
         )
         self.task: Any = None
+        self.eval_task: Any = None
 
     def __enter__(self) -> TrainingProgress:
         self.progress.start()
@@ -55,8 +58,60 @@ class TrainingProgress:
         elif kind == "save" and record["best"]:
             self.console.print(f"[green]step {record['step']}: new best checkpoint")
 
+    def _eval_rows(self, record: dict[str, Any]) -> None:
+        """A second bar while an evaluation generates, removed when its metrics are printed."""
+        description = f"eval {record['split']}"
+        if self.eval_task is None:
+            self.eval_task = self.progress.add_task(description, total=record["total"], status="")
+        self.progress.update(self.eval_task, completed=record["done"], total=record["total"], description=description)
+
     @staticmethod
     def _status(record: dict[str, Any]) -> str:
         loss = f"loss {record['loss']:.4f} " if "loss" in record else ""
         lr = f"lr {record['lr']:.2e} " if "lr" in record else ""
         return f"{loss}{lr}trainable {record['trainable']:,} frozen PMs {record['frozen_pms']}"
+
+
+class RowProgress:
+    """A transient bar over the rows of a long evaluation; call it with (rows done, rows in all)."""
+
+    def __init__(self, console: Console, label: str) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> RowProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("rows", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+
+def compare_with_start(trainer: Any, final: dict[str, Any]) -> str:
+    """The main metric before training and after, per eval split, with the paired gain over the same rows."""
+    metric = trainer.task.main_metric
+    lines = []
+    for split, after in final["eval"].items():
+        before = trainer.start_eval["eval"].get(split, {})
+        if metric not in before or metric not in after:
+            continue
+        line = f"{split} {metric}: {before[metric]:.4f} before training, {after[metric]:.4f} after"
+        gain = paired_gain(trainer.start_predictions.get(split, []), trainer.predictions.get(split, []), metric)
+        if gain is not None:
+            rows = len(trainer.predictions[split])
+            line += f" (gain {gain[0]:+.4f} ± {gain[1]:.4f}, 95 % interval over the same {rows} rows)"
+        lines.append(line)
+    return "\n".join(lines)

@@ -20,34 +20,53 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """The base model: a hub id or a local directory."""
+    """The base model: a hub id, a local directory, a `.gguf` file, or `package:<module>/<file>` (a model file
+    inside an installed Python package). `gguf_file` names a GGUF file inside a hub repo or directory; GGUF
+    weights are dequantised to fp32 on load."""
 
     name_or_path: str
     revision: str | None = None
+    gguf_file: str | None = None
 
 
 class DataConfig(_Section):
     """Which data to train and evaluate on.
 
-    `task` is a GLUE task (cola, sst2, mrpc, qnli, stsb, rte, mnli, qqp), the shipped `movie_reviews`
-    set, or `custom` for local files described by the remaining keys.
+    `task` is a classification task (GLUE: cola, sst2, mrpc, qnli, stsb, rte, mnli, qqp; the shipped
+    `movie_reviews`, `movie_reviews_rating`), a text-generation task (`gsm8k`, `bbc_headlines`,
+    `cnn_dailymail`), or `custom` for local files: classification with `text_columns`, text generation
+    with `format` (prompt_response, instruction or chat).
     """
 
     task: str
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
+    # classification
     text_columns: list[str] | None = None
     label_column: str = "label"
     problem: Literal["classification", "regression"] | None = None
     label_names: list[str] | None = None
+    # text generation
+    format: Literal["prompt_response", "instruction", "chat"] | None = None
+    source_column: str | None = None
+    target_column: str | None = None
+    prompt_template: str | None = None
+    chat_template: bool = False
+    train_on_prompt: bool = False
+    truncation: bool = True
+    metric: Literal["rouge", "exact_match", "gsm8k"] | None = None
+    # both
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)
+    seed: int | None = None  # draws the max_*_samples subsets; default: the run's seed
 
     @model_validator(mode="after")
     def _custom_needs_files(self) -> DataConfig:
-        if self.task == "custom" and (self.train_file is None or not self.text_columns):
-            raise ValueError("task 'custom' needs train_file and text_columns")
+        if self.task == "custom" and self.train_file is None:
+            raise ValueError("task 'custom' needs train_file")
+        if self.task == "custom" and self.format is None and not self.text_columns:
+            raise ValueError("task 'custom' needs text_columns (classification) or format (text generation)")
         return self
 
 
@@ -72,6 +91,7 @@ class FreezingConfig(_Section):
     """Freezing score (Eqs. 2-4) and schedule (Eq. 5).
 
     `t_i` and `t_f` are step counts (`500`, `500 steps`), epochs (`1 epoch`) or a share of all steps (`70%`).
+    `power` is the exponent of the ramp: 3 in Eq. 5 of the paper; the authors' GSM8K code uses 2.
     """
 
     t_i: str | int = "1 epoch"
@@ -81,6 +101,7 @@ class FreezingConfig(_Section):
     score: Literal["grad", "weight_grad", "grad_over_weight"] = "grad"
     interval: int = Field(default=1, gt=0)
     granularity: Literal["independent", "together"] = "independent"
+    power: float = Field(default=3, gt=0)
 
     @field_validator("t_i", "t_f")
     @classmethod
@@ -107,10 +128,24 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(default=0.06, ge=0, le=1)
     weight_decay: float = Field(default=0.01, ge=0)
     max_length: int = Field(default=256, gt=0)
+    max_source_length: int | None = Field(default=None, gt=0)
+    max_target_length: int | None = Field(default=None, gt=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    eval_on_start: bool = False
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=10, gt=0)
+
+
+class EvalConfig(_Section):
+    """Generation when a text task is scored: greedy unless `num_beams` > 1, never sampled."""
+
+    max_new_tokens: int = Field(default=128, gt=0)
+    num_beams: int = Field(default=1, gt=0)
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
 
 
 class Recipe(_Section):
@@ -125,6 +160,7 @@ class Recipe(_Section):
     adapter: AdapterConfig = AdapterConfig()
     freezing: FreezingConfig = FreezingConfig()
     training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -> int:
@@ -205,7 +241,7 @@ def _resolve_local_paths(recipe: Recipe, base: Path) -> None:
         if value is not None and not Path(value).is_absolute():
             setattr(recipe.data, key, str((base / value).resolve()))
     name = recipe.model.name_or_path
-    if name.startswith((".", "/")) and not Path(name).is_absolute():
+    if (name.startswith(".") or name.endswith(".gguf")) and not Path(name).is_absolute():
         recipe.model.name_or_path = str((base / name).resolve())
 
 

@@ -73,8 +73,12 @@ def summary_table(report: dict[str, Any]) -> Table:
     revision = f" @ {base['revision']}" if base.get("revision") else ""
     table.add_row("base model", Text(f"{base['name_or_path']}{revision} ({base['fingerprint'][:19]}…)"))
     task = report["task"]
-    labels = f", labels {', '.join(task['label_names'])}" if task.get("label_names") else ""
-    table.add_row("task", Text(f"{task['name']} ({task.get('problem')}{labels})"))
+    if task["family"] == "classification":
+        labels = f", labels {', '.join(task['label_names'])}" if task.get("label_names") else ""
+        table.add_row("task", Text(f"{task['name']} ({task.get('problem')}{labels})"))
+    else:
+        what = f"{task['family']}, {task.get('format')} rows, main metric {task['main_metric']}"
+        table.add_row("task", Text(f"{task['name']} ({what})"))
     table.add_row("method", f"{report['method']}, rank {report['rank']}, scaling {report['scaling']:g}")
     targets = Group(
         *(
@@ -83,7 +87,7 @@ def summary_table(report: dict[str, Any]) -> Table:
         )
     )
     table.add_row("targets", targets)
-    table.add_row("head", Text(", ".join(report["head"])))
+    table.add_row("head", Text(", ".join(report["head"]) or "none (no new parameters beside the adapters)"))
     table.add_row(
         "steps",
         f"{report['step']} of {report['total_steps']} (epoch {report['epoch']:.2f}, {report['steps_per_epoch']} "

@@ -156,6 +156,7 @@ class TextMetric:
     names: tuple[str, ...]  # the keys of every row's scores and of the aggregate
     main: str  # the one figure that selects checkpoints and heads reports
     score_row: Callable[[str, str], RowScore]  # (generated text, reference text) -> RowScore
+    answer: Callable[[str], Any] = str  # the reference as the metric reads it (GSM8K: its final number)
 
     def score(self, generated: Sequence[str], references: Sequence[str]) -> list[RowScore]:
         """Each generated text scored against the reference at the same position."""
@@ -176,7 +177,7 @@ class TextMetric:
 
 
 METRICS: dict[str, TextMetric] = {
-    "gsm8k": TextMetric(names=("accuracy",), main="accuracy", score_row=_gsm8k_row),
+    "gsm8k": TextMetric(names=("accuracy",), main="accuracy", score_row=_gsm8k_row, answer=gsm8k_reference),
     "exact_match": TextMetric(names=("exact_match",), main="exact_match", score_row=_exact_match_row),
     "rouge": TextMetric(names=ROUGE_TYPES, main="rougeL", score_row=_rouge_row),
 }

@@ -5,28 +5,26 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from datasets import Dataset
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from aflora_cli import distributed
-from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base
-from aflora_cli.data import TaskData, load_task_data, make_collator
+from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base, task_for
 from aflora_cli.engine.checkpoint import STATE_FILE, load_weights_into, read_manifest, read_weights, save_checkpoint
 from aflora_cli.engine.freezing import Freezer, release_from_optimizer
 from aflora_cli.engine.inject import adaptive_matrices
 from aflora_cli.engine.params import count_trainable, trainable_timeline
 from aflora_cli.errors import AfloraError
-from aflora_cli.evaluation import evaluate
-from aflora_cli.recipe import Recipe, resolve_duration
+from aflora_cli.recipe import Recipe, parse_recipe, resolve_duration
+from aflora_cli.tasks import Prediction, Row, Task, TaskData
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
@@ -56,13 +54,38 @@ def plan_schedule(recipe: Recipe, train_rows: int, world_size: int) -> Schedule:
     return Schedule(micro, per_epoch, total, math.ceil(cfg.warmup_ratio * total), t_i, t_f)
 
 
-def epoch_batches(rows: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches (row indices) for one epoch: a seeded shuffle, padded and dealt out."""
+MEGABATCH = 50  # batches per group sorted by length, as in the Hugging Face Trainer's length grouping
+
+
+def epoch_batches(
+    rows: int,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    lengths: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """This rank's micro-batches (row indices) for one epoch: a seeded shuffle, padded and dealt out.
+
+    With `lengths`, rows are grouped by length so batches waste little padding: the shuffled order is cut
+    into megabatches of MEGABATCH·batch_size·world_size rows, each sorted longest first; every rank then
+    takes its rows from the same sorted megabatches. Still a function of (seed, epoch) alone, so a resumed
+    run sees the same batches.
+    """
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(rows, generator=generator).tolist()
+    if lengths is not None:
+        size = MEGABATCH * batch_size * world_size
+        megabatches = [order[i : i + size] for i in range(0, rows, size)]
+        order = [row for mega in megabatches for row in sorted(mega, key=lambda r: -lengths[r])]
     per_rank = math.ceil(rows / world_size)
     order += order[: per_rank * world_size - rows]
-    mine = order[rank::world_size]
+    if lengths is not None:  # deal out whole batches of neighbours so each rank's batches stay uniform
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        mine = [row for chunk in chunks[rank::world_size] for row in chunk]
+    else:
+        mine = order[rank::world_size]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
@@ -87,6 +110,9 @@ class Trainer:
         self.output_dir = Path(recipe.output_dir)
         self.step = 0
         self.best: dict[str, Any] | None = None
+        self.start_eval: dict[str, Any] | None = None
+        self.predictions: dict[str, list[Prediction]] = {}
+        self.start_predictions: dict[str, list[Prediction]] = {}
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_output_dir(self) -> dict[str, Any] | None:
@@ -96,7 +122,9 @@ class Trainer:
             if not last.is_dir():
                 raise AfloraError(f"output_dir {self.output_dir}: no checkpoint to resume ({last} is missing)")
             manifest = read_manifest(last)
-            key = _differing_key(manifest["recipe"], self.recipe.model_dump(mode="json"))
+            # read the saved recipe through today's schema: keys added since then take their defaults
+            saved = parse_recipe(manifest["recipe"], f"{last}/adapter_config.json (recipe)").model_dump(mode="json")
+            key = _differing_key(saved, self.recipe.model_dump(mode="json"))
             if key:
                 raise AfloraError(
                     f"{last}: the run was started with another recipe (it differs at {key}); "
@@ -120,11 +148,16 @@ class Trainer:
         resumed = self._check_output_dir()
         self.group = distributed.setup(recipe.device)
         torch.manual_seed(recipe.seed)
-        model_dir, tokenizer = load_base(recipe)
-        self.data: TaskData = load_task_data(recipe.data, tokenizer, recipe.training.max_length, recipe.seed)
-        assert self.data.train is not None  # load_task_data loads every split when none is named
-        self.train_set: Dataset = self.data.train
-        self.adapted: AdaptedModel = build_adapted(recipe, self.data.spec, model_dir, tokenizer)
+        base = load_base(recipe)
+        self.task: Task = task_for(recipe, base)
+        self.data: TaskData = self.task.load_splits(base.tokenizer)
+        assert self.data.train is not None  # every split is loaded when none is named
+        self.train_set: Sequence[Row] = self.data.train
+        if not self.train_set:
+            raise AfloraError("data: no training rows left (every row was skipped; see the log)")
+        self.adapted: AdaptedModel = build_adapted(recipe, self.task, base)
+        if recipe.training.gradient_checkpointing:
+            self._checkpoint_activations()
         self.model = self.adapted.model.to(self.group.device)
         self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         freezing = recipe.freezing
@@ -138,6 +171,7 @@ class Trainer:
             score=freezing.score,
             interval=freezing.interval,
             together=freezing.granularity == "together",
+            power=freezing.power,
         )
         self.start_counts = count_trainable(self.model, self.adapted.head_names)
         if resumed is not None:
@@ -268,9 +302,14 @@ class Trainer:
         """Run from the current step to T; returns the final evaluation."""
         sched = self.schedule
         accum = self.recipe.training.gradient_accumulation
-        collate = make_collator(self.adapted.tokenizer)
+        collate = self.task.collate(self.adapted.tokenizer)
+        lengths = self.task.lengths(self.train_set) if self.recipe.training.group_by_length else None
         self.model.train()
         self._emit("start", {"step": self.step, "total_steps": sched.total_steps, **self._counts()})
+        self._report_skipped()
+        if self.step == 0 and self.recipe.training.eval_on_start:
+            self.start_eval = self._evaluate()
+            self.start_predictions = dict(self.predictions)
         final: dict[str, Any] = {}
         while self.step < sched.total_steps:
             epoch, within = divmod(self.step, sched.steps_per_epoch)
@@ -281,11 +320,12 @@ class Trainer:
                 self.group.rank,
                 self.group.world_size,
                 self.recipe.training.batch_size,
+                lengths,
             )
             # its own generator: a DataLoader would otherwise draw from the global RNG that dropout uses
             loader = iter(
                 DataLoader(
-                    self.train_set,
+                    self.train_set,  # type: ignore[arg-type]
                     batch_sampler=batches[within * accum :],
                     collate_fn=collate,
                     generator=torch.Generator(),
@@ -345,21 +385,42 @@ class Trainer:
         return results
 
     def _evaluate(self) -> dict[str, Any] | None:
+        """The task's metrics on every eval split (on the main process); row predictions kept for the report."""
         results = None
         if self.group.is_main:
-            splits = evaluate(
-                self.model,
-                self.data.evaluation,
-                self.data.spec,
-                self.adapted.tokenizer,
-                self.recipe.training.eval_batch_size,
-                self.group.device,
-            )
+            splits: dict[str, dict[str, float]] = {}
+            for split, rows in self.data.evaluation.items():
+
+                def progress(done: int, total: int, split: str = split) -> None:
+                    self._emit("eval_progress", {"step": self.step, "split": split, "done": done, "total": total})
+
+                splits[split], self.predictions[split] = self.task.evaluate(
+                    self.model, rows, self.adapted.tokenizer, self.group.device, progress
+                )
             results = {"step": self.step, "epoch": self.step / self.schedule.steps_per_epoch, "eval": splits}
             self._log(results)
             self._emit("eval", results)
         self.group.barrier()
         return results
+
+    def _report_skipped(self) -> None:
+        """Rows that could not be encoded within the length limits are logged, never silently dropped."""
+        for split, count in self.data.skipped.items():
+            if count and self.step == 0:
+                record = {"step": 0, "event": "skipped_rows", "split": split, "rows": count}
+                self._log(record)
+                self._emit("skipped_rows", record)
+
+    def _checkpoint_activations(self) -> None:
+        """Recompute activations in the backward pass instead of keeping them (non-reentrant: the frozen
+        embeddings need no gradient for it to work)."""
+        model = self.adapted.model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise AfloraError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        config: Any = model.config
+        if getattr(config, "use_cache", None):
+            config.use_cache = False  # a cache is useless while training and clashes with recomputation
 
     # ---- output ----------------------------------------------------------------------------------
     def _emit(self, kind: str, record: dict[str, Any]) -> None:
@@ -377,13 +438,14 @@ class Trainer:
         sched, freezing = self.schedule, self.recipe.freezing
         sizes = {name: param.numel() for name, param in self.freezer.matrices.items()}
         return {
-            **describe(self.adapted, self.recipe, self.data.spec),
+            **describe(self.adapted, self.recipe, self.task),
             "freezing": {
                 "beta1": freezing.beta1,
                 "beta2": freezing.beta2,
                 "score": freezing.score,
                 "interval": freezing.interval,
                 "granularity": freezing.granularity,
+                "power": freezing.power,
                 "t_i": sched.t_i,
                 "t_f": sched.t_f,
                 "total_steps": sched.total_steps,
@@ -428,11 +490,11 @@ class Trainer:
     def _improved(self, results: dict[str, Any] | None) -> bool:
         if not results or not results["eval"]:
             return False
-        spec = self.data.spec
+        metric = self.task.main_metric
         first_split = next(iter(results["eval"].values()))
-        value = first_split[spec.main_metric]
+        value = first_split[metric]
         if self.best is None or value > self.best["value"]:
-            self.best = {"metric": spec.main_metric, "value": value, "step": self.step}
+            self.best = {"metric": metric, "value": value, "step": self.step}
             return True
         return False
 

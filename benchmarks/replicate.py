@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -119,7 +118,12 @@ def build_recipe(
             "problem": "classification",
         }
     else:
-        data = {"task": task, "max_train_samples": scale["train_rows"], "max_eval_samples": scale["eval_rows"]}
+        data = {
+            "task": task,
+            "max_train_samples": scale["train_rows"],
+            "max_eval_samples": scale["eval_rows"],
+            "seed": DATA_SEED,  # the same rows for every run seed
+        }
     raw = {
         "output_dir": str(output_dir),
         "seed": seed,
@@ -192,7 +196,7 @@ def flops_profile(trainer: Any) -> dict[str, Any]:
     length = round(statistics.mean(max(lengths[i] for i in rows) for rows in batches))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, trainer.model.config.vocab_size, (size, length), generator=generator)
-    spec = trainer.data.spec
+    spec = trainer.task.spec
     labels = torch.randn(size) if spec.problem == "regression" else torch.randint(0, spec.num_labels, (size,))
     batch = {
         "input_ids": ids,
@@ -239,7 +243,6 @@ def run_one(raw: dict[str, Any], flops_cache: dict[tuple[str, str], Any], key: t
     import torch
 
     import aflora_cli.trainer as trainer_module
-    from aflora_cli.data import load_task_data
     from aflora_cli.recipe import parse_recipe
 
     recipe = parse_recipe(copy.deepcopy(raw), "replicate")
@@ -250,18 +253,12 @@ def run_one(raw: dict[str, Any], flops_cache: dict[tuple[str, str], Any], key: t
             stamps.setdefault(kind, time.perf_counter())
             stamps["last_step"] = time.perf_counter()
 
-    original = trainer_module.load_task_data
-    # the subsets of max_train_samples / max_eval_samples are drawn with the data seed, not the run's seed
-    trainer_module.load_task_data = functools.partial(_fixed_seed_load, load_task_data)
-    try:
-        trainer = trainer_module.Trainer(recipe, on_event=on_event)
-        prepared = time.perf_counter()
-        trainer.prepare()
-        prepared = time.perf_counter() - prepared
-        final = trainer.train()
-        trainer.close()
-    finally:
-        trainer_module.load_task_data = original
+    trainer = trainer_module.Trainer(recipe, on_event=on_event)
+    prepared = time.perf_counter()
+    trainer.prepare()
+    prepared = time.perf_counter() - prepared
+    final = trainer.train()
+    trainer.close()
     manifest = trainer.manifest(final)
     if key not in flops_cache:
         flops_cache[key] = flops_profile(trainer)
@@ -290,10 +287,6 @@ def run_one(raw: dict[str, Any], flops_cache: dict[tuple[str, str], Any], key: t
         "torch_threads": torch.get_num_threads(),
     }
     return record
-
-
-def _fixed_seed_load(load: Any, cfg: Any, tokenizer: Any, max_length: int, seed: int, *args: Any, **kwargs: Any) -> Any:
-    return load(cfg, tokenizer, max_length, DATA_SEED, *args, **kwargs)
 
 
 # ---- the grid --------------------------------------------------------------------------------------

