@@ -224,10 +224,17 @@ def merge(
 def inspect_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
     json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", metavar="FILE", help="also draw the run as a .png or .svg figure")
+    ] = None,
 ) -> None:
     """Show a checkpoint's run: summary, when each PM froze, trainable parameters over time, per-layer heat map."""
     from aflora_cli.inspection import inspect_checkpoint
 
+    if plot is not None:  # a bad FILE or no matplotlib: one error line before anything is printed
+        from aflora_cli.plotting import check_output
+
+        check_output(plot)
     report = inspect_checkpoint(checkpoint)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
@@ -235,3 +242,10 @@ def inspect_command(
         from aflora_cli.report import render_inspect
 
         render_inspect(console, report)
+    if plot is not None:
+        from aflora_cli.plotting import plot_checkpoint
+
+        written = plot_checkpoint(report, plot)
+        (errors if json_out else console).print(
+            f"wrote the figure to {written}", highlight=False, markup=False, soft_wrap=True
+        )
