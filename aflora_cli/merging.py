@@ -137,6 +137,13 @@ def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
     rank = manifest["rank"]
     alpha = float(manifest["scaling"]) * rank
     head_modules = list(dict.fromkeys(name.split(".")[0] for name in rebuilt.adapted.head_names))
+    modules = adapter_modules(rebuilt.adapted.model)
+    transposed = {module.transposed for module in modules.values()}
+    if len(transposed) > 1:
+        raise AfloraError(
+            "--format peft: the adapted layers mix nn.Linear and GPT-2-style Conv1D, but PEFT's fan_in_fan_out "
+            "is one setting for all of them; use --format transformers"
+        )
     return {
         "peft_type": "LORA",
         "task_type": rebuilt.task.peft_task_type,
@@ -145,10 +152,10 @@ def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
         "lora_dropout": recipe.adapter.dropout,
-        "target_modules": list(adapter_modules(rebuilt.adapted.model)),
+        "target_modules": list(modules),
         "modules_to_save": head_modules or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": transposed == {True},  # Conv1D keeps W0 as in × out
         "init_lora_weights": True,
         "inference_mode": True,
         "use_rslora": False,

@@ -9,7 +9,6 @@ with matplotlib. matplotlib is an optional extra and is imported only when a fig
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -106,27 +105,10 @@ def lora_params(shapes: dict[str, tuple[int, ...]], modules: list[str], rank: in
 # --------------------------------------------------------------------------------------------- schedule
 
 
-def schedule_fraction(step: int, total_steps: int, t_i: int, t_f: int, power: float = DEFAULT_POWER) -> float:
-    """r(t) of Eq. 5 with exponent `power`: 1 − (1 − (t − t_i)/(T − t_i − t_f))^power between t_i and T − t_f.
-
-    Stand-in until `engine.freezing.freeze_fraction` takes the exponent; then call that instead.
-    """
-    if step < t_i:
-        return 0.0
-    end = total_steps - t_f
-    if step >= end:
-        return 1.0
-    return 1.0 - (1.0 - (step - t_i) / (end - t_i)) ** power
-
-
 def planned_frozen(step: int, total_steps: int, t_i: int, t_f: int, units: int, power: float = DEFAULT_POWER) -> int:
-    """⌊r(t)·N⌋: how many of `units` the schedule has frozen at 0-based step `step`.
-
-    The paper's cubic goes through the engine's own `frozen_target`, so the plan drawn is the one it ran.
-    """
-    if power == DEFAULT_POWER:
-        return frozen_target(step, total_steps, t_i, t_f, units)
-    return math.floor(schedule_fraction(step, total_steps, t_i, t_f, power) * units)
+    """⌊r(t)·N⌋: how many of `units` the schedule has frozen at 0-based step `step` — the engine's own
+    `frozen_target`, so the plan drawn is the one the run followed."""
+    return frozen_target(step, total_steps, t_i, t_f, units, power)
 
 
 def _change_points(values: list[int], key: str) -> list[dict[str, int]]:

@@ -241,7 +241,8 @@ def _resolve_local_paths(recipe: Recipe, base: Path) -> None:
         if value is not None and not Path(value).is_absolute():
             setattr(recipe.data, key, str((base / value).resolve()))
     name = recipe.model.name_or_path
-    if (name.startswith(".") or name.endswith(".gguf")) and not Path(name).is_absolute():
+    local = name.startswith(".") or (name.endswith(".gguf") and not name.startswith("package:"))
+    if local and not Path(name).is_absolute():
         recipe.model.name_or_path = str((base / name).resolve())
 
 

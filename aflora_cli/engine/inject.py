@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from aflora_cli.engine.layer import AdapterLinear
 from aflora_cli.errors import AfloraError
@@ -34,6 +35,27 @@ _LLAMA: KindPatterns = {
     "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
     "ffn": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
+# Gemma 3 with its vision tower: only the language model's layers (the tower has q_proj and fc1 of its own)
+_GEMMA3: KindPatterns = {
+    "attention": [r"re:.*language_model\.layers\.\d+\.self_attn\.[qkvo]_proj"],
+    "ffn": [r"re:.*language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj"],
+}
+_PHI3: KindPatterns = {  # fused projections: one adapter over Q, K and V, one over gate and up
+    "attention": ["self_attn.qkv_proj", "self_attn.o_proj"],
+    "ffn": ["mlp.gate_up_proj", "mlp.down_proj"],
+}
+_GPT2: KindPatterns = {  # Conv1D layers, weight stored in × out
+    "attention": ["attn.c_attn", "attn.c_proj"],
+    "ffn": ["mlp.c_fc", "mlp.c_proj"],
+}
+_BART: KindPatterns = {  # self-attention in both stacks and the decoder's cross-attention
+    "attention": [r"re:.*\.(self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)"],
+    "ffn": ["fc1", "fc2"],
+}
+_T5: KindPatterns = {  # SelfAttention in both stacks, EncDecAttention in the decoder; plain or gated FFN
+    "attention": [r"re:.*\.(SelfAttention|EncDecAttention)\.[qkvo]"],
+    "ffn": ["DenseReluDense.wi", "DenseReluDense.wi_0", "DenseReluDense.wi_1", "DenseReluDense.wo"],
+}
 DEFAULT_TARGETS: dict[str, KindPatterns] = {
     "bert": _ENCODER,
     "roberta": _ENCODER,
@@ -43,7 +65,21 @@ DEFAULT_TARGETS: dict[str, KindPatterns] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "gemma3": _GEMMA3,
+    "phi3": _PHI3,
+    "gpt2": _GPT2,
+    "bart": _BART,
+    "mbart": _BART,
+    "pegasus": _BART,
+    "t5": _T5,
+    "mt5": _T5,
+    "umt5": _T5,
 }
+
+LINEAR_TYPES = (nn.Linear, Conv1D)  # what an adapter can sit beside
 
 METHOD_POLICY: dict[str, dict[Kind, Policy]] = {
     "aflora": {"attention": "frozen", "ffn": "adaptive"},
@@ -79,7 +115,7 @@ def resolve_policy(cfg: AdapterConfig) -> dict[Kind, Policy]:
 
 
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
-    """Every `nn.Linear` the recipe targets, classed by kind; attention wins where both kinds match."""
+    """Every linear layer the recipe targets, classed by kind; attention wins where both kinds match."""
     patterns: Mapping[Kind, list[str]]
     if cfg.targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -93,7 +129,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     else:
         patterns = cfg.targets
     policy = resolve_policy(cfg)
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES)]
     targets = []
     kinds: tuple[Kind, ...] = ("attention", "ffn")
     for name in linears:

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 
 def _merged_weight(weight: torch.Tensor, lora_a: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class _AdaptedLinear(torch.autograd.Function):
 
 
 class AdapterLinear(nn.Module):
-    """A frozen `nn.Linear` W0 with a parallel low-rank path.
+    """A frozen `nn.Linear` (or GPT-2's transposed `Conv1D`) W0 with a parallel low-rank path.
 
     With vectors (methods `aflora`, `elora`): Y = W0·X + s·Λb ⊙ B(Λd ⊙ A·X).
     Without vectors (method `lora`): Y = W0·X + s·B·A·X, with s = alpha / r.
@@ -113,7 +114,7 @@ class AdapterLinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int,
         *,
         vectors: bool = True,
@@ -128,12 +129,15 @@ class AdapterLinear(nn.Module):
             param.requires_grad_(False)
         self.rank = rank
         self.scaling = scaling
-        weight = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.empty(base.out_features, rank, dtype=weight.dtype, device=weight.device))
+        # GPT-2's Conv1D keeps its weight as in × out: the layer works on the out × in view of it
+        self.transposed = isinstance(base, Conv1D)
+        weight = self.base_weight()
+        out_features, in_features = weight.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=weight.dtype, device=weight.device))
         if vectors:
             self.lambda_d = nn.Parameter(torch.full((rank,), lambda_d_init, dtype=weight.dtype, device=weight.device))
-            self.lambda_b = nn.Parameter(torch.zeros(base.out_features, dtype=weight.dtype, device=weight.device))
+            self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype, device=weight.device))
         else:
             self.register_parameter("lambda_d", None)
             self.register_parameter("lambda_b", None)
@@ -150,13 +154,19 @@ class AdapterLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A)
             nn.init.kaiming_uniform_(self.lora_B)
 
+    def base_weight(self) -> torch.Tensor:
+        """W0 as out × in (a view of Conv1D's transposed weight)."""
+        weight = self.base.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.t() if self.transposed else weight
+
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return int(self.lora_A.shape[1])
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return int(self.lora_B.shape[0])
 
     def up_projection(self) -> torch.Tensor:
         """s·diag(Λb)·B·diag(Λd) (out × r): everything right of A, as one small matrix."""
@@ -173,24 +183,27 @@ class AdapterLinear(nn.Module):
         base = self.base
         if self.merged:
             return base(x)
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
             # a subclass or a hooked layer keeps its own forward: the plain, unfused expression
             return base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.up_projection())
         x_a, up = self.dropout(x), self.up_projection()
-        return _AdaptedLinear.apply(x, x_a, base.weight, base.bias, self.lora_A, up, torch.is_grad_enabled())
+        weight = self.base_weight()
+        return _AdaptedLinear.apply(x, x_a, weight, base.bias, self.lora_A, up, torch.is_grad_enabled())
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the low-rank path into W0; forward then runs the base layer alone."""
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            weight = self.base_weight()
+            weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the low-rank path back out of W0."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            weight = self.base_weight()
+            weight.sub_(self.delta_weight().to(weight.dtype))
             self.merged = False
 
     def extra_repr(self) -> str:
