@@ -106,16 +106,20 @@ def train(
 def _print_plan(trainer: Any) -> None:
     recipe, sched = trainer.recipe, trainer.schedule
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False)
-    table = Table(title="targets")
-    for column in ("module", "kind", "PMs"):
+    from aflora_cli.inspection import target_groups
+    from aflora_cli.report import layer_span
+
+    table = Table(title=f"targets ({len(trainer.adapted.targets)} modules, family {trainer.task.family})")
+    for column in ("module", "kind", "PMs", "where"):
         table.add_column(column)
-    for target in trainer.adapted.targets:
-        table.add_row(target.name, target.kind, target.policy)
+    targets = [{"name": t.name, "kind": t.kind, "policy": t.policy} for t in trainer.adapted.targets]
+    for group in target_groups({"targets": targets}):
+        table.add_row(group["module"], group["kind"], group["policy"], layer_span(group["layers"]))
     console.print(table)
     without, with_head = trainer.start_counts
+    head = f"{without:,} without the head, {with_head:,} with it" if trainer.adapted.head_names else f"{without:,}"
     console.print(
-        f"trainable parameters at start: {without:,} without the head, {with_head:,} with it; "
-        f"adaptive PMs: {trainer.freezer.num_units} units\n"
+        f"trainable parameters at start: {head}; adaptive PMs: {trainer.freezer.num_units} units\n"
         f"steps: T = {sched.total_steps} ({sched.steps_per_epoch} per epoch), t_i = {sched.t_i}, "
         f"t_f = {sched.t_f}, warmup = {sched.warmup_steps}"
     )

@@ -149,6 +149,20 @@ def texts(columns: Columns, name: str, source: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ subsets
 
 
+def choose_splits(available: dict[str, str], wanted: list[str] | None, task: str) -> dict[str, str]:
+    """The eval splits a recipe asks for (`data.eval_splits`), in its order; all of them when it names none."""
+    if wanted is None:
+        return available
+    for split in wanted:
+        if split not in available:
+            raise AfloraError(
+                f"data.eval_splits: {split!r} is not an eval split of task {task!r}; available: {', '.join(available)}"
+            )
+    if not wanted:
+        raise AfloraError("data.eval_splits: name at least one split")
+    return {split: available[split] for split in wanted}
+
+
 def subset_rows(count: int, limit: int | None, seed: int) -> list[int] | None:
     """`limit` row indices drawn at random with `seed`, in their original order; None means all rows."""
     if limit is None or limit >= count:

@@ -60,6 +60,7 @@ class DataConfig(_Section):
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)
     seed: int | None = None  # draws the max_*_samples subsets; default: the run's seed
+    eval_splits: list[str] | None = None  # evaluate on these of the task's eval splits only (the first picks best)
 
     @model_validator(mode="after")
     def _custom_needs_files(self) -> DataConfig:

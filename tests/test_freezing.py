@@ -438,3 +438,23 @@ def test_empty_freezer_is_harmless():
     assert freezer.apply_schedule(9) == []
     assert freezer.current_scores() == {}
     assert freezer.num_units == freezer.num_frozen == 0
+
+
+@pytest.mark.parametrize("power", [2, 3])
+def test_power_sets_the_ramp_of_eq5(power):
+    # T = 20, t_i = 4, t_f = 6: the ramp runs over steps 4..13, (t - t_i) / 10 of the way at step t
+    for step in range(4, 14):
+        assert freeze_fraction(step, 20, 4, 6, power) == pytest.approx(1 - (1 - (step - 4) / 10) ** power)
+    assert frozen_target(9, 20, 4, 6, 24, power=2) == 18  # floor((1 - 0.5 ** 2) * 24)
+    assert frozen_target(9, 20, 4, 6, 24) == 21  # the paper's cubic: floor((1 - 0.5 ** 3) * 24)
+
+
+def test_freezer_follows_a_quadratic_schedule():
+    matrices = {f"m{i}.lora_A": nn.Parameter(torch.randn(2, 3)) for i in range(8)}
+    freezer = Freezer(matrices, total_steps=10, t_i=2, t_f=2, power=2)
+    for step in range(10):
+        for param in matrices.values():
+            param.grad = torch.randn_like(param) if param.requires_grad else None
+        freezer.update_scores(step)
+        freezer.apply_schedule(step)
+        assert freezer.num_frozen == frozen_target(step, 10, 2, 2, 8, power=2)

@@ -186,3 +186,16 @@ def test_schedule_and_batches() -> None:
     # the two ranks' k-th micro-batches together are the single process's k-th batch
     assert sorted(ranks[0][0] + ranks[1][0]) == sorted(alone[0])
     assert epoch_batches(10, 2, 3, 0, 1, 4) != alone
+
+
+def test_length_grouped_batches_cover_every_row_and_keep_similar_lengths_together() -> None:
+    lengths = [(i * 37) % 50 + 1 for i in range(300)]
+    batches = epoch_batches(300, epoch=2, seed=5, rank=0, world_size=1, batch_size=4, lengths=lengths)
+    assert sorted(row for batch in batches for row in batch) == list(range(300))
+    assert batches == epoch_batches(300, 2, 5, 0, 1, 4, lengths)  # a function of seed and epoch only
+    spread = [max(lengths[r] for r in b) - min(lengths[r] for r in b) for b in batches]
+    shuffled = epoch_batches(300, 2, 5, 0, 1, 4)
+    shuffled_spread = [max(lengths[r] for r in b) - min(lengths[r] for r in b) for b in shuffled]
+    assert sum(spread) < sum(shuffled_spread) / 5  # padding nearly vanishes
+    ranks = [epoch_batches(300, 2, 5, r, 2, 4, lengths) for r in (0, 1)]
+    assert sorted(row for rank in ranks for batch in rank for row in batch) == list(range(300))

@@ -33,7 +33,8 @@ def test_dry_run_prints_recipe_targets_and_counts_and_writes_nothing(tmp_path: P
     result = _train(str(recipe), "--dry-run", "--set", "training.max_steps=7")
     assert result.exit_code == 0, result.output
     assert "max_steps: 7" in result.output
-    assert "bert.encoder.layer.5.intermediate.dense" in result.output and "adaptive" in result.output
+    # one row per module kind across layers: `intermediate.dense (ffn, adaptive) in layers 0–5`
+    assert "intermediate.dense" in result.output and "layers 0–5" in result.output and "adaptive" in result.output
     assert "113,040 without the head" in result.output
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from aflora_cli.data import (
     SHIPPED_DIR,
     Columns,
+    choose_splits,
     load_hub_dataset,
     read_table,
     require_columns,
@@ -234,12 +235,20 @@ def _labelled_dataset(spec: TaskSpec, columns: Columns, source: str) -> Dataset:
 
 def resolve_spec(cfg: DataConfig) -> TaskSpec:
     """The task a recipe's data section names; for `custom` this reads the train file to learn the labels."""
+    spec = _named_or_custom_spec(cfg)
+    return replace(spec, eval_splits=choose_splits(dict(spec.eval_splits), cfg.eval_splits, spec.name))
+
+
+def _named_or_custom_spec(cfg: DataConfig) -> TaskSpec:
     _refuse_text_keys(cfg)
     if cfg.task == "custom":
         return _custom_spec(cfg)
     spec = GLUE_TASKS.get(cfg.task) or SHIPPED_TASKS.get(cfg.task)
     if spec is None:
-        raise AfloraError(f"data.task: unknown task {cfg.task!r}; known tasks: {', '.join(KNOWN_TASKS)}")
+        from aflora_cli.tasks.text_data import NAMED_TASKS
+
+        known = ", ".join((*KNOWN_TASKS, *NAMED_TASKS))
+        raise AfloraError(f"data.task: unknown task {cfg.task!r}; known tasks: {known}")
     for key in _CUSTOM_ONLY_KEYS:
         if getattr(cfg, key) is not None:
             raise AfloraError(f"data.{key}: only used with task 'custom' (the task is {cfg.task!r})")

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aflora_cli.data import load_hub_dataset, read_table, require_columns, require_rows, subset_rows
+from aflora_cli.data import choose_splits, load_hub_dataset, read_table, require_columns, require_rows, subset_rows
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig
 
@@ -137,6 +137,7 @@ def resolve_spec(cfg: DataConfig) -> TextSpec:
         raise AfloraError(f"data.{key}: only used with format prompt_response (the format is {data_format})")
     if template is not None:
         _check_template(template, data_format)
+    eval_splits = choose_splits(eval_splits, cfg.eval_splits, cfg.task)
     return TextSpec(
         name=cfg.task,
         format=data_format,
