@@ -341,3 +341,102 @@ def test_llama_kv_projection_shapes():
     assert k.lora_B.shape == (16, R) and k.lambda_b.shape == (16,)
     assert modules["model.layers.0.self_attn.q_proj"].lora_B.shape == (HIDDEN, R)
     assert modules["model.layers.1.mlp.down_proj"].lora_A.shape == (R, INTERMEDIATE)
+
+
+# ---- default targets of the newer causal architectures, built tiny from their configs ----------------------
+
+TINY_DECODER = {
+    "vocab_size": 100,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
+
+
+def _tiny_causal(model_type: str, **config) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+
+
+def _decoder_layers(prefix: str, per_layer: dict[str, str], layers: int = 2) -> dict[str, str]:
+    return {f"{prefix}.{i}.{suffix}": kind for i in range(layers) for suffix, kind in per_layer.items()}
+
+
+PHI3_LAYER = {
+    "self_attn.qkv_proj": "attention",  # fused Q, K, V: one adapter
+    "self_attn.o_proj": "attention",
+    "mlp.gate_up_proj": "ffn",  # fused gate and up
+    "mlp.down_proj": "ffn",
+}
+GPT2_LAYER = {"attn.c_attn": "attention", "attn.c_proj": "attention", "mlp.c_fc": "ffn", "mlp.c_proj": "ffn"}
+
+
+GPT2_TINY = {"vocab_size": 100, "n_embd": 16, "n_layer": 2, "n_head": 2, "bos_token_id": 1, "eos_token_id": 1}
+
+
+@pytest.mark.parametrize(
+    "model_type, config, expected, count",
+    [
+        ("gemma", {"head_dim": 8, **TINY_DECODER}, _decoder_layers("model.layers", LLAMA_LAYER), 14),
+        ("gemma2", {"head_dim": 8, **TINY_DECODER}, _decoder_layers("model.layers", LLAMA_LAYER), 14),
+        ("gemma3_text", {"head_dim": 8, **TINY_DECODER}, _decoder_layers("model.layers", LLAMA_LAYER), 14),
+        ("phi3", TINY_DECODER, _decoder_layers("model.layers", PHI3_LAYER), 8),
+        ("gpt2", GPT2_TINY, _decoder_layers("transformer.h", GPT2_LAYER), 8),
+    ],
+    ids=["gemma", "gemma2", "gemma3_text", "phi3", "gpt2"],
+)
+def test_default_targets_of_newer_decoders(model_type, config, expected, count):
+    model = _tiny_causal(model_type, **config)
+    assert model.config.model_type == model_type
+    targets = inject_adapters(model, AdapterConfig())
+    assert _kinds(targets) == expected and len(targets) == count
+    assert "lm_head" not in adapter_modules(model)
+
+
+def test_gpt2_conv1d_layers_are_wrapped_with_their_out_by_in_shapes():
+    from transformers.pytorch_utils import Conv1D
+
+    model = _tiny_causal("gpt2", **GPT2_TINY)
+    inject_adapters(model, AdapterConfig())
+    modules = adapter_modules(model)
+    c_attn, c_fc = modules["transformer.h.0.attn.c_attn"], modules["transformer.h.0.mlp.c_fc"]
+    assert isinstance(c_attn.base, Conv1D) and c_attn.transposed
+    assert c_attn.base.weight.shape == (16, 48)  # Conv1D stores in × out
+    assert (c_attn.in_features, c_attn.out_features) == (16, 48)
+    assert c_attn.lora_A.shape == (R, 16) and c_attn.lora_B.shape == (48, R)
+    assert (c_fc.in_features, c_fc.out_features) == (16, 64)
+
+
+def test_gemma3_multimodal_adapts_the_language_model_only():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {key: value for key, value in TINY_DECODER.items() if key != "vocab_size"}
+    config = Gemma3Config(
+        text_config={"model_type": "gemma3_text", "vocab_size": 100, "head_dim": 8, **text},
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+        boi_token_index=97,
+        eoi_token_index=98,
+        image_token_index=99,
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    vision_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "vision_tower" in n]
+    assert any(n.endswith("self_attn.q_proj") for n in vision_linears)  # the tower has look-alike layers
+    targets = inject_adapters(model, AdapterConfig())
+    prefix = next(t.name for t in targets).split(".layers.")[0]
+    assert prefix.endswith("language_model")
+    assert _kinds(targets) == _decoder_layers(f"{prefix}.layers", LLAMA_LAYER)
+    assert not any("vision" in name or "projector" in name for name in adapter_modules(model))

@@ -227,3 +227,122 @@ def test_fused_path_passes_gradcheck():
     _randomise_vectors(layer)
     x = torch.randn(2, IN, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
+
+
+# ---- GPT-2's Conv1D (weight stored in × out) ------------------------------------------------------------------
+
+
+def _conv1d_pair(seed: int = 0) -> tuple[AdapterLinear, AdapterLinear]:
+    """The same adapter around a Conv1D and around the equivalent nn.Linear (weight transposed), in float64."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(seed)
+    conv = Conv1D(OUT, IN).double()
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    linear = nn.Linear(IN, OUT).double()
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    around_conv, around_linear = AdapterLinear(conv, RANK), AdapterLinear(linear, RANK)
+    _randomise_vectors(around_conv)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B", "lambda_d", "lambda_b"):
+            getattr(around_linear, name).copy_(getattr(around_conv, name))
+    return around_conv, around_linear
+
+
+def test_conv1d_adapter_computes_eq1_like_the_equivalent_linear():
+    around_conv, around_linear = _conv1d_pair()
+    assert around_conv.transposed and around_conv.base.weight.shape == (IN, OUT)
+    assert (around_conv.in_features, around_conv.out_features) == (IN, OUT)
+    x = torch.randn(3, 5, IN, dtype=torch.float64)
+    y = around_conv(x)
+    assert torch.allclose(y, around_linear(x), atol=1e-12, rtol=0)
+    w0, b = around_conv.base.weight.detach().t(), around_conv.base.bias.detach()  # W0 as out × in
+    expected = x @ w0.T + b + x @ around_conv.delta_weight().detach().T
+    assert torch.allclose(y, expected, atol=1e-12, rtol=0)
+
+
+def test_conv1d_adapter_gradients_match_plain_autograd_of_eq1():
+    around_conv, _ = _conv1d_pair(1)
+    for param in (around_conv.base.weight, around_conv.base.bias):
+        param.requires_grad_(True)  # the fused node's W0 and bias gradients are checked too
+    x = torch.randn(4, 6, IN, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 6, OUT, dtype=torch.float64)
+    params = [
+        x,
+        around_conv.base.weight,
+        around_conv.base.bias,
+        *(getattr(around_conv, n) for n in ("lora_A", "lora_B", "lambda_d", "lambda_b")),
+    ]
+    ours = torch.autograd.grad(around_conv(x), params, grad_out)
+    A, B, Ld, Lb = around_conv.lora_A, around_conv.lora_B, around_conv.lambda_d, around_conv.lambda_b
+    plain = x @ around_conv.base.weight + around_conv.base.bias + ((x @ A.T) * Ld) @ B.T * Lb
+    expected = torch.autograd.grad(plain, params, grad_out)
+    for name, got, want in zip(["x", "W0", "bias", "A", "B", "Λd", "Λb"], ours, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-10, rtol=1e-10), name
+
+
+def test_conv1d_merge_adds_the_transposed_delta_and_keeps_the_output():
+    around_conv, _ = _conv1d_pair(2)
+    x = torch.randn(7, IN, dtype=torch.float64)
+    with torch.no_grad():
+        before_weight = around_conv.base.weight.clone()
+        unmerged = around_conv(x)
+        around_conv.merge()
+        assert torch.allclose(around_conv.base.weight, before_weight + around_conv.delta_weight().T, atol=1e-12)
+        assert torch.allclose(around_conv(x), unmerged, atol=1e-12, rtol=0)
+        around_conv.unmerge()
+        assert torch.allclose(around_conv.base.weight, before_weight, atol=1e-12)
+
+
+def test_peft_export_of_a_gpt2_checkpoint_sets_fan_in_fan_out_and_gives_the_same_logits(tmp_path):
+    import json
+
+    from peft import PeftModel
+    from text_runs import lm_recipe, review_files
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.cli import app
+    from aflora_cli.recipe import parse_recipe
+    from aflora_cli.trainer import Trainer
+    from tiny_lm import save_model_dir, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    base_dir = save_model_dir(GPT2LMHeadModel(config), tokenizer, tmp_path / "gpt2")
+    raw = lm_recipe(tmp_path / "run", "llama", review_files(tmp_path / "data", train=8, validation=4))
+    raw["model"]["name_or_path"] = str(base_dir)
+    raw["training"] |= {"max_steps": 2, "lr": 5e-2}
+    trainer = Trainer(parse_recipe(raw, "test"))
+    trainer.prepare()
+    trainer.train()
+    trainer.close()
+    out = tmp_path / "peft"
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "run" / "last"), "--out", str(out), "--format", "peft"])
+    assert result.exit_code == 0, result.output
+    exported = json.loads((out / "adapter_config.json").read_text())
+    assert exported["fan_in_fan_out"] is True and exported["task_type"] == "CAUSAL_LM"
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    adapted, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    ids = torch.tensor([tokenizer.encode("Review: a warm and funny film\nSentiment:")])
+    with torch.no_grad():  # float64, as for the other PEFT comparisons: left is the float32 export's rounding
+        ours = adapted.model.double().eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir).double()(input_ids=ids).logits
+        theirs = peft_model.double()(input_ids=ids).logits
+    assert (ours - base).abs().max() > 1e-4  # two steps moved the model
+    assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(ours.abs().max()))

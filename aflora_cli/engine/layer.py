@@ -161,6 +161,14 @@ class AdapterLinear(nn.Module):
         return weight.t() if self.transposed else weight
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight as it stores it: models read `<layer>.weight` of a linear they own (T5's
+        feed-forward casts its input to `wo.weight.dtype`), and still find it with an adapter in place."""
+        weight = self.base.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @property
     def in_features(self) -> int:
         return int(self.lora_A.shape[1])
 

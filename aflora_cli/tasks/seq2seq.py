@@ -2,7 +2,9 @@
 
 The prompt (source) is the encoder's input, cut to `training.max_source_length` (default `max_length`); the
 response (target) is the labels, cut to `max_target_length`, which the model shifts right into its decoder
-inputs itself. With `data.truncation: false`, a source that does not fit is refused instead of cut.
+inputs itself. The target always ends with EOS, so the decoder learns to stop: T5's and BART's tokenizers
+add it, and it is appended for one that does not. With `data.truncation: false`, a source that does not
+fit is refused instead of cut.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ class Seq2SeqTask(TextTask):
                 f"{where}: the source has {len(source)} tokens, more than {source_limit} "
                 "(training.max_source_length; data.truncation is off)"
             )
-        target = tokenizer(text_target=row.response, truncation=True, max_length=target_limit)["input_ids"]
+        target = list(tokenizer(text_target=row.response, truncation=True, max_length=target_limit)["input_ids"])
+        eos = tokenizer.eos_token_id
+        if eos is not None and (not target or target[-1] != eos):
+            # a tokenizer that does not end targets with EOS (LLaMA-style ones add only BOS): append it,
+            # within the limit
+            target = [*target[: target_limit - 1], eos]
         return {"input_ids": ids_array(source), "labels": ids_array(target), "prompt_ids": ids_array(source)}
 
     def prompt_ids(self, row: TextRow, tokenizer: PreTrainedTokenizerBase) -> list[int]:
