@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_runs import lm_recipe, model_dir, review_files, write_jsonl
+from text_runs import lm_recipe, model_dir, review_files, review_rows, write_jsonl
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
@@ -418,3 +418,36 @@ def test_bad_seq2seq_input_is_one_line_and_writes_nothing(
     for part in parts:
         assert part in message, message
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_completes_a_prompt_with_a_seq2seq_checkpoint(trained: Path) -> None:
+    from typer.testing import CliRunner
+
+    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.cli import app
+    from aflora_cli.generation import generate
+
+    prompt = "Review: a warm and funny film\nSentiment:"
+    result = CliRunner().invoke(app, ["generate", str(trained / "last"), "--prompt", prompt, "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    adapted, _, _, task = load_checkpoint(trained / "last")
+    source = list(adapted.tokenizer(prompt)["input_ids"])
+    expected = generate(adapted.model, adapted.tokenizer, [source], task.settings(4), 1, torch.device("cpu"))[0]
+    assert result.stdout.strip() == adapted.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tiny_encoder_decoder_learns_a_small_set_smoke(kind: str, tmp_path: Path, files: dict[str, Path]) -> None:
+    """A smoke test of learning, not a claim: random tiny weights fit 16 rows they are shown 40 times."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", review_rows("train", 16))
+    raw = lm_recipe(
+        tmp_path / "run",
+        kind,
+        {"train_file": rows, "validation_file": rows},
+        adapter={"method": "aflora", "rank": 4, "policy": {"attention": "trainable", "ffn": "trainable"}},
+        training={"max_steps": 40, "lr": 3e-2, "eval_on_start": True, "eval_every": 40},
+        eval={"max_new_tokens": 2},
+    )
+    run = _run(raw)
+    evals = [r["eval"]["validation"]["loss"] for r in _records(run) if "eval" in r]
+    assert evals[-1] < 0.8 * evals[0], evals
