@@ -45,15 +45,19 @@ class TensorBoardTracker:
     """Scalars for one run under `<output_dir>/tensorboard/`, with each record's `step` as global step."""
 
     def __init__(self, output_dir: Path, writer_class: type[Any], resume_step: int = 0) -> None:
+        self.log_dir = output_dir / TENSORBOARD_DIR
+        self.writer_class = writer_class
         # on resume, hide what a crashed run logged after its checkpoint, as metrics.jsonl drops those lines
-        purge = resume_step + 1 if resume_step else None
-        self.writer = writer_class(log_dir=str(output_dir / TENSORBOARD_DIR), purge_step=purge)
+        self.purge_step = resume_step + 1 if resume_step else None
+        self.writer: Any = None  # opened at the first record, so a dry run leaves no folder behind
         self.closed = False
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one metrics.jsonl record: a step record or an evaluation; events (skipped rows) are not scalars."""
         if self.closed or "event" in record:
             return
+        if self.writer is None:
+            self.writer = self.writer_class(log_dir=str(self.log_dir), purge_step=self.purge_step)
         step = record["step"]
         if "eval" in record:
             for i, (split, metrics) in enumerate(record["eval"].items()):
@@ -69,6 +73,6 @@ class TensorBoardTracker:
 
     def close(self) -> None:
         """Flush and close the event file; safe to call twice (end of training, then Trainer.close)."""
-        if not self.closed:
+        if self.writer is not None and not self.closed:
             self.writer.close()
-            self.closed = True
+        self.closed = True

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
 
+from aflora_cli.cli import app
 from aflora_cli.errors import AfloraError
+from aflora_cli.recipe import load_recipe
 from aflora_cli.trainer import Trainer
-from runs import quick_recipe, recipe_of, run
+from runs import quick_recipe, recipe_of, run, write_recipe
 
 TAGS = {
     "loss": "train/loss",
@@ -98,3 +101,38 @@ def test_missing_package_is_one_line_naming_the_install(tmp_path: Path, monkeypa
     assert "\n" not in message
     assert "pip install 'aflora[tensorboard]'" in message and message.startswith("logging.tensorboard")
     assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
+
+
+def test_setting_is_read_from_set_and_defaults_off(tmp_path: Path) -> None:
+    raw = quick_recipe(tmp_path / "run")
+    assert recipe_of(raw).logging.tensorboard is False  # recipes without the section still parse
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    assert load_recipe(path, ["logging.tensorboard=true"]).logging.tensorboard is True
+    with pytest.raises(AfloraError, match=r"logging\.wandb: unknown key"):
+        load_recipe(path, ["logging.wandb=true"])
+
+
+def test_dry_run_with_tensorboard_writes_nothing(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", quick_recipe(tmp_path / "out", logging={"tensorboard": True}))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_may_be_turned_on_to_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    raw = quick_recipe(out, training={"max_steps": 4, "save_every": 2})
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_3(kind: str, record: dict) -> None:
+        if kind == "step" and record["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(raw, on_event=crash_at_step_3)
+    run({**raw, "logging": {"tensorboard": True}}, resume=True)  # logging is no part of the recipe check
+    assert [step for step, _ in _scalars(out)["train/loss"]] == [3, 4]
+    losses = {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+    assert [v for _, v in _scalars(out)["train/loss"]] == pytest.approx([losses[3], losses[4]], rel=1e-6)
