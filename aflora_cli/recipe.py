@@ -149,6 +149,13 @@ class EvalConfig(_Section):
     no_repeat_ngram_size: int = Field(default=0, ge=0)
 
 
+class LoggingConfig(_Section):
+    """Where metrics go besides `metrics.jsonl`: `tensorboard` also writes event files to
+    `<output_dir>/tensorboard/` (needs `pip install 'aflora[tensorboard]'`)."""
+
+    tensorboard: bool = False
+
+
 class Recipe(_Section):
     """A whole recipe; every key has one meaning and one place."""
 
@@ -162,6 +169,7 @@ class Recipe(_Section):
     freezing: FreezingConfig = FreezingConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -> int:

@@ -25,6 +25,7 @@ from aflora_cli.engine.params import count_trainable, trainable_timeline
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, parse_recipe, resolve_duration
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
+from aflora_cli.tracking import TensorBoardTracker, summary_writer_class
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
@@ -113,6 +114,7 @@ class Trainer:
         self.start_eval: dict[str, Any] | None = None
         self.predictions: dict[str, list[Prediction]] = {}
         self.start_predictions: dict[str, list[Prediction]] = {}
+        self.tracker: TensorBoardTracker | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_output_dir(self) -> dict[str, Any] | None:
@@ -124,7 +126,10 @@ class Trainer:
             manifest = read_manifest(last)
             # read the saved recipe through today's schema: keys added since then take their defaults
             saved = parse_recipe(manifest["recipe"], f"{last}/adapter_config.json (recipe)").model_dump(mode="json")
-            key = _differing_key(saved, self.recipe.model_dump(mode="json"))
+            current = self.recipe.model_dump(mode="json")
+            for dumped in (saved, current):
+                dumped.pop("logging")  # where metrics go changes no result: TensorBoard may be turned on to resume
+            key = _differing_key(saved, current)
             if key:
                 raise AfloraError(
                     f"{last}: the run was started with another recipe (it differs at {key}); "
@@ -146,6 +151,8 @@ class Trainer:
         if recipe.precision == "fp16" and (recipe.device == "cpu" or not torch.cuda.is_available()):
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
         resumed = self._check_output_dir()
+        # on every rank and before any loading, so a missing package fails at once and everywhere alike
+        writer_class = summary_writer_class() if recipe.logging.tensorboard else None
         self.group = distributed.setup(recipe.device)
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
@@ -187,6 +194,8 @@ class Trainer:
         else:
             torch.manual_seed(recipe.seed + self.group.rank)  # dropout differs across ranks
         self._wrap()
+        if writer_class is not None and self.group.is_main:
+            self.tracker = TensorBoardTracker(self.output_dir, writer_class, resume_step=self.step)
 
     def _build_optimizer(self) -> torch.optim.AdamW:
         """AdamW over the trainable parameters in model order; the head may have its own learning rate."""
@@ -363,6 +372,8 @@ class Trainer:
                     )
                 self._emit("step", record)
                 final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
+        if self.tracker is not None:
+            self.tracker.close()
         return final
 
     def _counts(self) -> dict[str, int]:
@@ -436,6 +447,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            if self.tracker is not None:  # here, so TensorBoard and metrics.jsonl always hold the same values
+                self.tracker.log(record)
 
     def manifest(self, results: dict[str, Any] | None) -> dict[str, Any]:
         """Everything the checkpoint says about itself, for `eval`, `merge` and `inspect`."""
@@ -503,4 +516,7 @@ class Trainer:
         return False
 
     def close(self) -> None:
+        """Close the TensorBoard writer (an interrupted run keeps what it logged) and leave the process group."""
+        if self.tracker is not None:
+            self.tracker.close()
         distributed.teardown()

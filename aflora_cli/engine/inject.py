@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
+import torch
+import yaml
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -109,6 +111,79 @@ def _pattern_summary(names: list[str]) -> str:
     return ", ".join(folded)
 
 
+_BLOCK = re.compile(r"^(?:.*?\.)?\d+\.(.+)$")  # the first numbered module is the layer: keep what follows
+_ATTENTION_WORDS = {
+    *("q", "k", "v", "o", "qkv", "query", "key", "value"),
+    *("attn", "attention", "out_proj", "self", "cross"),
+}
+_FFN_WORDS = {"fc", "mlp", "ffn", "intermediate", "dense", "wi", "wo", "up", "down", "gate", "experts"}
+PASTE_MARKER = "paste: "
+
+
+def guess_kind(suffix: str) -> Kind | None:
+    """Attention or FFN from the words of a layer name; attention words win (`attention.output.dense`)."""
+    parts = suffix.split(".")
+    words = {word.rstrip("0123456789") for part in parts for word in part.split("_")} | set(parts)
+    if words & _ATTENTION_WORDS:
+        return "attention"
+    if words & _FFN_WORDS:
+        return "ffn"
+    return None
+
+
+def _shape(module: nn.Module) -> str:
+    """`out×in` of a linear layer; Conv1D stores its weight the other way round."""
+    rows, columns = cast(torch.Tensor, module.weight).shape
+    out_features, in_features = (columns, rows) if isinstance(module, Conv1D) else (rows, columns)
+    return f"{out_features}×{in_features}"
+
+
+def unknown_architecture_message(model: nn.Module, model_type: str | None) -> str:
+    """One line for a model without default targets: its linear layers grouped by the name within a
+    numbered block (with counts and shapes), and an `adapter.targets` block to paste, guessed from the names.
+
+    Layers outside numbered blocks (embeddings' projections, pooler, task or LM head) are left out of the
+    block: adapters belong in the repeated transformer layers, and a new head trains whole anyway.
+    """
+    groups: dict[str, dict[str, int]] = {}  # suffix -> shape -> count
+    outside = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LINEAR_TYPES):
+            continue
+        match = _BLOCK.match(name)
+        if match is None:
+            outside.append(name)
+            continue
+        suffix = re.sub(r"\.\d+\.", ".*.", "." + match.group(1) + ".").strip(".")
+        shapes = groups.setdefault(suffix, {})
+        shape = _shape(module)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    head = f"adapter.targets: no default targets for model type {model_type!r}"
+    give = "give adapter.targets.attention / adapter.targets.ffn as module-name suffixes or re:<regex>"
+    if not groups:
+        return f"{head}, and no linear layer sits in a numbered block (its linear layers: {', '.join(outside)}); {give}"
+    snippet: dict[Kind, list[str]] = {"attention": [], "ffn": []}
+    listing = []
+    for suffix, shapes in groups.items():
+        kind = guess_kind(suffix)
+        pattern = suffix if "*" not in suffix else "re:.*\\." + re.escape(suffix).replace(r"\*", r"\d+")
+        if kind is not None:
+            snippet[kind].append(pattern)
+        sizes = ", ".join(f"{count} of {shape}" for shape, count in shapes.items())
+        listing.append(f"{suffix} ({sizes}{', kind not guessed, left out' if kind is None else ''})")
+    layers = f"{head}; its linear layers by name within the numbered blocks: {'; '.join(listing)}"
+    if outside:
+        layers += f"; left out, outside the numbered blocks: {', '.join(outside)}"
+    targets = {kind: patterns for kind, patterns in snippet.items() if patterns}
+    if not targets:
+        return f"{layers}; {give}"
+    block = yaml.safe_dump({"targets": targets}, default_flow_style=True, sort_keys=False, width=1 << 30)
+    return (
+        f"{layers}. The attention/ffn split below is a guess from the names (it sets which PMs freeze): "
+        f"check it, then {PASTE_MARKER}adapter: {block.strip()}"
+    )
+
+
 def resolve_policy(cfg: AdapterConfig) -> dict[Kind, Policy]:
     """The method's PM policy per kind, with the recipe's `policy` entries on top."""
     return {**METHOD_POLICY[cfg.method], **(cfg.policy or {})}
@@ -120,11 +195,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[Target]:
     if cfg.targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
-            known = ", ".join(sorted(DEFAULT_TARGETS))
-            raise AfloraError(
-                f"adapter.targets: no default targets for model type {model_type!r} (known: {known}); "
-                "give adapter.targets.attention / adapter.targets.ffn"
-            )
+            raise AfloraError(unknown_architecture_message(model, model_type))
         patterns = DEFAULT_TARGETS[model_type]
     else:
         patterns = cfg.targets
