@@ -442,3 +442,23 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path: Path, files: d
     for name, tensor in weights[False].items():
         assert torch.allclose(tensor, weights[True][name], atol=1e-6), name
     assert any((t != 0).any() for n, t in weights[True].items() if n.endswith("lambda_b"))  # it did train
+
+
+def test_inspect_and_plot_a_causal_checkpoint(trained: Path, tmp_path: Path) -> None:
+    from aflora_cli.inspection import inspect_checkpoint
+    from aflora_cli.plotting import checkpoint_figure_data
+
+    result = runner.invoke(app, ["inspect", str(trained / "last")])
+    assert result.exit_code == 0, result.output
+    assert "causal_lm, prompt_response rows, main metric exact_match" in result.stdout
+    assert "none (no new parameters beside the adapters)" in result.stdout
+    figure = tmp_path / "run.svg"
+    result = runner.invoke(app, ["inspect", str(trained / "last"), "--plot", str(figure)])
+    assert result.exit_code == 0, result.output
+    assert figure.read_text().lstrip().startswith(("<?xml", "<svg"))
+    data = checkpoint_figure_data(inspect_checkpoint(trained / "last"))
+    evals = [r for r in _records(trained) if "eval" in r]
+    metric = data["training"]["metric"]
+    assert (metric["name"], metric["split"]) == ("exact_match", "validation")
+    expected = [{"step": r["step"], "value": r["eval"]["validation"]["exact_match"]} for r in evals]
+    assert metric["points"] == expected
