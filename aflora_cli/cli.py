@@ -30,6 +30,8 @@ def _root() -> None:
 
 
 def _quiet_libraries() -> None:
+    """No progress bars or load reports from the libraries: the commands that load models print their own.
+    (Not called by `inspect`, which must not pay for importing them.)"""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import datasets
     import transformers
@@ -46,7 +48,6 @@ def user_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            _quiet_libraries()
             return command(*args, **kwargs)
         except AfloraError as err:
             errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
@@ -69,6 +70,7 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune from a recipe and write checkpoints to its output_dir."""
+    _quiet_libraries()
     from aflora_cli.progress import TrainingProgress, compare_with_start, format_metrics
     from aflora_cli.recipe import load_recipe
     from aflora_cli.trainer import Trainer
@@ -140,6 +142,7 @@ def eval_command(
     ] = None,
 ) -> None:
     """Score a checkpoint on its task's split, or on a local file, with the task's metric."""
+    _quiet_libraries()
     from aflora_cli.progress import RowProgress
     from aflora_cli.scoring import evaluate_checkpoint
 
@@ -166,6 +169,7 @@ def generate(
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
 ) -> None:
     """Print the checkpoint's completion of a prompt, rendered as in training (template, chat template)."""
+    _quiet_libraries()
     import sys
 
     from aflora_cli.scoring import generate_text
@@ -203,6 +207,7 @@ def merge(
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
 ) -> None:
     """Fold the adapters into the base weights and save a plain transformers model (or export a PEFT adapter)."""
+    _quiet_libraries()
     from aflora_cli.merging import merge_checkpoint
 
     result = merge_checkpoint(checkpoint, out, format=format_.value, dtype=dtype.value, force=force, base=base)

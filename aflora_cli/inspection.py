@@ -13,7 +13,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE, read_manifest
 from aflora_cli.errors import AfloraError
 
 MATRICES = ("lora_A", "lora_B")
@@ -85,7 +85,7 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the weights file's header (no tensor data is read)."""
     file = path / WEIGHTS_FILE
     try:
-        with safe_open(str(file), framework="pt") as handle:
+        with safe_open(str(file), framework="numpy") as handle:  # only the header is read; no torch needed
             return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not iterable)
     except (SafetensorError, OSError, ValueError) as err:
         raise AfloraError(f"{file}: damaged weights file ({err})") from None

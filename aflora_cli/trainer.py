@@ -18,9 +18,10 @@ from transformers import get_linear_schedule_with_warmup
 
 from aflora_cli import distributed
 from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base, task_for
-from aflora_cli.engine.checkpoint import STATE_FILE, load_weights_into, read_manifest, read_weights, save_checkpoint
+from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
 from aflora_cli.engine.freezing import Freezer, release_from_optimizer
 from aflora_cli.engine.inject import adaptive_matrices
+from aflora_cli.engine.manifest import STATE_FILE, read_manifest
 from aflora_cli.engine.params import count_trainable, trainable_timeline
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, parse_recipe, resolve_duration

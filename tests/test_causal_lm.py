@@ -16,7 +16,7 @@ from text_runs import lm_recipe, review_files, write_jsonl
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import parse_recipe
 from aflora_cli.tasks.causal_lm import CausalLMTask

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from aflora_cli.engine.base_model import resolve_model_dir
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from runs import MINILM, quick_recipe, write_recipe
 
 

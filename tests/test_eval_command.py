@@ -13,7 +13,7 @@ from aflora_cli.adapted import load_checkpoint
 from aflora_cli.cli import app
 from aflora_cli.data import SHIPPED_DIR, read_table
 from aflora_cli.engine.base_model import resolve_model_dir
-from aflora_cli.engine.checkpoint import MANIFEST_FILE
+from aflora_cli.engine.manifest import MANIFEST_FILE
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,

@@ -19,8 +19,8 @@ import aflora_cli
 from aflora_cli.adapted import load_checkpoint
 from aflora_cli.cli import app
 from aflora_cli.data import SHIPPED_DIR, read_table
-from aflora_cli.engine.checkpoint import WEIGHTS_FILE
 from aflora_cli.engine.inject import adapter_modules
+from aflora_cli.engine.manifest import WEIGHTS_FILE
 from aflora_cli.merging import merged_model
 from aflora_cli.scoring import rebuild
 from trained_checkpoints import (

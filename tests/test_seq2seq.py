@@ -14,8 +14,8 @@ from text_runs import lm_recipe, model_dir, review_files, review_rows, write_jso
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.engine.inject import find_targets
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.recipe import AdapterConfig, parse_recipe
 from aflora_cli.tasks import resolve_task
 from aflora_cli.tasks.generative import IGNORE

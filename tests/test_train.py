@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.engine.freezing import freeze_fraction
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.trainer import epoch_batches, plan_schedule
 from runs import quick_recipe, recipe_of, run
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import transformers
 
-from aflora_cli.engine.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from runs import quick_recipe, run
 
 # `aflora` turns these bars off before it imports transformers; in a test session transformers is already in

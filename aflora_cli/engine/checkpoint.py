@@ -17,12 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aflora_cli.engine.inject import adapter_modules
+from aflora_cli.engine.manifest import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.errors import AfloraError
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "adapter_config.json"
-STATE_FILE = "training_state.pt"
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "lambda_d", "lambda_b")
 
 
@@ -76,24 +73,6 @@ def save_checkpoint(
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if extra is not None:
             extra(tmp)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The checkpoint's manifest, or one clear error if `path` is not a readable checkpoint."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AfloraError(f"{path}: not a checkpoint directory")
-    file = path / MANIFEST_FILE
-    if not file.is_file():
-        raise AfloraError(f"{path}: not an aflora checkpoint ({MANIFEST_FILE} is missing)")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AfloraError(f"{file}: damaged manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise AfloraError(f"{file}: format_version {found!r}, expected {FORMAT_VERSION}")
-    return manifest
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
