@@ -95,10 +95,13 @@ class Task(ABC):
     def from_manifest(cls, entry: dict[str, Any], recipe: Recipe) -> Task:
         """The task as `describe` saved it; reads no data."""
 
+    spec: Any  # the family's description of the task; it has `name` and `eval_splits`
+
     # ---- what the task is -------------------------------------------------------------------------
     @property
-    @abstractmethod
-    def name(self) -> str: ...
+    def name(self) -> str:
+        name: str = self.spec.name
+        return name
 
     @property
     @abstractmethod
@@ -106,9 +109,10 @@ class Task(ABC):
         """The metric that picks the best checkpoint (higher is better)."""
 
     @property
-    @abstractmethod
     def eval_splits(self) -> Mapping[str, str]:
         """Our eval split names -> their names in the source; the first picks the best checkpoint."""
+        splits: Mapping[str, str] = self.spec.eval_splits
+        return splits
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

@@ -488,16 +488,8 @@ class ClassificationTask(Task):
         return cls(recipe, TaskSpec.from_dict(entry))
 
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
     def main_metric(self) -> str:
         return self.spec.main_metric
-
-    @property
-    def eval_splits(self) -> Mapping[str, str]:
-        return self.spec.eval_splits
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, **self.spec.to_dict()}

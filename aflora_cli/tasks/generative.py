@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,16 +51,8 @@ class TextTask(Task):
         return cls(recipe, TextSpec.from_dict(entry))
 
     @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
     def main_metric(self) -> str:
         return self.metric.main
-
-    @property
-    def eval_splits(self) -> Mapping[str, str]:
-        return self.spec.eval_splits
 
     def describe(self) -> dict[str, Any]:
         return {
