@@ -463,3 +463,45 @@ def test_inspect_and_plot_a_causal_checkpoint(trained: Path, tmp_path: Path) -> 
     assert (metric["name"], metric["split"]) == ("exact_match", "validation")
     expected = [{"step": r["step"], "value": r["eval"]["validation"]["exact_match"]} for r in evals]
     assert metric["points"] == expected
+
+
+def test_generate_renders_a_prompt_with_the_chat_template_when_the_run_used_one() -> None:
+    tokenizer = tiny_tokenizer()
+    task = task_of(max_length=256, chat_template=True)
+    from aflora_cli.tasks.text_data import user_row
+
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Review: dull"}], tokenize=False, add_generation_prompt=True
+    )
+    assert task.prompt_ids(user_row(task.spec, "Review: dull"), tokenizer) == ids(expected)
+    plain = task_of(prompt_template="Q: {prompt}\nA:")
+    assert plain.prompt_ids(user_row(plain.spec, "dull"), tokenizer) == ids("Q: dull\nA:", special=True)
+
+
+def test_gguf_and_package_model_names_resolve_or_fail_in_one_line(tmp_path: Path) -> None:
+    from aflora_cli.engine.base_model import gguf_path
+
+    assert gguf_path(str(model_dir_of_llama())) is None  # a plain model directory names no GGUF
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert gguf_path(str(tmp_path), gguf_file="m.gguf") == (tmp_path / "m.gguf").resolve()
+    assert gguf_path(str(tmp_path / "m.gguf")) == (tmp_path / "m.gguf").resolve()
+    cases = [
+        (("package:no_such_package_here/x.gguf",), "Python package 'no_such_package_here' is not installed"),
+        ((str(tmp_path / "absent.gguf"),), "GGUF file"),
+        ((str(tmp_path),), None),
+    ]
+    for args, message in cases:
+        if message is None:
+            assert gguf_path(*args) is None
+            continue
+        with pytest.raises(AfloraError, match=message) as caught:
+            gguf_path(*args)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(AfloraError, match=r"model\.gguf_file: other\.gguf not found in"):
+        gguf_path(str(tmp_path), gguf_file="other.gguf")
+
+
+def model_dir_of_llama() -> Path:
+    from text_runs import model_dir
+
+    return model_dir("llama")
