@@ -79,7 +79,7 @@ class Task(ABC):
     """What one family needs to train and score a task; built from a recipe, or from a checkpoint's manifest."""
 
     family: ClassVar[str]
-    auto_class: ClassVar[str]  # the transformers class a merged model loads with
+    auto_class: ClassVar[str]  # the transformers Auto class the base and the merged model load with
     peft_task_type: ClassVar[str]
 
     def __init__(self, recipe: Recipe) -> None:

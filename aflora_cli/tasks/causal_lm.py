@@ -28,7 +28,6 @@ class CausalLMTask(TextTask):
 
     family = "causal_lm"
     auto_class = "AutoModelForCausalLM"
-    auto_model = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
 
     def pieces(self, row: TextRow, tokenizer: PreTrainedTokenizerBase, where: str) -> list[Piece]:

@@ -14,7 +14,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,8 +34,6 @@ IGNORE = -100  # the label of a token the loss skips
 
 class TextTask(Task):
     """A task whose rows pair a prompt with a response, learned by a language model."""
-
-    auto_model: ClassVar[str]  # the transformers Auto class the base model loads with
 
     def __init__(self, recipe: Recipe, spec: TextSpec) -> None:
         super().__init__(recipe)
@@ -65,7 +63,7 @@ class TextTask(Task):
     def load_model(self, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
         import transformers
 
-        auto = getattr(transformers, self.auto_model)
+        auto = getattr(transformers, self.auto_class)
         model: nn.Module = base_model.load_or_fail(lambda: auto.from_pretrained(model_dir), model_dir)
         return model
 

@@ -23,7 +23,6 @@ class Seq2SeqTask(TextTask):
 
     family = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
-    auto_model = "AutoModelForSeq2SeqLM"
     peft_task_type = "SEQ_2_SEQ_LM"
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
