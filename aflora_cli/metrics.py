@@ -11,8 +11,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 if TYPE_CHECKING:
     from aflora_cli.tasks.classification import TaskSpec
@@ -22,16 +20,22 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Share of rows predicted right."""
+    from sklearn.metrics import accuracy_score  # scipy and scikit-learn load only when a task is scored
+
     return float(accuracy_score(labels, predictions))
 
 
 def _f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Binary F1 of the positive class 1; 0.0 when nothing is predicted or labelled positive."""
+    from sklearn.metrics import f1_score
+
     return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
 
 
 def _matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Matthews correlation coefficient (CoLA's metric); 0.0 when a side is constant."""
+    from sklearn.metrics import matthews_corrcoef
+
     return float(matthews_corrcoef(labels, predictions))
 
 
@@ -42,11 +46,15 @@ def _degenerate(predictions: np.ndarray, labels: np.ndarray) -> bool:
 
 def _pearson(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Pearson correlation; 0.0 when undefined."""
+    from scipy.stats import pearsonr
+
     return 0.0 if _degenerate(predictions, labels) else float(pearsonr(predictions, labels)[0])
 
 
 def _spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Spearman rank correlation; 0.0 when undefined."""
+    from scipy.stats import spearmanr
+
     return 0.0 if _degenerate(predictions, labels) else float(spearmanr(predictions, labels)[0])
 
 

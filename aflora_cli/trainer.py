@@ -3,6 +3,7 @@ optimizer step, evaluation and checkpoints on a cadence, exact resume, and DDP a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -13,8 +14,8 @@ from typing import Any, cast
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from transformers import get_linear_schedule_with_warmup
 
 from aflora_cli import distributed
 from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base, task_for
@@ -89,6 +90,22 @@ def epoch_batches(
     else:
         mine = order[rank::world_size]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning-rate factor at `step`: a linear rise over the warmup, then a linear fall to 0 at T."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warmup and decay, the same arithmetic as transformers' `get_linear_schedule_with_warmup`.
+
+    Written here because importing that function imports `transformers.trainer_utils`, which imports peft
+    when it is installed: about a second of every `aflora train` start-up, for five lines.
+    """
+    return LambdaLR(optimizer, functools.partial(_linear_factor, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 def _differing_key(old: Any, new: Any, prefix: str = "") -> str | None:
@@ -186,9 +203,7 @@ class Trainer:
             self._load_weights_and_freezer()
         self.frozen_numel = self.start_counts[0] - count_trainable(self.model, self.adapted.head_names)[0]
         self.optimizer = self._build_optimizer()
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, self.schedule.warmup_steps, self.schedule.total_steps
-        )
+        self.scheduler = linear_schedule(self.optimizer, self.schedule.warmup_steps, self.schedule.total_steps)
         self.scaler = torch.amp.GradScaler(self.group.device.type, enabled=recipe.precision == "fp16")
         if resumed is not None:
             self._load_training_state()

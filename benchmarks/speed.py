@@ -111,11 +111,10 @@ class Variant:
 def _trainer_for(model: Any, head_names: list[str], freezer: Any) -> Any:
     """An aflora Trainer around an already built model: the trainer's own step code, no data or files."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     from aflora_cli import distributed
     from aflora_cli.recipe import parse_recipe
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.trainer import Trainer, linear_schedule
 
     recipe = parse_recipe(
         {
@@ -134,7 +133,7 @@ def _trainer_for(model: Any, head_names: list[str], freezer: Any) -> Any:
     trainer.freezer = freezer
     trainer.frozen_numel = 0
     trainer.optimizer = trainer._build_optimizer()
-    trainer.scheduler = get_linear_schedule_with_warmup(trainer.optimizer, 0, 10**6)
+    trainer.scheduler = linear_schedule(trainer.optimizer, 0, 10**6)
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     trainer._wrap()
     return trainer

@@ -199,3 +199,21 @@ def test_length_grouped_batches_cover_every_row_and_keep_similar_lengths_togethe
     assert sum(spread) < sum(shuffled_spread) / 5  # padding nearly vanishes
     ranks = [epoch_batches(300, 2, 5, r, 2, 4, lengths) for r in (0, 1)]
     assert sorted(row for rank in ranks for batch in rank for row in batch) == list(range(300))
+
+
+def test_linear_schedule_equals_transformers_own() -> None:
+    from transformers import get_linear_schedule_with_warmup
+
+    from aflora_cli.trainer import linear_schedule
+
+    rates = []
+    for make in (linear_schedule, get_linear_schedule_with_warmup):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=3e-3)
+        scheduler = make(optimizer, 6, 40)
+        series = []
+        for _ in range(45):
+            series.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        rates.append(series)
+    assert rates[0] == rates[1]  # the same floats, step by step
