@@ -411,12 +411,15 @@ def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
 
 
 def _tokenize(dataset: Dataset, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Tokenize in batches, truncating to `max_length` without padding; labels become int64 or float32."""
+    """Tokenize in one call, truncating to `max_length` without padding; labels become int64 or float32.
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        return dict(tokenizer(*(batch[name] for name in spec.text_columns), truncation=True, max_length=max_length))
-
-    encoded = dataset.map(encode, batched=True, remove_columns=list(spec.text_columns), keep_in_memory=True)
+    One tokenizer call over the whole split, not `Dataset.map`: map hashes the function and the tokenizer to
+    fingerprint a cache that is never used here (everything stays in memory).
+    """
+    raw = dataset.to_dict()
+    columns = dict(tokenizer(*(raw[name] for name in spec.text_columns), truncation=True, max_length=max_length))
+    columns[LABELS] = raw[LABELS]
+    encoded = Dataset.from_dict(columns)
     return encoded.cast_column(LABELS, Value("int64" if spec.problem == "classification" else "float32"))
 
 
