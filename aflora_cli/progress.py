@@ -51,7 +51,17 @@ class TrainingProgress:
             self.progress.update(self.task, completed=record["step"], status=self._status(record))
             if not record["finite"]:
                 self.console.print(f"[yellow]step {record['step']}: non-finite loss or gradient, step skipped")
+        elif kind == "eval_progress":
+            self._eval_rows(record)
+        elif kind == "skipped_rows":
+            self.console.print(
+                f"[yellow]{record['split']}: {record['rows']} rows skipped: their prompt leaves no room for the "
+                "response within the length limit"
+            )
         elif kind == "eval":
+            if self.eval_task is not None:
+                self.progress.remove_task(self.eval_task)
+                self.eval_task = None
             self.console.print(
                 f"step {record['step']} (epoch {record['epoch']:.2f}) — {format_metrics(record['eval'])}"
             )

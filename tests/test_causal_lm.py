@@ -505,3 +505,13 @@ def model_dir_of_llama() -> Path:
     from text_runs import model_dir
 
     return model_dir("llama")
+
+
+def test_skipped_rows_are_reported_on_screen(tmp_path: Path) -> None:
+    rows = [{"prompt": "Review: fine\nSentiment:", "response": "positive"}] * 7
+    rows.append({"prompt": "Review: " + "long " * 80, "response": "negative"})
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    raw = lm_recipe(tmp_path / "run", "llama", {"train_file": train}, training={"max_steps": 2})
+    result = _train(tmp_path, raw)
+    assert result.exit_code == 0, result.output
+    assert "train: 1 rows skipped" in " ".join(result.stdout.split())

@@ -219,10 +219,11 @@ def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, 
     assert sum(row["correct"] for row in rows) / len(rows) == pytest.approx(report["metrics"]["exact_match"])
 
 
-def test_resume_of_a_seq2seq_run_is_bit_exact(tmp_path: Path, files: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_of_a_seq2seq_run_is_bit_exact(kind: str, tmp_path: Path, files: dict[str, Path]) -> None:
     settings: dict[str, Any] = {"training": {"max_steps": 6, "save_every": 3, "eval_every": 3}}
-    straight = lm_recipe(tmp_path / "straight", "t5", files, **settings)
-    interrupted = lm_recipe(tmp_path / "interrupted", "t5", files, **settings)
+    straight = lm_recipe(tmp_path / "straight", kind, files, **settings)
+    interrupted = lm_recipe(tmp_path / "interrupted", kind, files, **settings)
 
     class Crash(Exception):
         pass
