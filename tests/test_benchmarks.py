@@ -106,7 +106,7 @@ def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "at_scale.jsonl").read_text().splitlines()]
     grid = [r for r in records if r["phase"] == "grid"]
     seeds = [r for r in records if r["phase"] == "seeds"]
-    assert len(grid) == 2 * 4 and len(seeds) == 2 * 2  # two methods: four grid values, then two more seeds
+    assert len(grid) == 2 * 3 and len(seeds) == 2 * 2  # two methods: three grid values, then two more seeds
     for method in ("aflora", "lora"):
         chosen = {r["lr"] for r in seeds if r["method"] == method}
         best = max(
