@@ -11,7 +11,9 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from aflora_cli.engine import base_model
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights
+from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, inject_adapters
+from aflora_cli.engine.params import trainable_timeline
 from aflora_cli.errors import AfloraError
 from aflora_cli.inspection import read_checkpoint_manifest
 from aflora_cli.recipe import Recipe, parse_recipe
@@ -79,6 +81,52 @@ def describe(adapted: AdaptedModel, recipe: Recipe, task: Task) -> dict[str, Any
         "targets": [asdict(target) for target in adapted.targets],
         "head": adapted.head_names,
         "recipe": recipe.model_dump(mode="json"),
+    }
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """How a run's steps are laid out, as the manifest records it (all in optimizer steps)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    t_i: int
+    t_f: int
+
+
+def run_manifest(
+    adapted: AdaptedModel,
+    recipe: Recipe,
+    task: Task,
+    freezer: Freezer,
+    layout: RunLayout,
+    start_counts: tuple[int, int],
+    step: int,
+    metrics: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A checkpoint's manifest after `step` optimizer steps: what the model is, how it froze and when, the
+    trainable-parameter timeline and the metrics of this step (if it was evaluated)."""
+    freezing = recipe.freezing
+    sizes = {name: param.numel() for name, param in freezer.matrices.items()}
+    return {
+        **describe(adapted, recipe, task),
+        "freezing": {
+            "beta1": freezing.beta1,
+            "beta2": freezing.beta2,
+            "score": freezing.score,
+            "interval": freezing.interval,
+            "granularity": freezing.granularity,
+            "power": freezing.power,
+            "t_i": layout.t_i,
+            "t_f": layout.t_f,
+            "total_steps": layout.total_steps,
+            "steps_per_epoch": layout.steps_per_epoch,
+        },
+        "step": step,
+        "freeze_log": freezer.freeze_log,
+        "freeze_scores": freezer.freeze_score,
+        "trainable_params": trainable_timeline(start_counts, freezer.freeze_log, sizes, step),
+        "metrics": metrics,
     }
 
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from aflora_cli.engine.checkpoint import atomic_directory
-from aflora_cli.engine.inject import adapter_modules
+from aflora_cli.engine.inject import adapter_modules, fold_adapters
 from aflora_cli.errors import AfloraError
 from aflora_cli.scoring import Rebuilt, rebuild
 
@@ -104,12 +104,7 @@ def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
 def merged_model(rebuilt: Rebuilt, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The rebuilt model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
     then cast to `dtype`."""
-    model = rebuilt.adapted.model.float()
-    for name, module in adapter_modules(model).items():
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base)
+    model = fold_adapters(rebuilt.adapted.model.float())
     return cast(PreTrainedModel, model.to(dtype))
 
 

@@ -186,6 +186,17 @@ def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -
     return round(amount)
 
 
+def differing_key(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first dotted key where two nested dicts (dumped recipes or sections) differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = differing_key(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return prefix.rstrip(".") if old != new else None
+
+
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override to a raw recipe dict; the value is parsed as YAML."""
     key, sep, text = assignment.partition("=")

@@ -18,14 +18,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from aflora_cli import distributed
-from aflora_cli.adapted import AdaptedModel, build_adapted, describe, load_base, task_for
+from aflora_cli.adapted import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
 from aflora_cli.engine.freezing import Freezer, release_from_optimizer
 from aflora_cli.engine.inject import adaptive_matrices
 from aflora_cli.engine.manifest import STATE_FILE, read_manifest
-from aflora_cli.engine.params import count_trainable, trainable_timeline
+from aflora_cli.engine.params import count_trainable
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import Recipe, parse_recipe, resolve_duration
+from aflora_cli.recipe import Recipe, differing_key, parse_recipe, resolve_duration
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
 from aflora_cli.tracking import TensorBoardTracker, summary_writer_class
 
@@ -108,17 +108,6 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return LambdaLR(optimizer, functools.partial(_linear_factor, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
-def _differing_key(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The first dotted key where two recipe dicts differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = _differing_key(old.get(key), new.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return None
-    return prefix.rstrip(".") if old != new else None
-
-
 class Trainer:
     """One training run of a recipe; `prepare()` loads everything, `train()` runs to the end."""
 
@@ -147,7 +136,7 @@ class Trainer:
             current = self.recipe.model_dump(mode="json")
             for dumped in (saved, current):
                 dumped.pop("logging")  # where metrics go changes no result: TensorBoard may be turned on to resume
-            key = _differing_key(saved, current)
+            key = differing_key(saved, current)
             if key:
                 raise AfloraError(
                     f"{last}: the run was started with another recipe (it differs at {key}); "
@@ -185,18 +174,12 @@ class Trainer:
             self._checkpoint_activations()
         self.model = self.adapted.model.to(self.group.device)
         self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
-        freezing = recipe.freezing
-        self.freezer = Freezer(
+        self.freezer = Freezer.from_config(
             adaptive_matrices(self.model, self.adapted.targets),
+            recipe.freezing,
             total_steps=self.schedule.total_steps,
             t_i=self.schedule.t_i,
             t_f=self.schedule.t_f,
-            beta1=freezing.beta1,
-            beta2=freezing.beta2,
-            score=freezing.score,
-            interval=freezing.interval,
-            together=freezing.granularity == "together",
-            power=freezing.power,
         )
         self.start_counts = count_trainable(self.model, self.adapted.head_names)
         if resumed is not None:
@@ -468,28 +451,17 @@ class Trainer:
 
     def manifest(self, results: dict[str, Any] | None) -> dict[str, Any]:
         """Everything the checkpoint says about itself, for `eval`, `merge` and `inspect`."""
-        sched, freezing = self.schedule, self.recipe.freezing
-        sizes = {name: param.numel() for name, param in self.freezer.matrices.items()}
-        return {
-            **describe(self.adapted, self.recipe, self.task),
-            "freezing": {
-                "beta1": freezing.beta1,
-                "beta2": freezing.beta2,
-                "score": freezing.score,
-                "interval": freezing.interval,
-                "granularity": freezing.granularity,
-                "power": freezing.power,
-                "t_i": sched.t_i,
-                "t_f": sched.t_f,
-                "total_steps": sched.total_steps,
-                "steps_per_epoch": sched.steps_per_epoch,
-            },
-            "step": self.step,
-            "freeze_log": self.freezer.freeze_log,
-            "freeze_scores": self.freezer.freeze_score,
-            "trainable_params": trainable_timeline(self.start_counts, self.freezer.freeze_log, sizes, self.step),
-            "metrics": results["eval"] if results else None,
-        }
+        sched = self.schedule
+        return run_manifest(
+            self.adapted,
+            self.recipe,
+            self.task,
+            self.freezer,
+            RunLayout(sched.total_steps, sched.steps_per_epoch, sched.t_i, sched.t_f),
+            self.start_counts,
+            self.step,
+            results["eval"] if results else None,
+        )
 
     def _save(self, results: dict[str, Any] | None, save_last: bool) -> None:
         """Write `last` (with everything to resume) and, when the main metric improved, `best`."""

@@ -196,6 +196,12 @@ def locate_model(name_or_path: str, revision: str | None = None, gguf_file: str 
     return model_dir, fingerprint(model_dir)
 
 
+def model_dir(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> Path:
+    """The local transformers directory of a model named as in a recipe (hub id, directory, `.gguf` file,
+    `package:` name, or a model a Python package ships), for `from_pretrained` in your own script."""
+    return locate_model(name_or_path, revision, gguf_file)[0]
+
+
 def fingerprint(model_dir: Path) -> str:
     """sha256 over config.json and, per weight file, its name, size and first and last MiB."""
     digest = hashlib.sha256()

@@ -68,11 +68,28 @@ def save_checkpoint(
 ) -> None:
     """Write weights and manifest (and whatever `extra` writes into the folder) as one atomic directory."""
     with atomic_directory(path) as tmp:
-        save_file(adapter_state(model, head_names), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        manifest = {"format_version": FORMAT_VERSION, **manifest}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if extra is not None:
-            extra(tmp)
+        write_checkpoint_files(tmp, model, head_names, manifest, extra)
+
+
+def write_checkpoint_files(
+    folder: Path,
+    model: nn.Module,
+    head_names: list[str],
+    manifest: dict[str, Any],
+    extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write the checkpoint's files into an existing folder (a Trainer's checkpoint, say): each file under a
+    temporary name renamed into place, the manifest last, so a folder with a manifest is always complete."""
+    folder = Path(folder)
+    weights = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(adapter_state(model, head_names), str(weights), metadata={"format": "pt"})
+    weights.replace(folder / WEIGHTS_FILE)
+    if extra is not None:
+        extra(folder)
+    text = json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n"
+    written = folder / f".{MANIFEST_FILE}.tmp"
+    written.write_text(text, encoding="utf-8")
+    written.replace(folder / MANIFEST_FILE)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

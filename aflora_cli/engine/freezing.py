@@ -8,6 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from aflora_cli.recipe import FreezingConfig
+
 Score = Literal["grad", "weight_grad", "grad_over_weight"]
 
 
@@ -44,6 +46,24 @@ class Freezer:
     The EMAs of all still-trainable units live in two flat float32 buffers, so one update is a handful
     of tensor ops however many layers the model has.
     """
+
+    @classmethod
+    def from_config(
+        cls, matrices: dict[str, nn.Parameter], cfg: FreezingConfig, *, total_steps: int, t_i: int, t_f: int
+    ) -> Freezer:
+        """A freezer with a recipe's `freezing` settings; t_i and t_f already in steps."""
+        return cls(
+            matrices,
+            total_steps=total_steps,
+            t_i=t_i,
+            t_f=t_f,
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            score=cfg.score,
+            interval=cfg.interval,
+            together=cfg.granularity == "together",
+            power=cfg.power,
+        )
 
     def __init__(
         self,
@@ -99,6 +119,12 @@ class Freezer:
         return self.num_units - len(self._active)
 
     # ---- Eqs. 2-4 ---------------------------------------------------------------------------------
+    def gradients_finite(self) -> bool:
+        """Whether the still-trainable PMs' gradients are all finite: an inf or NaN must never reach the EMAs,
+        which would carry it to the end of the run."""
+        grads = [p.grad for p in self._active_params() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     def update_scores(self, step: int) -> None:
         """Fold this step's final gradients into the EMAs (every `interval` steps)."""
         if not self._active or step % self.interval:
@@ -175,5 +201,12 @@ def release_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Par
     gone = {id(p) for p in params}
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in gone]
+    release_optimizer_state(optimizer, params)
+
+
+def release_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Free the optimizer state (AdamW's two moments) of frozen parameters. They stay listed in its groups, where
+    a gradient of None keeps them from any update: an optimizer saved by someone else's loop (the Hugging Face
+    Trainer) then still loads into a fresh one built over every parameter."""
     for param in params:
         optimizer.state.pop(param, None)

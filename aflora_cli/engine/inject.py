@@ -248,6 +248,16 @@ def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLinear)}
 
 
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its W0 and put the plain layer back in its place: a model without aflora."""
+    for name, module in adapter_modules(model).items():
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base)
+    return model
+
+
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Parameters outside the pretrained backbone (`base_model_prefix`): the new task head."""
     prefix = getattr(model, "base_model_prefix", "")

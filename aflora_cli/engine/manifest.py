@@ -12,6 +12,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "adapter_config.json"
 STATE_FILE = "training_state.pt"
+FREEZER_FILE = "aflora_freezer.pt"  # the freezer state AfloraCallback keeps in a Trainer checkpoint
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

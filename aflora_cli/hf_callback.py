@@ -1,0 +1,201 @@
+"""`AfloraCallback`: Eqs. 2-5 inside the Hugging Face Trainer (and TRL's trainers, which are Trainers).
+
+The Trainer owns the loop; the callback hooks three of its events:
+- `on_train_begin`: checks the model's adapters against the callback's settings and lays the freezing
+  schedule over the Trainer's real step count (resuming: restores the freezer from the checkpoint);
+- `on_pre_optimizer_step`: the gradients are final there — accumulated, DDP-averaged and clipped — so it
+  folds them into the scores, freezes the PMs Eq. 5 asks for and frees their optimizer state;
+- `on_save`: writes the adapter checkpoint (safetensors, manifest with freeze log and counts, freezer state)
+  into the Trainer's `checkpoint-N` folder, so `aflora inspect / merge / eval` take that folder.
+
+Frozen PMs keep their place in the optimizer's parameter groups (with no gradient, AdamW skips them): the
+optimizer state the Trainer saves then loads into the fresh optimizer it builds when it resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.training_args import ParallelMode
+
+from aflora_cli.engine.checkpoint import write_checkpoint_files
+from aflora_cli.engine.freezing import Freezer, release_optimizer_state
+from aflora_cli.engine.manifest import FREEZER_FILE
+from aflora_cli.errors import AfloraError
+from aflora_cli.library import Adapters, AfloraConfig, adapter_manifest, adapters_of, as_config, describe_run
+from aflora_cli.recipe import DataConfig, differing_key
+
+CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: <output_dir>/checkpoint-<global step>
+
+
+class AfloraCallback(TrainerCallback):
+    """Adaptive freezing for a `transformers.Trainer` (or TRL `SFTTrainer`) whose model went through
+    `add_adapters(model, config)` with the same `config`.
+
+    `data` says, in a recipe's `data` keys, what the model learns (`{"task": "movie_reviews"}`, or
+    `{"task": "custom", "format": "chat", "train_file": ...}`): it goes into each checkpoint's manifest so that
+    `aflora eval` knows how to read and score data for it. `base_model` is the base model's hub id or directory
+    (default: the `name_or_path` the model was loaded from); `max_length` is the token limit `aflora eval` uses
+    (default: the Trainer arguments' `max_length` if they have one, as TRL's do, else the recipe default).
+    """
+
+    def __init__(
+        self,
+        config: AfloraConfig | dict[str, Any] | None = None,
+        *,
+        data: DataConfig | dict[str, Any],
+        base_model: str | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        self.config = as_config(config, "AfloraCallback config")
+        try:
+            self.data = data if isinstance(data, DataConfig) else DataConfig.model_validate(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise AfloraError(f"AfloraCallback data: {key}: {first['msg']}" if key else first["msg"]) from None
+        self.base_model = base_model
+        self.max_length = max_length
+        self.freezer: Freezer | None = None
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        processing_class: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Check the set-up, build the freezer on the Trainer's step count; resuming, restore it."""
+        if model is None or optimizer is None:
+            raise AfloraError("AfloraCallback: the Trainer passed no model or optimizer to on_train_begin")
+        adapters = self._claim(model, state)
+        if args.parallel_mode == ParallelMode.DISTRIBUTED and args.ddp_find_unused_parameters is False:
+            raise AfloraError(
+                "AfloraCallback: ddp_find_unused_parameters=False cannot work: frozen PMs stop taking part in the "
+                "backward pass; leave it unset or set it to True"
+            )
+        total = state.max_steps
+        per_epoch = total
+        if train_dataloader is not None and hasattr(train_dataloader, "__len__"):  # as the Trainer counts
+            per_epoch = max(-(-len(train_dataloader) // args.gradient_accumulation_steps), 1)
+        self.freezer = adapters.start_freezing(model, total_steps=total, steps_per_epoch=per_epoch)
+        self.adapters = adapters
+        tokenizer = processing_class if isinstance(processing_class, PreTrainedTokenizerBase) else None
+        try:
+            self.recipe, self.task, self.adapted = describe_run(
+                model, adapters, self.data, base_model=self.base_model, tokenizer=tokenizer, **self._recipe_keys(args)
+            )
+        except AfloraError as err:
+            raise AfloraError(f"AfloraCallback: {err}") from None
+        if state.global_step > 0:
+            self._restore(args, state, optimizer)
+
+    def _recipe_keys(self, args: TrainingArguments) -> dict[str, Any]:
+        """The TrainingArguments in a recipe's terms, for the manifest (and `aflora eval`'s token limit)."""
+        total = self.adapters.layout.total_steps if self.adapters.layout else 0
+        max_length = self.max_length or getattr(args, "max_length", None)
+        training: dict[str, Any] = {
+            "epochs": args.num_train_epochs,
+            "max_steps": args.max_steps if args.max_steps > 0 else None,
+            "batch_size": args.per_device_train_batch_size,
+            "eval_batch_size": args.per_device_eval_batch_size,
+            "gradient_accumulation": args.gradient_accumulation_steps,
+            "lr": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "warmup_ratio": args.get_warmup_steps(total) / max(total, 1),
+            "max_grad_norm": args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            **({"max_length": max_length} if max_length else {}),
+        }
+        return {
+            "output_dir": str(args.output_dir),
+            "seed": args.seed,
+            "device": "cpu" if args.use_cpu else "auto",
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "training": training,
+        }
+
+    def _claim(self, model: nn.Module, state: TrainerState) -> Adapters:
+        """The model's adapters, made with this callback's settings and driven by no other callback."""
+        adapters = adapters_of(model, "AfloraCallback")
+        if adapters.config != self.config:
+            key = differing_key(adapters.config.model_dump(mode="json"), self.config.model_dump(mode="json"))
+            raise AfloraError(
+                f"AfloraCallback: the model's adapters were added with other settings than the callback's "
+                f"(they differ at {key}); give add_adapters and AfloraCallback the same config"
+            )
+        if adapters.owner is not None and adapters.owner[1] is state and adapters.owner[0] is not self:
+            raise AfloraError("AfloraCallback: the Trainer has two AfloraCallbacks; pass exactly one")
+        adapters.owner = (self, state)
+        return adapters
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, optimizer: torch.optim.Optimizer) -> None:
+        """Resuming at step N: the freezer as it was in <output_dir>/checkpoint-N, frozen PMs frozen again."""
+        assert self.freezer is not None
+        folder = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        file = folder / FREEZER_FILE
+        if not file.is_file():
+            raise AfloraError(
+                f"AfloraCallback: resuming at step {state.global_step}, but {file} is missing; resume from a "
+                "checkpoint in the Trainer's output_dir that AfloraCallback saved"
+            )
+        try:
+            self.freezer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+        except ValueError as err:
+            raise AfloraError(f"{file}: {err}") from None
+        frozen = [self.freezer.matrices[name] for name, step in self.freezer.freeze_log.items() if step is not None]
+        release_optimizer_state(optimizer, frozen)
+
+    # ---- every optimizer step -----------------------------------------------------------------------
+    def on_pre_optimizer_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Score on this step's final gradients, then freeze what Eq. 5 asks for before the optimizer steps."""
+        freezer = self.freezer
+        if freezer is None or optimizer is None:
+            raise AfloraError("AfloraCallback: on_pre_optimizer_step before on_train_begin")
+        step = state.global_step
+        if freezer.gradients_finite():
+            freezer.update_scores(step)
+        newly = freezer.apply_schedule(step)
+        if newly:
+            release_optimizer_state(optimizer, newly)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The adapter checkpoint, into the folder the Trainer has just written."""
+        freezer = self.freezer
+        if not args.should_save or freezer is None or model is None:
+            return
+        folder = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = adapter_manifest(self.adapters, self.recipe, self.task, self.adapted, state.global_step)
+
+        def save_freezer(into: Path) -> None:
+            partial = into / f".{FREEZER_FILE}.tmp"
+            torch.save(freezer.state_dict(), partial)
+            partial.replace(into / FREEZER_FILE)
+
+        write_checkpoint_files(folder, model, self.adapted.head_names, manifest, extra=save_freezer)
