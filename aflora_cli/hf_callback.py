@@ -64,6 +64,18 @@ class AfloraCallback(TrainerCallback):
         self.freezer: Freezer | None = None
 
     # ---- set-up -----------------------------------------------------------------------------------
+    def on_init_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Misuse fails while the Trainer is built: no adapters, other settings, a second AfloraCallback."""
+        if model is not None:
+            self._claim(model, state)
+
     def on_train_begin(
         self,
         args: TrainingArguments,
