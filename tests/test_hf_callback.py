@@ -282,3 +282,36 @@ def test_same_rows_order_and_seed_give_the_freeze_log_of_aflora_train(tmp_path: 
     assert callback.freezer is not None
     assert callback.freezer.freeze_log == cli.freezer.freeze_log
     assert sum(step is not None for step in cli.freezer.freeze_log.values()) == len(cli.freezer.freeze_log)
+
+
+def test_own_loop_with_start_freezing_then_save_and_load(tmp_path: Path) -> None:
+    """The README's loop without a Trainer: schedule followed, checkpoint written, rebuilt, merged."""
+    from hf_runs import review_dataset
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from aflora_cli import release_from_optimizer, save_adapters
+
+    torch.manual_seed(0)
+    base = model_dir(MINILM)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    adapters = add_adapters(model, CONFIG)
+    freezer = adapters.start_freezing(model, total_steps=STEPS, steps_per_epoch=STEPS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    rows, collate = review_dataset(tokenizer, 8 * STEPS), DataCollatorWithPadding(tokenizer)
+    for step in range(STEPS):
+        batch = collate([rows[i] for i in range(step * 8, (step + 1) * 8)])
+        model(**batch).loss.backward()
+        freezer.update_scores(step)
+        release_from_optimizer(optimizer, freezer.apply_schedule(step))
+        optimizer.step()
+        optimizer.zero_grad()
+    frozen = {id(p) for name, p in freezer.matrices.items() if freezer.freeze_log[name] is not None}
+    assert frozen and not frozen & {id(p) for group in optimizer.param_groups for p in group["params"]}
+    saved = save_adapters(model, tmp_path / "ckpt", data=REVIEWS_DATA, step=STEPS, tokenizer=tokenizer)
+    assert_schedule_followed(manifest(saved))
+    rebuilt = load_checkpoint(saved)
+    ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.model.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert evaluate_checkpoint(saved).metrics["accuracy"] >= 0.0
