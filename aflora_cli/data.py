@@ -7,6 +7,7 @@ data sets load through `load_hub_dataset`, which turns every way of failing to r
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,56 @@ from aflora_cli.errors import AfloraError
 
 Columns = dict[str, list[Any]]
 SHIPPED_DIR = Path(__file__).resolve().parent / "datasets"
+
+
+class TableRows(Sequence[dict[str, Any]]):
+    """Encoded rows kept column by column in flat numpy arrays — as compact as a `datasets.Dataset`, without
+    the second and a half that importing `datasets` (and pandas) costs every start-up. A column is either one
+    value per row (a numpy array: labels) or a list of ints per row (token ids: one flat array and the
+    offsets of its rows); a row comes back as a dict of plain Python values."""
+
+    def __init__(self, columns: dict[str, np.ndarray | list[list[int]]]) -> None:
+        self._scalars: dict[str, np.ndarray] = {}
+        self._lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, values in columns.items():
+            if isinstance(values, np.ndarray):
+                self._scalars[name] = values
+                continue
+            lengths = np.fromiter((len(row) for row in values), dtype=np.int64, count=len(values))
+            flat = np.fromiter(itertools.chain.from_iterable(values), dtype=np.int64, count=int(lengths.sum()))
+            self._lists[name] = (flat, np.concatenate([[0], np.cumsum(lengths)]))
+        self._names = list(columns)
+        self._rows = len(next(iter(columns.values()))) if columns else 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def __getitem__(self, index: int | str) -> Any:  # type: ignore[override]
+        """Row `index` as a dict, or (given a name) a whole column as a list."""
+        if isinstance(index, str):
+            if index in self._lists:
+                flat, offsets = self._lists[index]
+                return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(self._rows)]
+            return self._scalars[index].tolist()
+        if not -self._rows <= index < self._rows:
+            raise IndexError(index)
+        index %= self._rows
+        row: dict[str, Any] = {}
+        for name in self._names:
+            if name in self._lists:
+                flat, offsets = self._lists[name]
+                row[name] = flat[offsets[index] : offsets[index + 1]].tolist()
+            else:
+                row[name] = self._scalars[name][index].item()
+        return row
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._names)
+
+    def dtype(self, name: str) -> str:
+        """The numpy dtype of a column's values (`int64` token ids and class ids, `float32` targets)."""
+        return str(self._lists[name][0].dtype if name in self._lists else self._scalars[name].dtype)
 
 
 # ---------------------------------------------------------------------------------------------- reading files

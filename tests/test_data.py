@@ -119,7 +119,7 @@ def test_movie_reviews_load_tokenized(movies: LabelledData) -> None:
     assert {split: len(dataset) for split, dataset in movies.evaluation.items()} == {"validation": 1000, "test": 1000}
     for dataset in (movies.train, *movies.evaluation.values()):
         assert set(dataset.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-        assert dataset.features["labels"].dtype == "int64"
+        assert dataset.dtype("labels") == "int64"
     assert set(movies.train["labels"]) == {0, 1}
     assert max(len(ids) for ids in movies.train["input_ids"]) == 64  # truncated, not padded
     assert min(len(ids) for ids in movies.train["input_ids"]) < 64
@@ -130,7 +130,7 @@ def test_rating_task_is_regression_on_the_same_sentences(tokenizer: PreTrainedTo
     assert task.train is None and list(task.evaluation) == ["validation"]
     assert task.spec.problem == "regression" and task.spec.num_labels == 1
     dataset = task.evaluation["validation"]
-    assert dataset.features["labels"].dtype == "float32"
+    assert dataset.dtype("labels") == "float32"
     expected = [float(value) for value in read_table(MOVIES / "validation.tsv")["rating"]]
     assert dataset["labels"] == pytest.approx(expected, rel=1e-6)
 
@@ -214,7 +214,7 @@ def test_custom_regression_is_inferred_from_fractional_labels(
     train.write_text(json.dumps([{"a": "x", "b": "y", "score": 3.5}, {"a": "p", "b": "q", "score": 1}]))
     task = _custom(tokenizer, train_file=str(train), text_columns=["a", "b"], label_column="score")
     assert task.spec.problem == "regression" and task.spec.main_metric == "pearson"
-    assert task.train.features["labels"].dtype == "float32"
+    assert task.train.dtype("labels") == "float32"
     assert task.train["labels"] == [3.5, 1.0]
 
 
@@ -389,3 +389,24 @@ def test_glue_offline_says_what_to_do(monkeypatch: pytest.MonkeyPatch, tokenizer
         0,
     )
     assert "HF_DATASETS_OFFLINE" in message and "custom" in message and "OfflineModeIsEnabled" in message
+
+
+@pytest.mark.parametrize(("task", "label_type"), [("movie_reviews", "int64"), ("movie_reviews_rating", "float32")])
+def test_encoded_rows_equal_the_datasets_rows_they_replace(
+    task: str, label_type: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Rows are plain Python values equal, type for type, to what a `datasets.Dataset` with the same columns
+    gave (token lists, int64 class ids, float32-rounded targets): training sees exactly the same batches."""
+    data = load_task_data(DataConfig(task=task), tokenizer, 64, seed=0, splits=["validation"])
+    rows = data.evaluation["validation"]
+    table = read_table(SHIPPED_DIR / "movie_reviews" / "validation.tsv")
+    column = "label" if task == "movie_reviews" else "rating"
+    values = [int(v) for v in table[column]] if label_type == "int64" else [float(v) for v in table[column]]
+    encoded = dict(tokenizer(table["sentence"], truncation=True, max_length=64))
+    reference = datasets.Dataset.from_dict({**encoded, "labels": values})
+    reference = reference.cast_column("labels", datasets.Value(label_type))
+    assert len(rows) == len(reference) and rows.dtype("labels") == label_type
+    for i in range(len(rows)):
+        mine, theirs = rows[i], reference[i]
+        assert mine == theirs and [type(mine[k]) for k in theirs] == [type(v) for v in theirs.values()]
+    assert rows["labels"] == reference["labels"][:]

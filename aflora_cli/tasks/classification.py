@@ -4,8 +4,9 @@ A task is one of the eight GLUE tasks (read from the Hugging Face Hub), the ship
 (binary sentiment) or `movie_reviews_rating` (the same sentences, regression on the human rating), or
 `custom`: local csv, tsv, jsonl, json or parquet files described by the recipe's `data` section.
 
-Every loaded split is a `datasets.Dataset` with the columns a model takes (`input_ids`, `attention_mask`,
-`token_type_ids` when the tokenizer makes them) and `labels` (int64 class ids or float32 targets). Texts are
+Every loaded split is a sequence of encoded rows (`TableRows`) with the columns a model takes (`input_ids`,
+`attention_mask`, `token_type_ids` when the tokenizer makes them) and `labels` (int64 class ids or float32
+targets). Texts are
 truncated to `max_length` but not padded: `make_collator` pads each batch to its longest sequence. The
 model is `AutoModelForSequenceClassification` with a new head, which trains beside the adapters.
 """
@@ -20,7 +21,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from datasets import Dataset, Value
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -28,6 +28,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from aflora_cli.data import (
     SHIPPED_DIR,
     Columns,
+    TableRows,
     choose_splits,
     load_hub_dataset,
     read_table,
@@ -87,8 +88,8 @@ class LabelledData:
     """A classification task's tokenized splits: `train` (None when not asked for) and the eval splits."""
 
     spec: TaskSpec
-    train: Dataset | None
-    evaluation: dict[str, Dataset]
+    train: TableRows | None
+    evaluation: dict[str, TableRows]
 
 
 def _classification(
@@ -217,8 +218,8 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
-def _labelled_dataset(spec: TaskSpec, columns: Columns, source: str) -> Dataset:
-    """An in-memory dataset of the spec's text columns and converted `labels`."""
+def _labelled_columns(spec: TaskSpec, columns: Columns, source: str) -> Columns:
+    """The spec's text columns and converted `labels`."""
     require_rows(columns, source)
     require_columns(columns, [*spec.text_columns, spec.label_column], source)
     data: dict[str, list[Any]] = {name: texts(columns, name, source) for name in spec.text_columns}
@@ -227,7 +228,7 @@ def _labelled_dataset(spec: TaskSpec, columns: Columns, source: str) -> Dataset:
         data[LABELS] = _class_ids(values, spec, source)
     else:
         data[LABELS] = _targets(values, spec.label_column, source)
-    return Dataset.from_dict(data)
+    return data
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
@@ -363,10 +364,10 @@ def load_eval_file(
     max_length: int,
     max_samples: int | None = None,
     seed: int = 0,
-) -> Dataset:
+) -> TableRows:
     """A local file as an eval split of an existing task: it needs the spec's text and label columns."""
-    dataset = _labelled_dataset(spec, read_table(path), str(path))
-    return _tokenize(_subset(dataset, max_samples, seed), spec, tokenizer, max_length)
+    columns = _labelled_columns(spec, read_table(path), str(path))
+    return _tokenize(_subset(columns, max_samples, seed), spec, tokenizer, max_length)
 
 
 def make_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorWithPadding:
@@ -385,8 +386,8 @@ def _check_splits(spec: TaskSpec, splits: Sequence[str] | None) -> list[str]:
     return list(splits) if splits is not None else available
 
 
-def _raw_splits(spec: TaskSpec, cfg: DataConfig, splits: list[str]) -> dict[str, Dataset]:
-    """Untokenized splits with the spec's text columns and `labels`."""
+def _raw_splits(spec: TaskSpec, cfg: DataConfig, splits: list[str]) -> dict[str, Columns]:
+    """Untokenized splits: the spec's text columns and `labels`."""
     source_names = {"train": "train", **spec.eval_splits}
     if spec.name in GLUE_TASKS:
         hub = load_hub_dataset(GLUE_HUB_ID, spec.name, spec.name)
@@ -396,31 +397,29 @@ def _raw_splits(spec: TaskSpec, cfg: DataConfig, splits: list[str]) -> dict[str,
         paths = {split: folder / f"{source_names[split]}.tsv" for split in splits}
     else:
         paths = {split: Path(getattr(cfg, _CUSTOM_FILE_KEYS[split])) for split in splits}
-    return {split: _labelled_dataset(spec, read_table(path), str(path)) for split, path in paths.items()}
+    return {split: _labelled_columns(spec, read_table(path), str(path)) for split, path in paths.items()}
 
 
-def _hub_split(spec: TaskSpec, dataset: Dataset) -> Dataset:
-    """A hub split cut down to the text columns and `labels` (metadata only, nothing is copied)."""
-    return dataset.select_columns([*spec.text_columns, spec.label_column]).rename_column(spec.label_column, LABELS)
+def _hub_split(spec: TaskSpec, dataset: Any) -> Columns:
+    """A hub split (a `datasets.Dataset`) as the text columns and `labels`."""
+    columns: Columns = dataset.select_columns([*spec.text_columns, spec.label_column]).to_dict()
+    columns[LABELS] = columns.pop(spec.label_column)
+    return columns
 
 
-def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
+def _subset(columns: Columns, limit: int | None, seed: int) -> Columns:
     """`limit` rows drawn at random with `seed`, kept in their original order; all rows when limit is None."""
-    rows = subset_rows(len(dataset), limit, seed)
-    return dataset if rows is None else dataset.select(rows, keep_in_memory=True)
+    rows = subset_rows(len(columns[LABELS]), limit, seed)
+    return columns if rows is None else {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
-def _tokenize(dataset: Dataset, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Dataset:
-    """Tokenize in one call, truncating to `max_length` without padding; labels become int64 or float32.
-
-    One tokenizer call over the whole split, not `Dataset.map`: map hashes the function and the tokenizer to
-    fingerprint a cache that is never used here (everything stays in memory).
-    """
-    raw = dataset.to_dict()
-    columns = dict(tokenizer(*(raw[name] for name in spec.text_columns), truncation=True, max_length=max_length))
-    columns[LABELS] = raw[LABELS]
-    encoded = Dataset.from_dict(columns)
-    return encoded.cast_column(LABELS, Value("int64" if spec.problem == "classification" else "float32"))
+def _tokenize(columns: Columns, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, max_length: int) -> TableRows:
+    """Tokenize in one call, truncating to `max_length` without padding; labels become int64 or float32."""
+    encoded: dict[str, Any] = dict(
+        tokenizer(*(columns[name] for name in spec.text_columns), truncation=True, max_length=max_length)
+    )
+    encoded[LABELS] = np.array(columns[LABELS], dtype=np.int64 if spec.problem == "classification" else np.float32)
+    return TableRows(encoded)
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -1,0 +1,189 @@
+"""`aflora train` as a whole process against a plain PEFT LoRA loop doing the same work, timed alternately.
+
+    python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--json FILE]
+
+A: `aflora train recipes/quickstart.yaml` stopped at `--steps` optimizer steps (MiniLM, 3,000 movie-review
+   rows, batch 32, max length 64; it evaluates the validation and test splits at the end of epoch 1 and of
+   the run, and saves its checkpoints then).
+B: this file run with `--peft-loop`: a short script as a PEFT user writes it — the same model, the same 3,000
+   rows (the same subset, passed in a file), PEFT LoRA r = 8 on the same six linear types plus the trained
+   head, AdamW with the same learning rates, warmup and linear decay, batch 32 in a seeded shuffled order, the
+   same steps; at the same steps it scores the same two splits (accuracy, eval batch 64) and saves the adapter.
+Each pair runs A then B, or B then A (alternating), as whole processes from `python` to exit; the result is
+the median of the per-pair ratios A / B. Issue 11's target: <= 0.85 on 2 cores. Run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def quickstart() -> dict[str, Any]:
+    import yaml
+
+    recipe: dict[str, Any] = yaml.safe_load(RECIPE.read_text())
+    return recipe
+
+
+# ---- B: the PEFT loop (runs in its own process) ---------------------------------------------------------
+
+
+def _read(split: str) -> tuple[list[str], list[int]]:
+    with (REVIEWS / f"{split}.tsv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
+
+
+def peft_loop(plan: dict[str, Any]) -> None:
+    """The plain loop a PEFT user writes; `plan` holds the rows, steps and settings shared with A."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
+
+    torch.manual_seed(plan["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
+    model = AutoModelForSequenceClassification.from_pretrained(plan["model_dir"], num_labels=2)
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=plan["targets"], modules_to_save=["classifier"])
+    model = get_peft_model(model, lora)
+    texts, labels = _read("train")
+    rows = plan["train_rows"]
+    train = tokenizer([texts[i] for i in rows], truncation=True, max_length=plan["max_length"])
+    train_labels = [labels[i] for i in rows]
+    splits = {}
+    for split in ("validation", "test"):
+        split_texts, split_labels = _read(split)
+        splits[split] = (tokenizer(split_texts, truncation=True, max_length=plan["max_length"]), split_labels)
+    collate = DataCollatorWithPadding(tokenizer)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+    optimizer = torch.optim.AdamW([{"params": rest, "lr": plan["lr"]}, {"params": head, "lr": plan["head_lr"]}])
+    scheduler = get_linear_schedule_with_warmup(optimizer, plan["warmup_steps"], plan["steps"])
+    batch, per_epoch = plan["batch_size"], math.ceil(len(rows) / plan["batch_size"])
+
+    def rows_of(encoded: Any, index: list[int], targets: list[int]) -> list[dict[str, Any]]:
+        return [{**{key: encoded[key][i] for key in encoded}, "labels": targets[i]} for i in index]
+
+    def evaluate() -> None:
+        model.eval()
+        with torch.no_grad():
+            for encoded, targets in splits.values():
+                right = 0
+                for start in range(0, len(targets), 64):
+                    chunk = collate(rows_of(encoded, list(range(start, min(start + 64, len(targets)))), targets))
+                    labels_ = chunk.pop("labels")
+                    right += int((model(**chunk).logits.argmax(-1) == labels_).sum())
+                print(f"accuracy {right / len(targets):.4f}", flush=True)
+        model.train()
+
+    model.train()
+    step = 0
+    while step < plan["steps"]:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(plan["seed"] + step)).tolist()
+        for start in range(0, len(order), batch):
+            inputs = collate(rows_of(train, order[start : start + batch], train_labels))
+            model(**inputs).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % per_epoch == 0 or step == plan["steps"]:
+                evaluate()
+                model.save_pretrained(plan["output_dir"])
+            if step == plan["steps"]:
+                break
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------
+
+
+def make_plan(steps: int, folder: Path) -> dict[str, Any]:
+    """A's settings as B needs them: the same row subset, steps, batch, length and learning rates."""
+    sys.path.insert(0, str(ROOT))
+    from aflora_cli.data import subset_rows
+    from aflora_cli.engine.base_model import model_dir
+
+    recipe = quickstart()
+    texts, _ = _read("train")
+    rows = subset_rows(len(texts), recipe["data"]["max_train_samples"], recipe["seed"])
+    training = recipe["training"]
+    return {
+        "seed": recipe["seed"],
+        "model_dir": str(model_dir(recipe["model"]["name_or_path"])),
+        "targets": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+        "train_rows": rows if rows is not None else list(range(len(texts))),
+        "steps": steps,
+        "batch_size": training["batch_size"],
+        "max_length": training["max_length"],
+        "lr": training["lr"],
+        "head_lr": training.get("head_lr") or training["lr"],
+        "warmup_steps": math.ceil(training["warmup_ratio"] * steps),
+        "output_dir": str(folder / "peft"),
+    }
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--peft-loop", metavar="PLAN", help=argparse.SUPPRESS)  # B's own process
+    args = parser.parse_args()
+    if args.peft_loop:
+        peft_loop(json.loads(Path(args.peft_loop).read_text()))
+        return 0
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        plan_file = folder / "plan.json"
+        plan_file.write_text(json.dumps(make_plan(args.steps, folder)))
+        for number in range(args.pairs):
+            aflora = [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), "--set", f"output_dir={tmp}/a{number}"]
+            aflora += ["--set", f"training.max_steps={args.steps}"]
+            peft = [sys.executable, str(Path(__file__).resolve()), "--peft-loop", str(plan_file)]
+            if number % 2 == 0:
+                a, b = timed(aflora), timed(peft)
+            else:
+                b, a = timed(peft), timed(aflora)
+            pairs.append({"aflora_s": a, "peft_s": b, "ratio": a / b})
+            print(f"pair {number + 1}: aflora train {a:.1f} s, PEFT loop {b:.1f} s, ratio {a / b:.3f}", flush=True)
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    print(f"median ratio aflora / PEFT: {ratio:.3f} (target <= 0.85: {'met' if ratio <= 0.85 else 'not met'})")
+    if args.json:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from common import machine
+
+        result = {"steps": args.steps, "pairs": pairs, "median_ratio": ratio, "machine": machine()}
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
