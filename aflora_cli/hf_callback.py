@@ -58,7 +58,7 @@ class AfloraCallback(TrainerCallback):
         except ValidationError as err:
             first = err.errors()[0]
             key = ".".join(str(part) for part in first["loc"])
-            raise AfloraError(f"AfloraCallback data: {key}: {first['msg']}" if key else first["msg"]) from None
+            raise AfloraError(f"AfloraCallback data: {key + ': ' if key else ''}{first['msg']}") from None
         self.base_model = base_model
         self.max_length = max_length
         self.freezer: Freezer | None = None

@@ -315,3 +315,8 @@ def test_own_loop_with_start_freezing_then_save_and_load(tmp_path: Path) -> None
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.model.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
     assert evaluate_checkpoint(saved).metrics["accuracy"] >= 0.0
+
+
+def test_data_that_is_invalid_as_a_whole_names_the_argument() -> None:
+    with pytest.raises(AfloraError, match=r"^AfloraCallback data: Value error, task 'custom' needs train_file"):
+        AfloraCallback(CONFIG, data={"task": "custom", "format": "chat"})
