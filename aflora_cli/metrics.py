@@ -19,15 +19,14 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
-    """Share of rows predicted right."""
-    from sklearn.metrics import accuracy_score  # scipy and scikit-learn load only when a task is scored
-
-    return float(accuracy_score(labels, predictions))
+    """Share of rows predicted right (the same float as scikit-learn's accuracy_score, without the second its
+    import costs the first evaluation of every run)."""
+    return float(np.mean(predictions == labels))
 
 
 def _f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Binary F1 of the positive class 1; 0.0 when nothing is predicted or labelled positive."""
-    from sklearn.metrics import f1_score
+    from sklearn.metrics import f1_score  # scipy and scikit-learn load only when a task needs them
 
     return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
 

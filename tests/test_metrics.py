@@ -111,3 +111,13 @@ def test_mismatched_lengths_are_rejected() -> None:
 def test_every_built_in_task_names_known_metrics(spec: TaskSpec) -> None:
     assert set(spec.metrics) <= set(METRICS)
     assert spec.main_metric in spec.metrics
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1000, 1043, 40432])
+def test_accuracy_is_the_same_float_as_scikit_learns(rows: int) -> None:
+    from sklearn.metrics import accuracy_score
+
+    generator = np.random.default_rng(rows)
+    labels, predicted = generator.integers(0, 3, rows), generator.integers(0, 3, rows)
+    spec = _spec("classification", ("accuracy",))
+    assert compute_metrics(spec, predicted, labels)["accuracy"] == float(accuracy_score(labels, predicted))
