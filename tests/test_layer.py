@@ -346,3 +346,28 @@ def test_peft_export_of_a_gpt2_checkpoint_sets_fan_in_fan_out_and_gives_the_same
         theirs = peft_model.double()(input_ids=ids).logits
     assert (ours - base).abs().max() > 1e-4  # two steps moved the model
     assert (ours - theirs).abs().max() < 1e-5 * max(1.0, float(ours.abs().max()))
+
+
+def test_fixed_adapters_give_the_same_outputs_bit_for_bit() -> None:
+    """Evaluation forms W0 + up·A once per split; the outputs equal the per-batch merged path exactly."""
+    from aflora_cli.engine.inject import adapter_modules, inject_adapters
+    from aflora_cli.engine.layer import fixed_adapters
+    from aflora_cli.recipe import AdapterConfig
+    from tiny_models import tiny_bert
+
+    model = tiny_bert()
+    inject_adapters(model, AdapterConfig(method="aflora", rank=4))
+    with torch.no_grad():
+        for module in adapter_modules(model).values():
+            module.lambda_b.normal_()  # a trained adapter: the path is not zero
+    ids = torch.randint(0, 100, (64, 40))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with fixed_adapters(model):
+            assert all(m.fixed_weight is not None for m in adapter_modules(model).values())
+            fixed = model(input_ids=ids).logits
+            few_rows = model(input_ids=ids[:1, :3]).logits  # few rows: the thin path, as without the context
+    assert torch.equal(fixed, expected) and not torch.equal(expected, torch.zeros_like(expected))
+    with torch.no_grad():
+        assert torch.equal(few_rows, model(input_ids=ids[:1, :3]).logits)
+    assert all(m.fixed_weight is None for m in adapter_modules(model).values())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -143,6 +146,7 @@ class AdapterLinear(nn.Module):
             self.register_parameter("lambda_b", None)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.fixed_weight: torch.Tensor | None = None  # W0 + up·A, formed once by `fixed_adapters`
         self.reset_projections(zero_b)
 
     def reset_projections(self, zero_b: bool) -> None:
@@ -194,8 +198,13 @@ class AdapterLinear(nn.Module):
         if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
             # a subclass or a hooked layer keeps its own forward: the plain, unfused expression
             return base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.up_projection())
-        x_a, up = self.dropout(x), self.up_projection()
-        weight = self.base_weight()
+        x_a = self.dropout(x)
+        if self.fixed_weight is not None and not torch.is_grad_enabled() and x_a is x:
+            rows = x.numel() // self.in_features
+            if merging_is_cheaper(rows, self.in_features, self.out_features, False, False, False):
+                bias = cast(torch.Tensor | None, base.bias)
+                return F.linear(x, self.fixed_weight, bias)  # what the merged path would form, formed once
+        up, weight = self.up_projection(), self.base_weight()
         return _AdaptedLinear.apply(x, x_a, weight, base.bias, self.lora_A, up, torch.is_grad_enabled())
 
     @torch.no_grad()
@@ -220,3 +229,21 @@ class AdapterLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, vectors={vectors}, "
             f"scaling={self.scaling}"
         )
+
+
+@contextmanager
+def fixed_adapters(model: nn.Module) -> Iterator[None]:
+    """While no weight changes (scoring a split), form each adapter's W0 + up·A once instead of for every batch.
+
+    The same tensor from the same inputs as the per-batch merged path, so outputs are bit for bit the same;
+    it costs one extra copy of every adapted weight while it lasts (use it for encoders, not for LLMs).
+    """
+    modules = [m for m in model.modules() if isinstance(m, AdapterLinear) and not m.merged]
+    with torch.no_grad():
+        for module in modules:
+            module.fixed_weight = _merged_weight(module.base_weight(), module.lora_A, module.up_projection())
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.fixed_weight = None

@@ -39,6 +39,7 @@ from aflora_cli.data import (
 )
 from aflora_cli.engine import base_model
 from aflora_cli.engine.inject import unfreeze_head
+from aflora_cli.engine.layer import fixed_adapters
 from aflora_cli.errors import AfloraError
 from aflora_cli.metrics import compute_metrics
 from aflora_cli.recipe import DataConfig, Recipe
@@ -458,11 +459,12 @@ def predict(
     model.eval()
     loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collator(tokenizer))  # type: ignore[arg-type]
     logits, labels = [], []
-    for batch in loader:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        out = model(**{key: value for key, value in batch.items() if key != "labels"})
-        logits.append(out.logits.float().cpu())
-        labels.append(batch["labels"].cpu())
+    with fixed_adapters(model):  # an encoder's adapted weights, merged once for the whole split
+        for batch in loader:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            out = model(**{key: value for key, value in batch.items() if key != "labels"})
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
     model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
