@@ -115,3 +115,26 @@ def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
         )
         assert chosen == {best["lr"]}  # the extra seeds repeat the value seed 0 chose on validation
     assert "AFLoRA >= LoRA (Table 1)" in result.stdout
+
+
+def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: Path) -> None:
+    """The comparison is fair only if B's rows are A's: the quickstart's subset, as aflora's loader draws it."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(BENCHMARKS))
+    from whole_process import RECIPE, _read, make_plan
+
+    from aflora_cli.recipe import DataConfig
+    from aflora_cli.tasks.classification import load_task_data
+
+    plan = make_plan(120, tmp_path)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
+    data = load_task_data(DataConfig(**recipe["data"]), tokenizer, plan["max_length"], recipe["seed"], ["train"])
+    texts, labels = _read("train")
+    ours = tokenizer([texts[i] for i in plan["train_rows"]], truncation=True, max_length=plan["max_length"])
+    assert data.train is not None and len(plan["train_rows"]) == len(data.train) == 3000
+    assert data.train["input_ids"] == ours["input_ids"]
+    assert data.train["labels"] == [labels[i] for i in plan["train_rows"]]
+    assert (plan["steps"], plan["batch_size"], plan["lr"]) == (120, recipe["training"]["batch_size"], 2e-2)
