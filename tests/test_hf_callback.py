@@ -320,3 +320,17 @@ def test_own_loop_with_start_freezing_then_save_and_load(tmp_path: Path) -> None
 def test_data_that_is_invalid_as_a_whole_names_the_argument() -> None:
     with pytest.raises(AfloraError, match=r"^AfloraCallback data: Value error, task 'custom' needs train_file"):
         AfloraCallback(CONFIG, data={"task": "custom", "format": "chat"})
+
+
+def test_ddp_without_unused_parameter_search_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import TrainerControl, TrainerState
+    from transformers.training_args import ParallelMode
+
+    model = tiny_bert()
+    add_adapters(model, CONFIG)
+    callback = AfloraCallback(CONFIG, data=REVIEWS_DATA)
+    args = TrainingArguments(str(tmp_path), ddp_find_unused_parameters=False, report_to=[], use_cpu=True)
+    monkeypatch.setattr(TrainingArguments, "parallel_mode", property(lambda self: ParallelMode.DISTRIBUTED))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(AfloraError, match="ddp_find_unused_parameters=False cannot work"):
+        callback.on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), model=model, optimizer=optimizer)
