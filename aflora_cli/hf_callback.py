@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.training_args import ParallelMode
@@ -27,7 +26,7 @@ from aflora_cli.engine.checkpoint import write_checkpoint_files
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
 from aflora_cli.engine.manifest import FREEZER_FILE
 from aflora_cli.errors import AfloraError
-from aflora_cli.library import Adapters, AfloraConfig, adapter_manifest, adapters_of, as_config, describe_run
+from aflora_cli.library import Adapters, AfloraConfig, adapter_manifest, adapters_of, as_config, describe_run, validated
 from aflora_cli.recipe import DataConfig, differing_key
 
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: <output_dir>/checkpoint-<global step>
@@ -53,15 +52,10 @@ class AfloraCallback(TrainerCallback):
         max_length: int | None = None,
     ) -> None:
         self.config = as_config(config, "AfloraCallback config")
-        try:
-            self.data = data if isinstance(data, DataConfig) else DataConfig.model_validate(data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(part) for part in first["loc"])
-            raise AfloraError(f"AfloraCallback data: {key + ': ' if key else ''}{first['msg']}") from None
+        self.data = validated(DataConfig, data, "AfloraCallback data")
         self.base_model = base_model
         self.max_length = max_length
-        self.freezer: Freezer | None = None
+        self.adapters: Adapters | None = None
 
     # ---- set-up -----------------------------------------------------------------------------------
     def on_init_end(
@@ -100,8 +94,8 @@ class AfloraCallback(TrainerCallback):
         per_epoch = total
         if train_dataloader is not None and hasattr(train_dataloader, "__len__"):  # as the Trainer counts
             per_epoch = max(-(-len(train_dataloader) // args.gradient_accumulation_steps), 1)
-        self.freezer = adapters.start_freezing(model, total_steps=total, steps_per_epoch=per_epoch)
         self.adapters = adapters
+        adapters.start_freezing(model, total_steps=total, steps_per_epoch=per_epoch)
         tokenizer = processing_class if isinstance(processing_class, PreTrainedTokenizerBase) else None
         try:
             self.recipe, self.task, self.adapted = describe_run(
@@ -112,9 +106,15 @@ class AfloraCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state, optimizer)
 
+    @property
+    def freezer(self) -> Freezer | None:
+        """The freezer of the model this callback drives (None before training begins)."""
+        return self.adapters.freezer if self.adapters is not None else None
+
     def _recipe_keys(self, args: TrainingArguments) -> dict[str, Any]:
         """The TrainingArguments in a recipe's terms, for the manifest (and `aflora eval`'s token limit)."""
-        total = self.adapters.layout.total_steps if self.adapters.layout else 0
+        layout = self.adapters.layout if self.adapters is not None else None
+        total = layout.total_steps if layout is not None else 0
         max_length = self.max_length or getattr(args, "max_length", None)
         training: dict[str, Any] = {
             "epochs": args.num_train_epochs,
@@ -153,7 +153,7 @@ class AfloraCallback(TrainerCallback):
 
     def _restore(self, args: TrainingArguments, state: TrainerState, optimizer: torch.optim.Optimizer) -> None:
         """Resuming at step N: the freezer as it was in <output_dir>/checkpoint-N, frozen PMs frozen again."""
-        assert self.freezer is not None
+        assert self.freezer is not None and self.adapters is not None
         folder = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         file = folder / FREEZER_FILE
         if not file.is_file():
@@ -198,12 +198,12 @@ class AfloraCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """The adapter checkpoint, into the folder the Trainer has just written."""
-        freezer = self.freezer
-        if not args.should_save or freezer is None or model is None:
+        adapters, freezer = self.adapters, self.freezer
+        if not args.should_save or adapters is None or freezer is None or model is None:
             return
         folder = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = adapter_manifest(self.adapters, self.recipe, self.task, self.adapted, state.global_step)
+        manifest = adapter_manifest(adapters, self.recipe, self.task, self.adapted, state.global_step)
 
         def save_freezer(into: Path) -> None:
             partial = into / f".{FREEZER_FILE}.tmp"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
@@ -27,6 +27,7 @@ from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import AdapterConfig, DataConfig, FreezingConfig, Recipe, parse_recipe, resolve_duration
 from aflora_cli.tasks import Task, resolve_task
 
+Model = TypeVar("Model", bound=BaseModel)
 ATTRIBUTE = "aflora_adapters"  # where add_adapters leaves its record on the model
 
 
@@ -43,16 +44,21 @@ class AfloraConfig(BaseModel):
     freezing: FreezingConfig = FreezingConfig()
 
 
-def as_config(config: AfloraConfig | dict[str, Any] | None, where: str = "config") -> AfloraConfig:
-    """An AfloraConfig from itself, a dict of its sections, or None (the defaults); bad keys are one line."""
-    if isinstance(config, AfloraConfig):
-        return config
+def validated(cls: type[Model], value: Model | dict[str, Any] | None, where: str) -> Model:
+    """A settings model from itself, a dict of its keys, or None (its defaults); a bad key is one line."""
+    if isinstance(value, cls):
+        return value
     try:
-        return AfloraConfig.model_validate(config or {})
+        return cls.model_validate(value or {})
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
-        raise AfloraError(f"{where}: {key}: {first['msg']}") from None
+        raise AfloraError(f"{where}: {key + ': ' if key else ''}{first['msg']}") from None
+
+
+def as_config(config: AfloraConfig | dict[str, Any] | None, where: str = "config") -> AfloraConfig:
+    """An AfloraConfig from itself, a dict of its sections, or None (the defaults)."""
+    return validated(AfloraConfig, config, where)
 
 
 @dataclass
