@@ -17,9 +17,11 @@ Learning rate: one grid for every method, LR_GRID (10x from end to end), with th
 the adapter's; seed 0 picks each method's value on the validation split (the metric after the last step),
 seeds 1 and 2 repeat that value. The first grid also had 3e-2: on movie_reviews it was the worst value for
 AFLoRA and LoRA diverged there, so it was cut from the grid to fit the CPU budget (those runs stay in the
-results file and the report shows them). Runs go to a pool of `--jobs` processes, grid runs first and a
-method's seeds as soon as its grid is complete; every finished run is one JSON line in
-`<out>/at_scale.jsonl`, and a restarted command skips the runs already there.
+results file and the report shows them). On `movie_reviews_rating` the two ablations have no grid of their
+own (LR_FROM): they run at AFLoRA's chosen value, seeds 0-2 — on movie_reviews both ablations' grids chose
+AFLoRA's value, and the budget was spent. Runs go to a pool of `--jobs` processes, the seeds of every method
+whose value is known first, then grid runs; every finished run is one JSON line in `<out>/at_scale.jsonl`,
+and a restarted command skips the runs already there.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 LR_GRID = (1e-3, 3e-3, 1e-2)
 DROPPED_LRS = (3e-2,)  # in the first grid (movie_reviews, AFLoRA and LoRA); see the docstring
+# Methods that take another method's chosen value instead of a grid of their own (see the docstring).
+LR_FROM: dict[str, dict[str, str]] = {"movie_reviews_rating": {"pm_trainable": "aflora", "pm_frozen": "aflora"}}
 GRID_SEED = 0
 MORE_SEEDS = (1, 2)
 FULL = {"train_rows": None, "epochs": 2, "batch_size": 32, "max_length": 64, "t_i": "20%", "t_f": "40%"}
@@ -166,21 +170,29 @@ def best_lr(records: list[dict[str, Any]], task: str, method: str) -> float | No
     return max(LR_GRID, key=lambda lr: (runs[lr]["metrics"]["validation"][metric], -lr))
 
 
+def chosen_lr(records: list[dict[str, Any]], task: str, method: str) -> float | None:
+    """The method's own grid choice, or the choice of the method it takes its value from (LR_FROM)."""
+    return best_lr(records, task, LR_FROM.get(task, {}).get(method, method))
+
+
 Run = tuple[str, str, float, int]  # (task, method, lr, seed)
 
 
 def ready_runs(records: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> list[Run]:
-    """The runs not in the results yet that can start now, task by task: the grid first, then the seeds of
-    every method whose grid is complete."""
+    """The runs not in the results yet that can start now: the seeds of every method whose value is known
+    first (they answer the claims), then the grid runs still missing."""
     done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-    runs: list[Run] = []
+    seeds: list[Run] = []
+    grid: list[Run] = []
     for task in tasks:
-        runs += [(task, method, lr, GRID_SEED) for method in methods for lr in LR_GRID]
         for method in methods:
-            lr = best_lr(records, task, method)
+            borrowed = method in LR_FROM.get(task, {})
+            if not borrowed:
+                grid += [(task, method, lr, GRID_SEED) for lr in LR_GRID]
+            lr = chosen_lr(records, task, method)
             if lr is not None:
-                runs += [(task, method, lr, seed) for seed in MORE_SEEDS]
-    return [run for run in runs if run not in done]
+                seeds += [(task, method, lr, seed) for seed in ((GRID_SEED,) if borrowed else ()) + MORE_SEEDS]
+    return [run for run in seeds + grid if run not in done]
 
 
 def commit() -> str:
@@ -208,7 +220,7 @@ def _train(run: Run, scale: dict[str, Any], work: Path) -> dict[str, Any]:
         measured = run_one(build_recipe(task, method, lr, seed, scale, run_dir))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    phase = "grid" if seed == GRID_SEED else "seeds"
+    phase = "grid" if seed == GRID_SEED and method not in LR_FROM.get(task, {}) else "seeds"
     return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "scale": scale, **measured}
 
 
@@ -280,6 +292,12 @@ def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
         f"Learning-rate grid {', '.join(f'{lr:g}' for lr in LR_GRID)} (head rate = adapter rate), chosen on "
         f"validation with seed {GRID_SEED}; seeds {GRID_SEED}, {', '.join(map(str, MORE_SEEDS))} at the chosen value. "
         f"Columns of {', '.join(f'{lr:g}' for lr in DROPPED_LRS)}: runs of the first grid, not used to choose.",
+        *(
+            f"On {task}, {' and '.join(borrowed)} have no grid of their own: seeds {GRID_SEED}, "
+            f"{', '.join(map(str, MORE_SEEDS))} at the value chosen for {', '.join(sorted(set(borrowed.values())))}."
+            for task, borrowed in LR_FROM.items()
+            if task in tasks
+        ),
         "",
     ]
     for task in tasks:
@@ -297,8 +315,10 @@ def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
             for lr in shown_lrs:
                 run = next((r for r in mine if (r["method"], r["lr"], r["seed"]) == (method, lr, GRID_SEED)), None)
                 cells.append("—" if run is None else f"{run['metrics']['validation'][metric]:.4f}")
-            chosen[method] = best_lr(records, task, method)
+            chosen[method] = chosen_lr(records, task, method)
             shown = "—" if chosen[method] is None else f"{chosen[method]:g}"
+            if method in LR_FROM.get(task, {}):
+                shown += f" (no grid: {LR_FROM[task][method]}'s)"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {shown} |")
         lines += ["", f"#### {task}: at each method's chosen learning rate (test {metric}, mean ± std over seeds)", ""]
         lines += ["| method | lr | seeds | test | validation | avg trainable (no head) | train time (s) |"]

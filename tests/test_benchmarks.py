@@ -117,6 +117,41 @@ def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
     assert "AFLoRA >= LoRA (Table 1)" in result.stdout
 
 
+def test_at_scale_plans_seeds_first_and_ablations_without_a_grid_at_aflora_value() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from at_scale import LR_GRID, ready_runs
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    task = "movie_reviews_rating"
+
+    def record(method: str, lr: float, seed: int, pearson: float) -> dict[str, object]:
+        return {
+            "task": task,
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "metrics": {"validation": {"pearson": pearson}},
+        }
+
+    methods = ["aflora", "lora", "pm_trainable"]
+    # AFLoRA's grid is complete (its middle value best), LoRA's is not
+    records = [record("aflora", lr, 0, score) for lr, score in zip(LR_GRID, (0.5, 0.7, 0.6), strict=True)]
+    records.append(record("lora", LR_GRID[0], 0, 0.9))
+    runs = ready_runs(records, [task], methods)
+    chosen = LR_GRID[1]
+    assert runs == [
+        (task, "aflora", chosen, 1),
+        (task, "aflora", chosen, 2),
+        (task, "pm_trainable", chosen, 0),  # no grid of its own: AFLoRA's value, from seed 0
+        (task, "pm_trainable", chosen, 1),
+        (task, "pm_trainable", chosen, 2),
+        (task, "lora", LR_GRID[1], 0),
+        (task, "lora", LR_GRID[2], 0),
+    ]
+    assert ready_runs(records[:2], [task], ["pm_trainable"]) == []  # waits for AFLoRA's grid
+
+
 def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: Path) -> None:
     """The comparison is fair only if B's rows are A's: the quickstart's subset, as aflora's loader draws it."""
     import yaml
