@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # MiniLM, 32 x 128 and 32 x 256: ~35 min on this machine
     python benchmarks/speed.py --shapes 32x128 --reps 9 --json speed.json
     python benchmarks/speed.py --smoke              # tiny sizes, seconds; what CI runs
+    python benchmarks/speed.py --shapes quickstart --methods floor,aflora_before,aflora_frozen,peft_lora --no-memory
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --methods floor,aflora_before,aflora_frozen,peft_lora
 
 `--model smollm2` runs the same comparison on SmolLM2-135M-Instruct (a LLaMA-architecture causal LM, from the
@@ -16,6 +17,10 @@ from other processes on the machine hits all methods alike; a method's time is t
 The speed of this machine's cores drifts by ±20 % from minute to minute, so a ratio between two methods is
 the median of their per-round ratios (each round runs every method once, back to back), not the ratio of
 their medians.
+
+The shape `quickstart` steps through the quickstart's own training batches instead (its rows, in aflora's
+order and collation: 32 rows padded to the longest, max length 64), every method on the same batch in a
+round; the batches `whole_process.py` times as part of a whole run.
 
 A step is what `aflora train` does per optimizer step, run through the trainer's own code
 (`Trainer._forward_backward` and `Trainer._optimizer_step`): forward, backward, gradient norm, freezer
@@ -91,7 +96,7 @@ class Variant:
 
     name: str
     model: Any
-    step: Callable[[], None]
+    step: Callable[[dict[str, Any]], None]
     trainable: int
     adapter_bytes: int
     freezer_times: list[float] = field(default_factory=list)
@@ -143,8 +148,8 @@ def _param_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
-    """`name` (one of METHODS) on a deep copy of `base`, stepping on `batch`."""
+def build_variant(name: str, base: Any) -> Variant:
+    """`name` (one of METHODS) on a deep copy of `base`; its `step(batch)` trains on one batch."""
     from aflora_cli.engine.freezing import Freezer
     from aflora_cli.engine.inject import adaptive_matrices, inject_adapters, unfreeze_head
     from aflora_cli.recipe import AdapterConfig
@@ -157,9 +162,9 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
         for param in model.parameters():
             param.requires_grad_(False)
         embeddings = model.get_input_embeddings()
-        inputs = {k: v for k, v in batch.items() if k != "input_ids"}
 
-        def floor_step() -> None:
+        def floor_step(batch: dict[str, Any]) -> None:
+            inputs = {k: v for k, v in batch.items() if k != "input_ids"}
             embedded = embeddings(batch["input_ids"]).detach().requires_grad_(True)
             model(inputs_embeds=embedded, **inputs).loss.backward()
 
@@ -193,7 +198,7 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
         else:  # never reaches t_i: scores update every step, nothing freezes
             freezer = Freezer(matrices, total_steps=10**9, t_i=10**9, t_f=0)
     trainer = _trainer_for(model, head, freezer)
-    variant = Variant(name, model, lambda: None, 0, _param_bytes(model) - base_bytes, optimizer=trainer.optimizer)
+    variant = Variant(name, model, lambda _: None, 0, _param_bytes(model) - base_bytes, optimizer=trainer.optimizer)
     variant.trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
 
     for attr in ("update_scores", "apply_schedule"):  # time the freezer's share of each step
@@ -207,7 +212,7 @@ def build_variant(name: str, base: Any, batch: dict[str, Any]) -> Variant:
 
         setattr(freezer, attr, timed)
 
-    def trainer_step() -> None:
+    def trainer_step(batch: dict[str, Any]) -> None:
         loss = trainer._forward_backward([batch])
         trainer._optimizer_step(loss)
         trainer.step += 1
@@ -229,6 +234,35 @@ def load_base(num_labels: int = 2) -> Any:
     return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
 
+def quickstart_batches() -> list[dict[str, Any]]:
+    """The quickstart's first epoch of training batches, as `aflora train` draws and collates them."""
+    import yaml
+
+    from aflora_cli.adapted import load_base as locate_base
+    from aflora_cli.adapted import task_for
+    from aflora_cli.recipe import parse_recipe
+    from aflora_cli.trainer import epoch_batches
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "recipes" / "quickstart.yaml").read_text())
+    recipe = parse_recipe({**raw, "output_dir": tempfile.gettempdir()}, "quickstart")
+    found = locate_base(recipe)
+    task = task_for(recipe, found)
+    train = task.load_splits(found.tokenizer, ["train"]).train
+    assert train is not None
+    collate = task.collate(found.tokenizer)
+    order = epoch_batches(len(train), 0, recipe.seed, 0, 1, recipe.training.batch_size)
+    return [collate([train[i] for i in rows]) for rows in order]
+
+
+def make_batches(shape: str, vocab: int) -> list[dict[str, Any]]:
+    """The batches a shape names: `quickstart`, or one batch of random ids (`32x128`)."""
+    if shape == "quickstart":
+        return quickstart_batches()
+    batch_size, length = parse_shape(shape)
+    return [make_batch(batch_size, length, vocab)]
+
+
 def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[str, Any]:
     import torch
 
@@ -248,20 +282,22 @@ def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[
 # ---- timing ----------------------------------------------------------------------------------------
 
 
-def time_methods(base: Any, shape: tuple[int, int], methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
-    """Median step time per method, timed alternately in rotating order after `warmup` steps each."""
-    batch = make_batch(*shape, base.config.vocab_size)
-    variants = [build_variant(name, base, batch) for name in methods]
+def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
+    """Median step time per method, timed alternately in rotating order after `warmup` steps each; round
+    `rep` trains every method on the shape's batch number `rep` (cycling)."""
+    batches = make_batches(shape, base.config.vocab_size)
+    variants = [build_variant(name, base) for name in methods]
     for variant in variants:
         for _ in range(warmup):
-            variant.step()
+            variant.step(batches[0])
         variant.freezer_times.clear()
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for rep in range(reps):
         shift = rep % len(variants)
+        batch = batches[rep % len(batches)]
         for variant in variants[shift:] + variants[:shift]:
             start = time.perf_counter()
-            variant.step()
+            variant.step(batch)
             times[variant.name].append(time.perf_counter() - start)
     out = {}
     for variant in variants:
@@ -295,7 +331,7 @@ def _status_kib(key: str) -> int | None:
     return None
 
 
-def memory_probe(method: str, shape: tuple[int, int], steps: int = 2, warmup: int = 2) -> dict[str, Any]:
+def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> dict[str, Any]:
     """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux).
 
     `warmup` steps run first, so one-time allocations (thread pools, BLAS buffers, AdamW's state) are
@@ -304,11 +340,11 @@ def memory_probe(method: str, shape: tuple[int, int], steps: int = 2, warmup: in
     import gc
 
     base = load_base()
-    batch = make_batch(*shape, base.config.vocab_size)
-    variant = build_variant(method, base, batch)
+    batches = make_batches(shape, base.config.vocab_size)
+    variant = build_variant(method, base)
     del base
-    for _ in range(warmup):
-        variant.step()
+    for number in range(warmup):
+        variant.step(batches[number % len(batches)])
     gc.collect()
     before = _status_kib("VmRSS")
     try:
@@ -316,8 +352,8 @@ def memory_probe(method: str, shape: tuple[int, int], steps: int = 2, warmup: in
         resettable = True
     except OSError:
         resettable = False
-    for _ in range(steps):
-        variant.step()
+    for number in range(warmup, warmup + steps):
+        variant.step(batches[number % len(batches)])
     peak = _status_kib("VmHWM")
     adapter = variant.adapter_bytes + variant.optimizer_bytes()
     if before is None or peak is None or not resettable:
@@ -325,13 +361,13 @@ def memory_probe(method: str, shape: tuple[int, int], steps: int = 2, warmup: in
     return {"method": method, "step_bytes": (peak - before) * 1024, "adapter_bytes": adapter}
 
 
-def measure_memory(methods: list[str], shape: tuple[int, int], in_process: bool) -> dict[str, Any]:
+def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str, Any]:
     out = {}
     for method in methods:
         if in_process:  # smoke only: numbers are not comparable across methods in one process
             out[method] = memory_probe(method, shape, steps=1, warmup=0)
             continue
-        command = [sys.executable, __file__, "--memory-probe", method, "--shapes", f"{shape[0]}x{shape[1]}"]
+        command = [sys.executable, __file__, "--memory-probe", method, "--shapes", shape]
         command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
         # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
         # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
@@ -365,10 +401,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A markdown table and the target ratios for one shape."""
+    if shape == "quickstart":
+        title = "the quickstart's training batches (32 rows each, padded to the longest, max length 64)"
+    else:
+        batch_size, length = parse_shape(shape)
+        title = f"batch {batch_size} x {length} tokens"
     lines = [
-        f"### batch {shape[0]} x {shape[1]} tokens",
+        f"### {title}",
         "",
         "| method | trainable (no head) | median step (s) | min / max (s) | x PEFT LoRA (paired) | x floor (paired) "
         "| step peak (MiB) | adapter + AdamW (MiB) | total (MiB) |",
@@ -421,18 +462,27 @@ def report(shape: tuple[int, int], timing: dict[str, Any], memory: dict[str, Any
     return "\n".join(lines), ratios
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for part in text.split(","):
-        b, _, l = part.strip().lower().partition("x")
-        shapes.append((int(b), int(l)))
+def parse_shape(shape: str) -> tuple[int, int]:
+    """`32x128` → (32, 128)."""
+    batch_size, _, length = shape.lower().partition("x")
+    return int(batch_size), int(length)
+
+
+def parse_shapes(text: str) -> list[str]:
+    """Comma-separated shapes, each `BxL` or `quickstart`."""
+    shapes = [part.strip().lower() for part in text.split(",") if part.strip()]
+    for shape in shapes:
+        if shape != "quickstart":
+            parse_shape(shape)  # raises on a malformed shape
     return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, in-process memory: seconds")
-    parser.add_argument("--shapes", default="32x128,32x256", help="batch x length pairs, comma separated")
+    parser.add_argument(
+        "--shapes", default="32x128,32x256", help="batch x length pairs or `quickstart`, comma separated"
+    )
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (one step per method each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -460,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = parse_shapes(args.shapes)
     reps, warmup = args.reps, args.warmup
     if args.smoke:
-        shapes, reps, warmup = [(2, 16)], 2, 1
+        shapes, reps, warmup = ["2x16"], 2, 1
 
     info = machine()
     print(
@@ -477,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         table, ratios = report(shape, timing, memory)
         print(table)
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
-        results["shapes"][f"{shape[0]}x{shape[1]}"] = {"timing": timing, "memory": memory, "ratios": ratios}
+        results["shapes"][shape] = {"timing": timing, "memory": memory, "ratios": ratios}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

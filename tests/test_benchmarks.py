@@ -52,6 +52,19 @@ def test_speed_smoke_prints_the_table(tmp_path: Path) -> None:
     assert timing["aflora_frozen"]["trainable"] < timing["aflora_before"]["trainable"]
 
 
+def test_speed_quickstart_shape_steps_through_the_quickstarts_own_batches() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from speed import make_batches
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    batches = make_batches("quickstart", vocab=0)
+    assert [b["input_ids"].shape[0] for b in batches] == [32] * 93 + [24]  # the quickstart's 3,000 rows
+    assert all(b["input_ids"].shape[1] <= 64 for b in batches)
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # padded to each batch's longest row
+    assert set(batches[0]) >= {"input_ids", "attention_mask", "labels"}
+
+
 def test_replicate_smoke_writes_results_and_resumes(tmp_path: Path) -> None:
     result = _run("replicate.py", "--out", str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "replicate.jsonl").read_text().splitlines()]
