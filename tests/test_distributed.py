@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo) freeze the same matrices at the same steps as one process."""
+"""Two CPU processes under torchrun (gloo): `aflora train` freezes the same matrices at the same steps as one
+process, and the Hugging Face Trainer with AfloraCallback freezes alike on every rank."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from hf_runs import STEPS, assert_schedule_followed, manifest
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -42,18 +44,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(recipe: Path, processes: int) -> None:
+def _torchrun(processes: int, program: list[str]) -> None:
+    """`program` (`-m module ...` or `script ...`) under torchrun with `processes` CPU processes."""
+    tests = str(Path(__file__).resolve().parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    if processes == 1:
-        command = [sys.executable, "-m", "aflora_cli", "train", str(recipe)]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-            "-m", "aflora_cli", "train", str(recipe),
-        ]  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *program,
+    ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _train(recipe: Path, processes: int) -> None:
+    if processes == 1:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        command = [sys.executable, "-m", "aflora_cli", "train", str(recipe)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        _torchrun(processes, ["-m", "aflora_cli", "train", str(recipe)])
 
 
 def test_two_processes_freeze_like_one(tmp_path: Path) -> None:
@@ -77,3 +88,30 @@ def test_two_processes_freeze_like_one(tmp_path: Path) -> None:
     weights = [load_file(str(tmp_path / run / "last" / WEIGHTS_FILE)) for run in ("one", "two")]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trainer_callback_under_two_processes_freezes_alike_on_every_rank(tmp_path: Path) -> None:
+    model_dir = _tiny_bert_dir(tmp_path / "tiny-bert")
+    out = tmp_path / "run"
+    _torchrun(2, [str(Path(__file__).with_name("hf_ddp_run.py")), str(model_dir), str(out)])
+
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    # scores come from the gradients DDP has averaged: every rank freezes the same PMs at the same steps
+    assert ranks[0]["freeze_log"] == ranks[1]["freeze_log"]
+    assert ranks[0]["counts"] == ranks[1]["counts"]
+    num_pms = len(ranks[0]["freeze_log"])
+    assert ranks[0]["counts"][-1] == num_pms == 8  # 2 layers x 2 FFN linears x (A, B)
+    for name, tensor in ranks[0]["trained"].items():  # the vectors and head stay in sync
+        assert torch.equal(ranks[1]["trained"][name], tensor), name
+    assert not any("lora_" in name for name in ranks[0]["trained"])  # every PM ended frozen
+    for name, tensor in ranks[0]["lora"].items():
+        assert torch.equal(ranks[1]["lora"][name], tensor), name
+
+    saved = manifest(out / f"checkpoint-{STEPS}")  # written once, by rank 0
+    assert saved["freeze_log"] == ranks[0]["freeze_log"]
+    assert_schedule_followed(saved)
+    weights = load_file(str(out / f"checkpoint-{STEPS}" / WEIGHTS_FILE))
+    for name, tensor in ranks[0]["lora"].items():
+        key = next(key for key in weights if key.endswith(name.split("bert.", 1)[-1]))
+        assert torch.equal(weights[key], tensor), name
