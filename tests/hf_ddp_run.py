@@ -9,17 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hf_runs import CONFIG, REVIEWS_DATA, SAVE_EVERY, STEPS, review_dataset
-from transformers import (
-    AutoTokenizer,
-    BertForSequenceClassification,
-    DataCollatorWithPadding,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from hf_runs import CONFIG, REVIEWS_DATA, classifier_trainer
+from transformers import TrainerCallback
 
-from aflora_cli import AfloraCallback, add_adapters
+from aflora_cli import AfloraCallback
 
 
 class FrozenAfterEachStep(TrainerCallback):
@@ -35,41 +28,20 @@ class FrozenAfterEachStep(TrainerCallback):
 
 
 def main(model_dir: str, out: Path) -> None:
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
-    add_adapters(model, CONFIG)
     aflora = AfloraCallback(CONFIG, data=REVIEWS_DATA, max_length=32)
     recorder = FrozenAfterEachStep(aflora)
-    args = TrainingArguments(
-        str(out),
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_steps=SAVE_EVERY,
-        seed=0,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        ddp_backend="gloo",
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=review_dataset(tokenizer, 64),
-        data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[aflora, recorder],
-    )
+    trainer = classifier_trainer(out, callbacks=[aflora, recorder], seed=0, base=model_dir, batch_size=4)
+    model = trainer.model
     trainer.train()
     assert aflora.freezer is not None
     trained = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
-    frozen = {name: param.detach().clone() for name, param in model.named_parameters() if "lora_" in name}
+    projections = {name: param.detach().clone() for name, param in model.named_parameters() if "lora_" in name}
     record = {
-        "world_size": args.world_size,
+        "world_size": trainer.args.world_size,
         "freeze_log": dict(aflora.freezer.freeze_log),
         "counts": recorder.counts,
         "trained": trained,
-        "lora": frozen,
+        "lora": projections,
     }
     torch.save(record, out / f"rank{os.environ['RANK']}.pt")
 

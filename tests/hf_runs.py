@@ -39,17 +39,25 @@ def review_dataset(tokenizer: Any, rows: int, max_length: int = 32) -> Dataset:
     return Dataset.from_dict({**encoded, "label": [int(label) for label in table["label"][:rows]]})
 
 
-def classifier_trainer(output_dir: Path, *, callbacks: list[Any] | None = None, seed: int = 5) -> Trainer:
-    """MiniLM + adapters + head on 64 movie reviews, STEPS steps at batch 8, checkpoints every SAVE_EVERY."""
+def classifier_trainer(
+    output_dir: Path,
+    *,
+    callbacks: list[Any] | None = None,
+    seed: int = 5,
+    base: str | Path | None = None,
+    batch_size: int = 8,
+) -> Trainer:
+    """MiniLM (or `base`) + adapters + head on 64 movie reviews, STEPS steps at `batch_size` (per process),
+    checkpoints every SAVE_EVERY."""
     torch.manual_seed(seed)
-    base = model_dir(MINILM)
+    base = base or model_dir(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
     add_adapters(model, CONFIG)
     args = TrainingArguments(
         str(output_dir),
         max_steps=STEPS,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=batch_size,
         learning_rate=1e-2,
         save_steps=SAVE_EVERY,
         logging_steps=4,
