@@ -2,6 +2,7 @@
 
     python benchmarks/at_scale.py [--jobs 2] [--threads 1]   # every run not in the results file yet
     python benchmarks/at_scale.py --report                   # tables from the results file
+    python benchmarks/at_scale.py --probe movie_reviews_rating:lora:3e-4   # a value outside the grid, seed 0
     python benchmarks/at_scale.py --smoke --out /tmp/s       # tiny runs (CI)
 
 Tasks: the shipped movie-review sentences on all-MiniLM-L6-v2 — `movie_reviews` (binary sentiment, accuracy)
@@ -21,7 +22,8 @@ results file and the report shows them). On `movie_reviews_rating` the two ablat
 own (LR_FROM): they run at AFLoRA's chosen value, seeds 0-2 — on movie_reviews both ablations' grids chose
 AFLoRA's value, and the budget was spent. Runs go to a pool of `--jobs` processes, the seeds of every method
 whose value is known first, then grid runs; every finished run is one JSON line in `<out>/at_scale.jsonl`,
-and a restarted command skips the runs already there.
+and a restarted command skips the runs already there. `--probe` runs a value outside the grid (seed 0), to see
+whether a choice at the grid's edge would have gone further; probes are shown, never used to choose.
 """
 
 from __future__ import annotations
@@ -220,7 +222,12 @@ def _train(run: Run, scale: dict[str, Any], work: Path) -> dict[str, Any]:
         measured = run_one(build_recipe(task, method, lr, seed, scale, run_dir))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    phase = "grid" if seed == GRID_SEED and method not in LR_FROM.get(task, {}) else "seeds"
+    if lr not in LR_GRID + DROPPED_LRS:
+        phase = "probe"
+    elif seed == GRID_SEED and method not in LR_FROM.get(task, {}):
+        phase = "grid"
+    else:
+        phase = "seeds"
     return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "scale": scale, **measured}
 
 
@@ -238,9 +245,10 @@ def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
             args.jobs, mp_context=context, initializer=_set_threads, initargs=(args.threads,)
         ) as pool:
             while True:
-                ready = [
-                    r for r in ready_runs(read_results(results), args.tasks, args.methods) if r not in running.values()
-                ]
+                records = read_results(results)
+                done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+                planned = ready_runs(records, args.tasks, args.methods) + [p for p in args.probe if p not in done]
+                ready = [r for r in planned if r not in running.values()]
                 for run in ready[: args.jobs - len(running)]:
                     running[pool.submit(_train, run, scale, work)] = run
                 if not running:
@@ -291,7 +299,8 @@ def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
         "t_i = 20 %, t_f = 40 % of the steps; validation and test splits of 1,000 rows each. "
         f"Learning-rate grid {', '.join(f'{lr:g}' for lr in LR_GRID)} (head rate = adapter rate), chosen on "
         f"validation with seed {GRID_SEED}; seeds {GRID_SEED}, {', '.join(map(str, MORE_SEEDS))} at the chosen value. "
-        f"Columns of {', '.join(f'{lr:g}' for lr in DROPPED_LRS)}: runs of the first grid, not used to choose.",
+        f"Columns of {', '.join(f'{lr:g}' for lr in DROPPED_LRS)}: runs of the first grid; other columns outside the "
+        "grid: probes (`--probe`). Neither is used to choose.",
         *(
             f"On {task}, {' and '.join(borrowed)} have no grid of their own: seeds {GRID_SEED}, "
             f"{', '.join(map(str, MORE_SEEDS))} at the value chosen for {', '.join(sorted(set(borrowed.values())))}."
@@ -306,7 +315,7 @@ def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
         if not mine:
             continue
         lines += [f"#### {task}: learning-rate grid (validation {metric}, seed {GRID_SEED})", ""]
-        shown_lrs = sorted({*LR_GRID, *(r["lr"] for r in mine if r["lr"] in DROPPED_LRS)})
+        shown_lrs = sorted({*LR_GRID, *(r["lr"] for r in mine if r["seed"] == GRID_SEED)})
         lines += ["| method | " + " | ".join(f"lr {lr:g}" for lr in shown_lrs) + " | chosen |"]
         lines += ["|---|" + "---:|" * (len(shown_lrs) + 1)]
         chosen: dict[str, float | None] = {}
@@ -350,6 +359,16 @@ def report(records: list[dict[str, Any]], tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_probe(text: str) -> Run:
+    """`movie_reviews_rating:lora:3e-4` → (task, method, lr, GRID_SEED)."""
+    task, method, lr = text.split(":")
+    if task not in TASKS or method not in METHODS:
+        raise argparse.ArgumentTypeError(
+            f"{text}: expected TASK:METHOD:LR with a task of {TASKS}, a method of {tuple(METHODS)}"
+        )
+    return task, method, float(lr), GRID_SEED
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="only print the tables from the results file")
@@ -358,6 +377,14 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    parser.add_argument(
+        "--probe",
+        type=parse_probe,
+        action="append",
+        default=[],
+        metavar="TASK:METHOD:LR",
+        help="also run this value outside the grid, seed 0 (repeatable)",
+    )
     parser.add_argument("--threads", type=int, help="torch threads per run")
     args = parser.parse_args()
     results = Path(args.out) / RESULTS_FILE

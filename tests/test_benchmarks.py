@@ -165,6 +165,19 @@ def test_at_scale_plans_seeds_first_and_ablations_without_a_grid_at_aflora_value
     assert ready_runs(records[:2], [task], ["pm_trainable"]) == []  # waits for AFLoRA's grid
 
 
+def test_at_scale_probe_names_a_seed_0_run_outside_the_grid() -> None:
+    import argparse
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from at_scale import parse_probe
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert parse_probe("movie_reviews_rating:lora:3e-4") == ("movie_reviews_rating", "lora", 3e-4, 0)
+    with pytest.raises(argparse.ArgumentTypeError, match="bbc:lora:1e-3: expected TASK:METHOD:LR"):
+        parse_probe("bbc:lora:1e-3")
+
+
 def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: Path) -> None:
     """The comparison is fair only if B's rows are A's: the quickstart's subset, as aflora's loader draws it."""
     import yaml
