@@ -508,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     shapes = parse_shapes(args.shapes)
+    if "quickstart" in shapes and args.model != "minilm":
+        parser.error("--shapes quickstart: the quickstart's batches are MiniLM's; use --model minilm")
     reps, warmup = args.reps, args.warmup
     if args.smoke:
         shapes, reps, warmup = ["2x16"], 2, 1
