@@ -141,8 +141,13 @@ class TrainingConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Generation when a text task is scored: greedy unless `num_beams` > 1, never sampled."""
+    """How a split is scored. Generation (text tasks) is greedy unless `num_beams` > 1, never sampled, and
+    always runs its prompts longest first. `sort_by_length` does the same for the scoring passes (a
+    classifier's logits, a text task's loss): far less padding, but each row's numbers then differ from
+    split-order scoring by float rounding (training is untouched), so it is off by default and a recipe's
+    metrics stay exactly what they were."""
 
+    sort_by_length: bool = False
     max_new_tokens: int = Field(default=128, gt=0)
     num_beams: int = Field(default=1, gt=0)
     length_penalty: float = 1.0

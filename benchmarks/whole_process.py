@@ -1,6 +1,6 @@
 """`aflora train` as a whole process against a plain PEFT LoRA loop doing the same work, timed alternately.
 
-    python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--json FILE]
+    python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--set KEY=VALUE ...] [--json FILE]
 
 A: `aflora train recipes/quickstart.yaml` stopped at `--steps` optimizer steps (MiniLM, 3,000 movie-review
    rows, batch 32, max length 64; it evaluates the validation and test splits at the end of epoch 1 and of
@@ -9,6 +9,7 @@ B: this file run with `--peft-loop`: a short script as a PEFT user writes it —
    rows (the same subset, passed in a file), PEFT LoRA r = 8 on the same six linear types plus the trained
    head, AdamW with the same learning rates, warmup and linear decay, batch 32 in a seeded shuffled order, the
    same steps; at the same steps it scores the same two splits (accuracy, eval batch 64) and saves the adapter.
+`--set` overrides a key of A's recipe (e.g. `eval.sort_by_length=true`); B stays as it is.
 Each pair runs A then B, or B then A (alternating), as whole processes from `python` to exit; the result is
 the median of the per-pair ratios A / B. Issue 11's target: <= 0.85 on 2 cores. Run on a quiet machine.
 """
@@ -153,6 +154,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="write the measurements here")
     parser.add_argument("--peft-loop", metavar="PLAN", help=argparse.SUPPRESS)  # B's own process
     args = parser.parse_args()
@@ -171,6 +173,8 @@ def main() -> int:
         for number in range(args.pairs):
             aflora = [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), "--set", f"output_dir={tmp}/a{number}"]
             aflora += ["--set", f"training.max_steps={args.steps}"]
+            for override in args.overrides:
+                aflora += ["--set", override]
             peft = [sys.executable, str(Path(__file__).resolve()), "--peft-loop", str(plan_file)]
             if number % 2 == 0:
                 a, b = timed(aflora), timed(peft)
@@ -183,7 +187,13 @@ def main() -> int:
     if args.json:
         from common import machine
 
-        result = {"steps": args.steps, "pairs": pairs, "median_ratio": ratio, "machine": machine()}
+        result = {
+            "steps": args.steps,
+            "overrides": args.overrides,
+            "pairs": pairs,
+            "median_ratio": ratio,
+            "machine": machine(),
+        }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

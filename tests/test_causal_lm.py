@@ -236,6 +236,29 @@ def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, 
     assert sum(row["correct"] for row in rows) / len(rows) == pytest.approx(report["metrics"]["exact_match"])
 
 
+def test_sort_by_length_gives_the_same_split_loss_with_less_padding(trained: Path) -> None:
+    """eval.sort_by_length on a text task: the loss pass runs longest-first batches, pads fewer positions and
+    gives the same mean loss per response token (up to float rounding)."""
+    from aflora_cli.adapted import load_checkpoint
+
+    adapted, _, _, task = load_checkpoint(trained / "last")
+    rows = task.load_splits(adapted.tokenizer, ["validation"]).evaluation["validation"]
+    task.recipe.training.eval_batch_size = 4
+    positions: list[int] = []
+    adapted.model.register_forward_pre_hook(
+        lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    losses, padded = {}, {}
+    for sort in (False, True):
+        task.recipe.eval.sort_by_length = sort
+        positions.clear()
+        losses[sort] = task.split_loss(adapted.model, rows, adapted.tokenizer, torch.device("cpu"))
+        padded[sort] = sum(positions)
+    assert len(positions) == 3  # 12 rows in batches of 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert padded[True] < padded[False]
+
+
 def test_generate_prints_the_completion_of_a_prompt(trained: Path) -> None:
     from aflora_cli.adapted import load_checkpoint
     from aflora_cli.generation import generate

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from aflora_cli.adapted import load_checkpoint
@@ -14,6 +15,7 @@ from aflora_cli.cli import app
 from aflora_cli.data import SHIPPED_DIR, read_table
 from aflora_cli.engine.base_model import resolve_model_dir
 from aflora_cli.engine.manifest import MANIFEST_FILE
+from aflora_cli.tasks.classification import predict
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,
@@ -120,3 +122,40 @@ def test_eval_bad_options() -> None:
 def test_eval_bad_checkpoint_is_one_clear_line(kind: str, tmp_path: Path) -> None:
     checkpoint = bad_checkpoint(kind, aflora_run() / "best", tmp_path)
     assert_user_error(runner.invoke(app, ["eval", str(checkpoint)]), str(checkpoint))
+
+
+def test_sort_by_length_scores_every_row_in_split_order_with_less_padding() -> None:
+    """eval.sort_by_length: longest-first batches pad fewer positions, and every row keeps its own logits
+    (equal up to float rounding) at its own place; off, the batches are the split's order."""
+    adapted, _, _, task = load_checkpoint(aflora_run() / "last")
+    rows = task.load_splits(adapted.tokenizer, ["validation"]).evaluation["validation"]
+    lengths = task.lengths(rows)
+    positions: list[int] = []
+    adapted.model.register_forward_pre_hook(
+        lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    scored = {}
+    for sort in (False, True):
+        task.recipe.eval.sort_by_length = sort
+        batches = task.scoring_batches(rows)
+        order = [i for batch in batches for i in batch]
+        assert sorted(order) == list(range(len(rows))) and [len(b) for b in batches] == [32, 32]
+        assert order == (sorted(order, key=lambda i: -lengths[i]) if sort else list(range(len(rows))))
+        positions.clear()
+        logits, labels = predict(adapted.model, rows, adapted.tokenizer, batches, torch.device("cpu"))
+        metrics, predictions = task.evaluate(adapted.model, rows, adapted.tokenizer, torch.device("cpu"))
+        scored[sort] = logits, labels, sum(positions[: len(batches)]), metrics, predictions
+    (plain, plain_labels, plain_padded, plain_metrics, plain_rows) = scored[False]
+    (by_length, sorted_labels, sorted_padded, sorted_metrics, sorted_rows) = scored[True]
+    assert plain_labels.tolist() == sorted_labels.tolist() == [row["labels"] for row in rows]
+    assert torch.allclose(torch.from_numpy(plain), torch.from_numpy(by_length), atol=1e-5, rtol=0)
+    assert sorted_padded < plain_padded
+    assert sorted_metrics == plain_metrics and sorted_rows == plain_rows
+    # scoring draws from the global RNG exactly as the DataLoader pass of earlier versions did, so a run's later
+    # dropout masks, and so its weights, are what they were
+    torch.manual_seed(5)
+    predict(adapted.model, rows, adapted.tokenizer, task.scoring_batches(rows), torch.device("cpu"))
+    after_scoring = torch.rand(3)
+    torch.manual_seed(5)
+    iter(DataLoader(rows, batch_size=32))  # type: ignore[arg-type]
+    assert torch.equal(after_scoring, torch.rand(3))

@@ -128,6 +128,23 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path: Path) -> 
     assert _records(tmp_path / "straight") == _records(tmp_path / "interrupted")
 
 
+def test_sorted_scoring_batches_leave_the_training_bit_for_bit_the_same(tmp_path: Path) -> None:
+    """eval.sort_by_length changes how a split is batched, not the run: with evaluations mid-run (and dropout
+    in training) the weights, freeze log and losses are the same bits, and the accuracies the same."""
+    settings = {"training": {"max_steps": 8, "eval_every": 3, "eval_batch_size": 8}, "freezing": {"t_i": 2, "t_f": 3}}
+    for sort in (False, True):
+        run(quick_recipe(tmp_path / str(sort), eval={"sort_by_length": sort}, **settings))
+    plain, by_length = (load_file(str(tmp_path / d / "last" / WEIGHTS_FILE)) for d in ("False", "True"))
+    assert plain.keys() == by_length.keys()
+    assert all(torch.equal(plain[name], by_length[name]) for name in plain)
+    manifests = [json.loads((tmp_path / d / "last" / MANIFEST_FILE).read_text()) for d in ("False", "True")]
+    assert manifests[0]["freeze_log"] == manifests[1]["freeze_log"]
+    records = [_records(tmp_path / d) for d in ("False", "True")]
+    assert [r for r in records[0] if "eval" not in r] == [r for r in records[1] if "eval" not in r]
+    evals = [[r["eval"] for r in rs if "eval" in r] for rs in records]
+    assert len(evals[0]) == 3 and evals[0] == evals[1]
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     from aflora_cli.errors import AfloraError
     from aflora_cli.trainer import Trainer

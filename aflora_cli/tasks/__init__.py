@@ -151,6 +151,16 @@ class Task(ABC):
         return [len(row["input_ids"]) for row in rows]
 
     # ---- scoring ----------------------------------------------------------------------------------
+    def scoring_batches(self, rows: Sequence[Row]) -> list[list[int]]:
+        """Row indices of each scoring batch of `eval_batch_size`: in split order, or longest first with
+        `eval.sort_by_length` (callers put the results back in split order)."""
+        order = list(range(len(rows)))
+        if self.recipe.eval.sort_by_length:
+            lengths = self.lengths(rows)
+            order.sort(key=lambda index: -lengths[index])
+        size = self.recipe.training.eval_batch_size
+        return [order[start : start + size] for start in range(0, len(order), size)]
+
     @abstractmethod
     def evaluate(
         self,

@@ -452,12 +452,19 @@ def load_classifier(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, dataset: Sequence[Row], tokenizer: PreTrainedTokenizerBase, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: Sequence[Row],
+    tokenizer: PreTrainedTokenizerBase,
+    batches: Sequence[Sequence[int]],
+    device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for every row of `dataset`, in order."""
+    """Logits and labels for every row of `dataset`, in the dataset's order, scored in `batches` of row
+    indices (together every index once)."""
     was_training = model.training
     model.eval()
-    loader: DataLoader[Any] = DataLoader(dataset, batch_size=batch_size, collate_fn=make_collator(tokenizer))  # type: ignore[arg-type]
+    # a DataLoader, not a plain loop: its iterator draws a seed from the global RNG, and later training steps'
+    # dropout masks depend on that draw, so a run's weights stay what they have always been
+    loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=batches, collate_fn=make_collator(tokenizer))  # type: ignore[arg-type]
     logits, labels = [], []
     with fixed_adapters(model):  # an encoder's adapted weights, merged once for the whole split
         for batch in loader:
@@ -466,7 +473,10 @@ def predict(
             logits.append(out.logits.float().cpu())
             labels.append(batch["labels"].cpu())
     model.train(was_training)
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+    order = torch.as_tensor([i for indices in batches for i in indices], dtype=torch.long)
+    in_order = torch.empty_like(order)
+    in_order[order] = torch.arange(len(order))
+    return torch.cat(logits)[in_order].numpy(), torch.cat(labels)[in_order].numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the family
@@ -533,7 +543,7 @@ class ClassificationTask(Task):
         device: torch.device,
         progress: Progress | None = None,
     ) -> tuple[dict[str, float], list[Prediction]]:
-        logits, labels = predict(model, rows, tokenizer, self.recipe.training.eval_batch_size, device)
+        logits, labels = predict(model, rows, tokenizer, self.scoring_batches(rows), device)
         metrics = compute_metrics(self.spec, logits, labels)
         if progress is not None:
             progress(len(labels), len(labels))

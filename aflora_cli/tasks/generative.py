@@ -156,10 +156,10 @@ class TextTask(Task):
         """Mean loss per response token over the whole split."""
         was_training = model.training
         model.eval()
-        collate, size = self.collate(tokenizer), self.recipe.training.eval_batch_size
+        collate = self.collate(tokenizer)
         total, tokens = 0.0, 0
-        for start in range(0, len(rows), size):
-            batch = {key: value.to(device) for key, value in collate(list(rows[start : start + size])).items()}
+        for indices in self.scoring_batches(rows):
+            batch = {key: value.to(device) for key, value in collate([rows[i] for i in indices]).items()}
             count = self.loss_tokens(batch)
             if count:
                 total += float(model(**batch).loss) * count
