@@ -473,9 +473,7 @@ def predict(
             logits.append(out.logits.float().cpu())
             labels.append(batch["labels"].cpu())
     model.train(was_training)
-    order = torch.as_tensor([i for indices in batches for i in indices], dtype=torch.long)
-    in_order = torch.empty_like(order)
-    in_order[order] = torch.arange(len(order))
+    in_order = torch.argsort(torch.as_tensor([i for indices in batches for i in indices], dtype=torch.long))
     return torch.cat(logits)[in_order].numpy(), torch.cat(labels)[in_order].numpy()
 
 
