@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AfloraConfig": "aflora_cli.library",
-    "Adapters": "aflora_cli.library",
-    "add_adapters": "aflora_cli.library",
-    "merge_adapters": "aflora_cli.library",
-    "save_adapters": "aflora_cli.library",
-    "load_checkpoint": "aflora_cli.library",
-    "AfloraCallback": "aflora_cli.hf_callback",
-    "AdapterConfig": "aflora_cli.recipe",
-    "FreezingConfig": "aflora_cli.recipe",
+    "AfloraConfig": "aflora_cli.library.adapters",
+    "Adapters": "aflora_cli.library.adapters",
+    "add_adapters": "aflora_cli.library.adapters",
+    "merge_adapters": "aflora_cli.library.adapters",
+    "save_adapters": "aflora_cli.library.adapters",
+    "load_checkpoint": "aflora_cli.library.adapters",
+    "AfloraCallback": "aflora_cli.library.callback",
+    "AdapterConfig": "aflora_cli.engine.config",
+    "FreezingConfig": "aflora_cli.engine.config",
     "DataConfig": "aflora_cli.recipe",
     "Freezer": "aflora_cli.engine.freezing",
     "release_from_optimizer": "aflora_cli.engine.freezing",
@@ -53,10 +53,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from aflora_cli.engine.base_model import model_dir
+    from aflora_cli.engine.config import AdapterConfig, FreezingConfig
     from aflora_cli.engine.freezing import Freezer, release_from_optimizer
     from aflora_cli.errors import AfloraError
-    from aflora_cli.hf_callback import AfloraCallback
-    from aflora_cli.library import (
+    from aflora_cli.library.adapters import (
         Adapters,
         AfloraConfig,
         add_adapters,
@@ -64,7 +64,8 @@ if TYPE_CHECKING:
         merge_adapters,
         save_adapters,
     )
-    from aflora_cli.recipe import AdapterConfig, DataConfig, FreezingConfig
+    from aflora_cli.library.callback import AfloraCallback
+    from aflora_cli.recipe import DataConfig
 
 
 def __getattr__(name: str) -> Any:

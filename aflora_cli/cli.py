@@ -71,9 +71,9 @@ def train(
 ) -> None:
     """Fine-tune from a recipe and write checkpoints to its output_dir."""
     _quiet_libraries()
-    from aflora_cli.progress import TrainingProgress, compare_with_start, format_metrics
     from aflora_cli.recipe import load_recipe
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.training.progress import TrainingProgress, compare_with_start, format_metrics
+    from aflora_cli.training.trainer import Trainer
 
     recipe = load_recipe(recipe_path, set_)
     trainer = Trainer(recipe, resume=resume)
@@ -108,8 +108,8 @@ def train(
 def _print_plan(trainer: Any) -> None:
     recipe, sched = trainer.recipe, trainer.schedule
     console.print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False).rstrip(), highlight=False)
-    from aflora_cli.inspection import target_groups
-    from aflora_cli.report import layer_span
+    from aflora_cli.commands.inspection import target_groups
+    from aflora_cli.commands.report import layer_span
 
     table = Table(title=f"targets ({len(trainer.adapted.targets)} modules, family {trainer.task.family})")
     for column in ("module", "kind", "PMs", "where"):
@@ -143,8 +143,8 @@ def eval_command(
 ) -> None:
     """Score a checkpoint on its task's split, or on a local file, with the task's metric."""
     _quiet_libraries()
-    from aflora_cli.progress import RowProgress
-    from aflora_cli.scoring import evaluate_checkpoint
+    from aflora_cli.commands.scoring import evaluate_checkpoint
+    from aflora_cli.training.progress import RowProgress
 
     with RowProgress(errors, "eval") as progress:
         result = evaluate_checkpoint(
@@ -153,7 +153,7 @@ def eval_command(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        from aflora_cli.report import render_eval
+        from aflora_cli.commands.report import render_eval
 
         render_eval(console, result)
 
@@ -172,7 +172,7 @@ def generate(
     _quiet_libraries()
     import sys
 
-    from aflora_cli.scoring import generate_text
+    from aflora_cli.commands.scoring import generate_text
 
     if prompt is None:
         if sys.stdin.isatty():
@@ -208,7 +208,7 @@ def merge(
 ) -> None:
     """Fold the adapters into the base weights and save a plain transformers model (or export a PEFT adapter)."""
     _quiet_libraries()
-    from aflora_cli.merging import merge_checkpoint
+    from aflora_cli.commands.merging import merge_checkpoint
 
     result = merge_checkpoint(checkpoint, out, format=format_.value, dtype=dtype.value, force=force, base=base)
     if result.format == "peft":
@@ -238,21 +238,21 @@ def inspect_command(
     ] = None,
 ) -> None:
     """Show a checkpoint's run: summary, when each PM froze, trainable parameters over time, per-layer heat map."""
-    from aflora_cli.inspection import inspect_checkpoint
+    from aflora_cli.commands.inspection import inspect_checkpoint
 
     if plot is not None:  # a bad FILE or no matplotlib: one error line before anything is printed
-        from aflora_cli.plotting import check_output
+        from aflora_cli.commands.plotting import check_output
 
         check_output(plot)
     report = inspect_checkpoint(checkpoint)
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
-        from aflora_cli.report import render_inspect
+        from aflora_cli.commands.report import render_inspect
 
         render_inspect(console, report)
     if plot is not None:
-        from aflora_cli.plotting import plot_checkpoint
+        from aflora_cli.commands.plotting import plot_checkpoint
 
         written = plot_checkpoint(report, plot)
         (errors if json_out else console).print(

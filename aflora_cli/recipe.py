@@ -1,18 +1,18 @@
-"""The training recipe: typed sections read from YAML, `key.sub=value` overrides, validation in one place."""
+"""The training recipe: typed sections read from YAML, `key.sub=value` overrides, validation in one place.
+
+The `adapter` and `freezing` sections are the engine's own settings (`engine/config.py`); the recipe adds the
+base model, the data, the optimisation and evaluation settings around them."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aflora_cli.engine.config import AdapterConfig, FreezingConfig
 from aflora_cli.errors import AfloraError
-
-PMPolicy = Literal["trainable", "frozen", "adaptive"]
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|epochs?|%)\s*$")
 
 
 class _Section(BaseModel):
@@ -69,51 +69,6 @@ class DataConfig(_Section):
         if self.task == "custom" and self.format is None and not self.text_columns:
             raise ValueError("task 'custom' needs text_columns (classification) or format (text generation)")
         return self
-
-
-class AdapterConfig(_Section):
-    """Which linear layers get an adapter and how their projection matrices (PMs) behave.
-
-    `targets` maps a layer kind (`attention`, `ffn`) to module-name suffixes (`intermediate.dense`) or
-    regular expressions (`re:...`, matched against the full module name); None takes the architecture's
-    defaults. `policy` maps a kind to `trainable`, `frozen` or `adaptive`; None takes the method's defaults.
-    """
-
-    method: Literal["aflora", "lora", "elora"] = "aflora"
-    rank: int = Field(default=4, gt=0)
-    alpha: float | None = Field(default=None, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    lambda_d_init: float = 0.1
-    targets: dict[Literal["attention", "ffn"], list[str]] | None = None
-    policy: dict[Literal["attention", "ffn"], PMPolicy] | None = None
-
-
-class FreezingConfig(_Section):
-    """Freezing score (Eqs. 2-4) and schedule (Eq. 5).
-
-    `t_i` and `t_f` are step counts (`500`, `500 steps`), epochs (`1 epoch`) or a share of all steps (`70%`).
-    `power` is the exponent of the ramp: 3 in Eq. 5 of the paper; the authors' GSM8K code uses 2.
-    """
-
-    t_i: str | int = "1 epoch"
-    t_f: str | int = "70%"
-    beta1: float = Field(default=0.85, ge=0, lt=1)
-    beta2: float = Field(default=0.95, ge=0, lt=1)
-    score: Literal["grad", "weight_grad", "grad_over_weight"] = "grad"
-    interval: int = Field(default=1, gt=0)
-    granularity: Literal["independent", "together"] = "independent"
-    power: float = Field(default=3, gt=0)
-
-    @field_validator("t_i", "t_f")
-    @classmethod
-    def _duration(cls, value: str | int) -> str | int:
-        if isinstance(value, int):
-            if value < 0:
-                raise ValueError("must be >= 0")
-            return value
-        if not _DURATION.match(value):
-            raise ValueError("expected a step count, 'N epochs' or 'N%'")
-        return value
 
 
 class TrainingConfig(_Section):
@@ -175,20 +130,6 @@ class Recipe(_Section):
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
-
-
-def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -> int:
-    """Turn a `t_i`/`t_f` setting into a whole number of optimizer steps."""
-    if isinstance(value, int):
-        return value
-    match = _DURATION.match(value)
-    assert match, value  # validated when the recipe was read
-    amount, unit = float(match.group(1)), match.group(2)
-    if unit.startswith("epoch"):
-        return round(amount * steps_per_epoch)
-    if unit == "%":
-        return round(amount / 100 * total_steps)
-    return round(amount)
 
 
 def differing_key(old: Any, new: Any, prefix: str = "") -> str | None:

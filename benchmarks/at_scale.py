@@ -109,7 +109,7 @@ def build_recipe(task: str, method: str, lr: float, seed: int, scale: dict[str, 
 def run_one(raw: dict[str, Any]) -> dict[str, Any]:
     """Train one recipe with aflora's own Trainer; what the run measured."""
     from aflora_cli.recipe import parse_recipe
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.training.trainer import Trainer
 
     stamps: dict[str, float] = {}
 

@@ -187,7 +187,7 @@ def flops_profile(trainer: Any) -> dict[str, Any]:
     import torch
 
     from aflora_cli.engine.inject import adaptive_matrices
-    from aflora_cli.trainer import epoch_batches
+    from aflora_cli.training.trainer import epoch_batches
 
     data = trainer.data.train
     size = trainer.recipe.training.batch_size
@@ -242,7 +242,7 @@ def run_one(raw: dict[str, Any], flops_cache: dict[tuple[str, str], Any], key: t
     """Train one recipe to the end with aflora's Trainer; the measurements of the run."""
     import torch
 
-    import aflora_cli.trainer as trainer_module
+    import aflora_cli.training.trainer as trainer_module
     from aflora_cli.recipe import parse_recipe
 
     recipe = parse_recipe(copy.deepcopy(raw), "replicate")

@@ -23,7 +23,7 @@ order and collation: 32 rows padded to the longest, max length 64), every method
 round; the batches `whole_process.py` times as part of a whole run.
 
 A step is what `aflora train` does per optimizer step, run through the trainer's own code
-(`Trainer._forward_backward` and `Trainer._optimizer_step`): forward, backward, gradient norm, freezer
+(`TrainingStep.forward_backward` and `.optimizer_step`): forward, backward, gradient norm, freezer
 update (score EMAs and schedule; a no-op without adaptive PMs), clipping, AdamW, zero_grad, LR schedule.
 PEFT's models go through the same trainer code with an empty freezer. The floor is the frozen base model
 in train mode with the gradient flowing only to its input embeddings: forward and backward, no optimizer.
@@ -50,7 +50,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,35 +112,25 @@ class Variant:
         )
 
 
-def _trainer_for(model: Any, head_names: list[str], freezer: Any) -> Any:
-    """An aflora Trainer around an already built model: the trainer's own step code, no data or files."""
+def _training_step(model: Any, head_names: list[str], freezer: Any) -> Any:
+    """aflora's own training step (optimizer, schedule, freezer between gradients and AdamW) around an already
+    built model: the code `aflora train` runs each step, no data or files."""
     import torch
 
-    from aflora_cli import distributed
-    from aflora_cli.recipe import parse_recipe
-    from aflora_cli.trainer import Trainer, linear_schedule
+    from aflora_cli.recipe import TrainingConfig
+    from aflora_cli.training import distributed
+    from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
 
-    recipe = parse_recipe(
-        {
-            "output_dir": tempfile.gettempdir(),
-            "device": "cpu",
-            "model": {"name_or_path": MINILM},
-            "data": {"task": "movie_reviews"},
-            "training": {"lr": 4e-3, "max_steps": 10**6, "warmup_ratio": 0.0},
-        },
-        "speed benchmark",
+    optimizer = build_optimizer(model, head_names, TrainingConfig(lr=4e-3, warmup_ratio=0.0))
+    return TrainingStep(
+        model,
+        freezer,
+        optimizer,
+        linear_schedule(optimizer, 0, 10**6),
+        torch.amp.GradScaler("cpu", enabled=False),
+        distributed.setup("cpu"),
+        max_grad_norm=TrainingConfig().max_grad_norm,
     )
-    trainer = Trainer(recipe)
-    trainer.group = distributed.setup("cpu")
-    trainer.model = model
-    trainer.adapted = SimpleNamespace(head_names=head_names)
-    trainer.freezer = freezer
-    trainer.frozen_numel = 0
-    trainer.optimizer = trainer._build_optimizer()
-    trainer.scheduler = linear_schedule(trainer.optimizer, 0, 10**6)
-    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
-    trainer._wrap()
-    return trainer
 
 
 def _param_bytes(module: Any) -> int:
@@ -150,9 +139,9 @@ def _param_bytes(module: Any) -> int:
 
 def build_variant(name: str, base: Any) -> Variant:
     """`name` (one of METHODS) on a deep copy of `base`; its `step(batch)` trains on one batch."""
+    from aflora_cli.engine.config import AdapterConfig
     from aflora_cli.engine.freezing import Freezer
     from aflora_cli.engine.inject import adaptive_matrices, inject_adapters, unfreeze_head
-    from aflora_cli.recipe import AdapterConfig
 
     model = copy.deepcopy(base)
     base_bytes = _param_bytes(base)
@@ -197,8 +186,8 @@ def build_variant(name: str, base: Any) -> Variant:
             freezer.apply_schedule(1)
         else:  # never reaches t_i: scores update every step, nothing freezes
             freezer = Freezer(matrices, total_steps=10**9, t_i=10**9, t_f=0)
-    trainer = _trainer_for(model, head, freezer)
-    variant = Variant(name, model, lambda _: None, 0, _param_bytes(model) - base_bytes, optimizer=trainer.optimizer)
+    training = _training_step(model, head, freezer)
+    variant = Variant(name, model, lambda _: None, 0, _param_bytes(model) - base_bytes, optimizer=training.optimizer)
     variant.trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
 
     for attr in ("update_scores", "apply_schedule"):  # time the freezer's share of each step
@@ -212,10 +201,13 @@ def build_variant(name: str, base: Any) -> Variant:
 
         setattr(freezer, attr, timed)
 
+    steps_taken = 0
+
     def trainer_step(batch: dict[str, Any]) -> None:
-        loss = trainer._forward_backward([batch])
-        trainer._optimizer_step(loss)
-        trainer.step += 1
+        nonlocal steps_taken
+        loss = training.forward_backward([batch])
+        training.optimizer_step(loss, steps_taken)
+        steps_taken += 1
 
     variant.step = trainer_step
     return variant
@@ -238,10 +230,10 @@ def quickstart_batches() -> list[dict[str, Any]]:
     """The quickstart's first epoch of training batches, as `aflora train` draws and collates them."""
     import yaml
 
-    from aflora_cli.adapted import load_base as locate_base
-    from aflora_cli.adapted import task_for
+    from aflora_cli.adapted.building import load_base as locate_base
+    from aflora_cli.adapted.building import task_for
     from aflora_cli.recipe import parse_recipe
-    from aflora_cli.trainer import epoch_batches
+    from aflora_cli.training.trainer import epoch_batches
 
     root = Path(__file__).resolve().parents[1]
     raw = yaml.safe_load((root / "recipes" / "quickstart.yaml").read_text())

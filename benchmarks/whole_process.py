@@ -122,8 +122,8 @@ def peft_loop(plan: dict[str, Any]) -> None:
 def make_plan(steps: int, folder: Path) -> dict[str, Any]:
     """A's settings as B needs them: the same row subset, steps, batch, length and learning rates."""
     sys.path.insert(0, str(ROOT))
-    from aflora_cli.data import subset_rows
     from aflora_cli.engine.base_model import model_dir
+    from aflora_cli.tasks.tables import subset_rows
 
     recipe = quickstart()
     texts, _ = _read("train")

@@ -23,9 +23,9 @@ from transformers import (
 )
 
 from aflora_cli import AfloraCallback, AfloraConfig, add_adapters, model_dir
-from aflora_cli.data import SHIPPED_DIR, read_table
 from aflora_cli.engine.freezing import frozen_target
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 from runs import MINILM
 
 CONFIG = AfloraConfig(freezing={"t_i": 2, "t_f": 4})

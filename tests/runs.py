@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from aflora_cli.recipe import Recipe, parse_recipe
-from aflora_cli.trainer import Trainer
+from aflora_cli.training.trainer import Trainer
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

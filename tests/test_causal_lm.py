@@ -22,7 +22,7 @@ from aflora_cli.recipe import parse_recipe
 from aflora_cli.tasks.causal_lm import CausalLMTask
 from aflora_cli.tasks.generative import IGNORE
 from aflora_cli.tasks.text_data import ALPACA, ALPACA_WITH_INPUT, TextRow, load_rows, resolve_spec
-from aflora_cli.trainer import Trainer
+from aflora_cli.training.trainer import Trainer
 from tiny_lm import tiny_tokenizer
 
 runner = CliRunner()
@@ -239,9 +239,11 @@ def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, 
 def test_sort_by_length_gives_the_same_split_loss_with_less_padding(trained: Path) -> None:
     """eval.sort_by_length on a text task: the loss pass runs longest-first batches, pads fewer positions and
     gives the same mean loss per response token (up to float rounding)."""
-    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.adapted.loading import load_checkpoint
 
-    adapted, _, _, task = load_checkpoint(trained / "last")
+    loaded = load_checkpoint(trained / "last")
+
+    adapted, task = loaded.adapted, loaded.task
     rows = task.load_splits(adapted.tokenizer, ["validation"]).evaluation["validation"]
     task.recipe.training.eval_batch_size = 4
     positions: list[int] = []
@@ -260,13 +262,14 @@ def test_sort_by_length_gives_the_same_split_loss_with_less_padding(trained: Pat
 
 
 def test_generate_prints_the_completion_of_a_prompt(trained: Path) -> None:
-    from aflora_cli.adapted import load_checkpoint
-    from aflora_cli.generation import generate
+    from aflora_cli.adapted.loading import load_checkpoint
+    from aflora_cli.tasks.generation import generate
 
     prompt = "Review: a warm and funny film\nSentiment:"
     result = runner.invoke(app, ["generate", str(trained / "last"), "--prompt", prompt, "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
-    adapted, _, _, task = load_checkpoint(trained / "last")
+    loaded = load_checkpoint(trained / "last")
+    adapted, task = loaded.adapted, loaded.task
     tokenizer = adapted.tokenizer
     expected = generate(adapted.model, tokenizer, [ids(prompt, True)], task.settings(3), 1, torch.device("cpu"))[0]
     assert result.stdout.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
@@ -386,8 +389,8 @@ def _validation_batch(adapted: Any, task: Any) -> tuple[list[list[int]], dict[st
 def test_merged_causal_model_loads_without_aflora_and_generates_the_same(trained: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aflora_cli.adapted import load_checkpoint
-    from aflora_cli.generation import generate
+    from aflora_cli.adapted.loading import load_checkpoint
+    from aflora_cli.tasks.generation import generate
 
     out = tmp_path / "merged"
     result = runner.invoke(app, ["merge", str(trained / "last"), "--out", str(out)])
@@ -395,7 +398,8 @@ def test_merged_causal_model_loads_without_aflora_and_generates_the_same(trained
     assert "AutoModelForCausalLM.from_pretrained" in result.stdout
     assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    adapted, _, _, task = load_checkpoint(trained / "last")
+    loaded = load_checkpoint(trained / "last")
+    adapted, task = loaded.adapted, loaded.task
     model = adapted.model.eval()
     prompts, batch = _validation_batch(adapted, task)
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
@@ -415,7 +419,7 @@ def test_peft_export_of_a_causal_checkpoint_gives_the_same_logits(trained: Path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.adapted.loading import load_checkpoint
 
     out = tmp_path / "peft"
     result = runner.invoke(app, ["merge", str(trained / "last"), "--out", str(out), "--format", "peft"])
@@ -424,7 +428,8 @@ def test_peft_export_of_a_causal_checkpoint_gives_the_same_logits(trained: Path,
     assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
     assert config["fan_in_fan_out"] is False
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir_of(trained)), out).eval()
-    adapted, _, _, task = load_checkpoint(trained / "last")
+    loaded = load_checkpoint(trained / "last")
+    adapted, task = loaded.adapted, loaded.task
     _, batch = _validation_batch(adapted, task)
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
     # in float64, so that float32 rounding inside this tiny model's large activations (|logit| ~ 5) does not
@@ -468,8 +473,8 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path: Path, files: d
 
 
 def test_inspect_and_plot_a_causal_checkpoint(trained: Path, tmp_path: Path) -> None:
-    from aflora_cli.inspection import inspect_checkpoint
-    from aflora_cli.plotting import checkpoint_figure_data
+    from aflora_cli.commands.inspection import inspect_checkpoint
+    from aflora_cli.commands.plotting import checkpoint_figure_data
 
     result = runner.invoke(app, ["inspect", str(trained / "last")])
     assert result.exit_code == 0, result.output

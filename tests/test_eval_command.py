@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from aflora_cli.adapted import load_checkpoint
+from aflora_cli.adapted.loading import load_checkpoint
 from aflora_cli.cli import app
-from aflora_cli.data import SHIPPED_DIR, read_table
 from aflora_cli.engine.base_model import resolve_model_dir
 from aflora_cli.engine.manifest import MANIFEST_FILE
 from aflora_cli.tasks.classification import predict
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,
@@ -78,7 +78,7 @@ def test_eval_local_file_scores_its_rows(tmp_path: Path) -> None:
     out = eval_json(str(checkpoint), "--data", str(file))
     assert out["data_file"] == str(file) and out["split"] is None and out["rows"] == 24 and out["logged"] is None
 
-    adapted, *_ = load_checkpoint(checkpoint)
+    adapted = load_checkpoint(checkpoint).adapted
     labels = torch.tensor([["negative", "positive"].index(row["label"]) for row in rows])
     with torch.no_grad():
         batch = adapted.tokenizer(
@@ -127,7 +127,8 @@ def test_eval_bad_checkpoint_is_one_clear_line(kind: str, tmp_path: Path) -> Non
 def test_sort_by_length_scores_every_row_in_split_order_with_less_padding() -> None:
     """eval.sort_by_length: longest-first batches pad fewer positions, and every row keeps its own logits
     (equal up to float rounding) at its own place; off, the batches are the split's order."""
-    adapted, _, _, task = load_checkpoint(aflora_run() / "last")
+    loaded = load_checkpoint(aflora_run() / "last")
+    adapted, task = loaded.adapted, loaded.task
     rows = task.load_splits(adapted.tokenizer, ["validation"]).evaluation["validation"]
     lengths = task.lengths(rows)
     positions: list[int] = []

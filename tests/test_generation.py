@@ -15,7 +15,7 @@ from transformers import GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from aflora_cli.errors import AfloraError
-from aflora_cli.generation import GenerationSettings, generate, special_tokens
+from aflora_cli.tasks.generation import GenerationSettings, generate, special_tokens
 from tiny_lm import corpus_sentences, tiny_bart, tiny_llama_lm, tiny_t5, tiny_tokenizer
 
 BUILDERS: dict[str, Callable[[], Any]] = {

@@ -36,10 +36,10 @@ from aflora_cli import (
     merge_adapters,
     model_dir,
 )
-from aflora_cli.inspection import inspect_checkpoint
-from aflora_cli.merging import merge_checkpoint
-from aflora_cli.scoring import evaluate_checkpoint
-from aflora_cli.trainer import epoch_batches
+from aflora_cli.commands.inspection import inspect_checkpoint
+from aflora_cli.commands.merging import merge_checkpoint
+from aflora_cli.commands.scoring import evaluate_checkpoint
+from aflora_cli.training.trainer import epoch_batches
 from runs import MINILM, quick_recipe, run
 from tiny_models import tiny_bert
 

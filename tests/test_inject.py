@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from aflora_cli.engine.config import AdapterConfig
 from aflora_cli.engine.inject import (
     adapter_modules,
     adaptive_matrices,
@@ -20,7 +21,6 @@ from aflora_cli.engine.inject import (
 from aflora_cli.engine.layer import AdapterLinear
 from aflora_cli.engine.params import count_trainable
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import AdapterConfig
 from tiny_models import (
     HIDDEN,
     INTERMEDIATE,

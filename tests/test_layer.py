@@ -306,10 +306,10 @@ def test_peft_export_of_a_gpt2_checkpoint_sets_fan_in_fan_out_and_gives_the_same
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
     from typer.testing import CliRunner
 
-    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.adapted.loading import load_checkpoint
     from aflora_cli.cli import app
     from aflora_cli.recipe import parse_recipe
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.training.trainer import Trainer
     from tiny_lm import save_model_dir, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -338,7 +338,7 @@ def test_peft_export_of_a_gpt2_checkpoint_sets_fan_in_fan_out_and_gives_the_same
     exported = json.loads((out / "adapter_config.json").read_text())
     assert exported["fan_in_fan_out"] is True and exported["task_type"] == "CAUSAL_LM"
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
-    adapted, _, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    adapted = load_checkpoint(tmp_path / "run" / "last").adapted
     ids = torch.tensor([tokenizer.encode("Review: a warm and funny film\nSentiment:")])
     with torch.no_grad():  # float64, as for the other PEFT comparisons: left is the float32 export's rounding
         ours = adapted.model.double().eval()(input_ids=ids).logits
@@ -350,9 +350,9 @@ def test_peft_export_of_a_gpt2_checkpoint_sets_fan_in_fan_out_and_gives_the_same
 
 def test_fixed_adapters_give_the_same_outputs_bit_for_bit() -> None:
     """Evaluation forms W0 + up·A once per split; the outputs equal the per-batch merged path exactly."""
+    from aflora_cli.engine.config import AdapterConfig
     from aflora_cli.engine.inject import adapter_modules, inject_adapters
     from aflora_cli.engine.layer import fixed_adapters
-    from aflora_cli.recipe import AdapterConfig
     from tiny_models import tiny_bert
 
     model = tiny_bert()

@@ -16,13 +16,12 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 import aflora_cli
-from aflora_cli.adapted import load_checkpoint
+from aflora_cli.adapted.loading import load_checkpoint
 from aflora_cli.cli import app
-from aflora_cli.data import SHIPPED_DIR, read_table
+from aflora_cli.commands.merging import merged_model
 from aflora_cli.engine.inject import adapter_modules
 from aflora_cli.engine.manifest import WEIGHTS_FILE
-from aflora_cli.merging import merged_model
-from aflora_cli.scoring import rebuild
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 from trained_checkpoints import (
     BAD_CHECKPOINTS,
     aflora_run,
@@ -56,7 +55,7 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 def reference() -> dict:
     """The unmerged adapter model of the aflora `best` checkpoint and its logits on the validation rows."""
     checkpoint = aflora_run() / "best"
-    adapted, _manifest, _, _ = load_checkpoint(checkpoint)
+    adapted = load_checkpoint(checkpoint).adapted
     batch = validation_batch(adapted.tokenizer)
     return {"checkpoint": checkpoint, "adapted": adapted, "batch": batch, "logits": logits(adapted.model, batch)}
 
@@ -205,7 +204,8 @@ def test_peft_export_of_aflora_matches(reference: dict, tmp_path: Path) -> None:
 
 def test_peft_export_of_lora_matches(tmp_path: Path) -> None:
     checkpoint = lora_run() / "last"
-    adapted, manifest, _, _ = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint)
+    adapted, manifest = loaded.adapted, loaded.manifest
     assert manifest["method"] == "lora" and manifest["scaling"] == 2.0
     batch = validation_batch(adapted.tokenizer)
     ours = logits(adapted.model, batch)
@@ -221,7 +221,7 @@ def test_peft_export_of_lora_matches(tmp_path: Path) -> None:
     assert saved[f"{name}.lora_B"].abs().max() > 0  # trained away from LoRA's zero init
     assert (_peft_logits(out, batch, adapted.model_dir) - ours).abs().max().item() <= 1e-4
     # merging folds the scaling in too
-    merged = merged_model(rebuild(checkpoint))
+    merged = merged_model(load_checkpoint(checkpoint))
     assert not adapter_modules(merged)
     assert (logits(merged, batch) - ours).abs().max().item() <= 1e-4
 

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from aflora_cli.metrics import METRICS, compute_metrics
 from aflora_cli.tasks.classification import GLUE_TASKS, SHIPPED_TASKS, TaskSpec
+from aflora_cli.tasks.classification_metrics import METRICS, compute_metrics
 
 
 def _spec(problem: str, metrics: tuple[str, ...], num_labels: int = 2) -> TaskSpec:

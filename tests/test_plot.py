@@ -15,11 +15,12 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from aflora_cli import plotting, trainer
 from aflora_cli.cli import app
+from aflora_cli.commands import plotting
+from aflora_cli.commands.inspection import inspect_checkpoint, weight_shapes
 from aflora_cli.engine import base_model
 from aflora_cli.errors import AfloraError
-from aflora_cli.inspection import inspect_checkpoint, weight_shapes
+from aflora_cli.training import trainer
 from trained_checkpoints import aflora_run, assert_user_error, copy_checkpoint, lora_run, manifest_of
 
 runner = CliRunner()

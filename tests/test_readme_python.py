@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from aflora_cli.commands.inspection import inspect_checkpoint
 from aflora_cli.engine.freezing import frozen_target
-from aflora_cli.inspection import inspect_checkpoint
 
 SECTION = "## Use from Python"
 

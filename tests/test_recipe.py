@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from aflora_cli.engine.config import resolve_duration
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import load_recipe, resolve_duration
+from aflora_cli.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))

@@ -14,14 +14,15 @@ from text_runs import lm_recipe, model_dir, review_files, review_rows, write_jso
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
+from aflora_cli.engine.config import AdapterConfig
 from aflora_cli.engine.inject import find_targets
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
-from aflora_cli.recipe import AdapterConfig, parse_recipe
+from aflora_cli.recipe import parse_recipe
 from aflora_cli.tasks import resolve_task
 from aflora_cli.tasks.generative import IGNORE
 from aflora_cli.tasks.seq2seq import Seq2SeqTask
 from aflora_cli.tasks.text_data import TextRow
-from aflora_cli.trainer import Trainer
+from aflora_cli.training.trainer import Trainer
 from tiny_lm import LAYERS, tiny_bart, tiny_t5, tiny_tokenizer
 
 runner = CliRunner()
@@ -203,7 +204,8 @@ def test_a_seq2seq_run_has_no_head_and_reports_loss_perplexity_and_its_metric(tr
         metrics = record["eval"]["validation"]
         assert set(metrics) == {"loss", "perplexity", "exact_match"}
         assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-6)
-    assert evals[-1]["eval"]["validation"]["loss"] < evals[0]["eval"]["validation"]["loss"]
+    # no learning claim here: these wide-init models' losses move by float rounding over 8 steps; learning is
+    # asserted with a margin on models at a sane scale in test_a_tiny_encoder_decoder_learns_a_small_set
 
 
 def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, tmp_path: Path) -> None:
@@ -257,9 +259,11 @@ def _base_dir(run: Path) -> str:
 
 
 def _validation(run: Path) -> tuple[Any, Any, list[list[int]], dict[str, torch.Tensor]]:
-    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.adapted.loading import load_checkpoint
 
-    adapted, _, _, task = load_checkpoint(run / "last")
+    loaded = load_checkpoint(run / "last")
+
+    adapted, task = loaded.adapted, loaded.task
     rows = task.load_splits(adapted.tokenizer, ["validation"]).evaluation["validation"]
     batch = task.collate(adapted.tokenizer)(list(rows))
     return adapted, task, [list(row["prompt_ids"]) for row in rows], batch
@@ -270,7 +274,7 @@ def test_merged_seq2seq_model_loads_without_aflora_generates_the_same_and_keeps_
 ) -> None:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from aflora_cli.generation import generate
+    from aflora_cli.tasks.generation import generate
 
     out = tmp_path / "merged"
     result = runner.invoke(app, ["merge", str(trained / "last"), "--out", str(out)])
@@ -327,7 +331,7 @@ def test_peft_export_of_a_seq2seq_checkpoint_gives_the_same_logits(trained: Path
 def test_a_rouge_run_reports_rouge_and_scores_rows_like_rouge_score(tmp_path: Path, files: dict[str, Path]) -> None:
     from rouge_score import rouge_scorer
 
-    from aflora_cli.text_metrics import METRICS, split_sentences
+    from aflora_cli.tasks.text_metrics import METRICS, split_sentences
 
     # the target repeats the review's opening words, so generations share words with references
     rows = [json.loads(line) for line in files["train_file"].read_text().splitlines()]
@@ -424,26 +428,28 @@ def test_bad_seq2seq_input_is_one_line_and_writes_nothing(
 def test_generate_completes_a_prompt_with_a_seq2seq_checkpoint(trained: Path) -> None:
     from typer.testing import CliRunner
 
-    from aflora_cli.adapted import load_checkpoint
+    from aflora_cli.adapted.loading import load_checkpoint
     from aflora_cli.cli import app
-    from aflora_cli.generation import generate
+    from aflora_cli.tasks.generation import generate
 
     prompt = "Review: a warm and funny film\nSentiment:"
     result = CliRunner().invoke(app, ["generate", str(trained / "last"), "--prompt", prompt, "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
-    adapted, _, _, task = load_checkpoint(trained / "last")
+    loaded = load_checkpoint(trained / "last")
+    adapted, task = loaded.adapted, loaded.task
     source = list(adapted.tokenizer(prompt)["input_ids"])
     expected = generate(adapted.model, adapted.tokenizer, [source], task.settings(4), 1, torch.device("cpu"))[0]
     assert result.stdout.strip() == adapted.tokenizer.decode(expected, skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_tiny_encoder_decoder_learns_a_small_set_smoke(kind: str, tmp_path: Path, files: dict[str, Path]) -> None:
-    """A smoke test of learning, not a claim: random tiny weights fit 16 rows they are shown 40 times."""
+def test_a_tiny_encoder_decoder_learns_a_small_set(kind: str, tmp_path: Path) -> None:
+    """Random tiny weights at a sane init scale (loss near ln 400) fit 16 rows they are shown 40 times: the
+    fall is far beyond float rounding on any machine (measured here: to 0.30 and 0.11 of the start)."""
     rows = write_jsonl(tmp_path / "rows.jsonl", review_rows("train", 16))
     raw = lm_recipe(
         tmp_path / "run",
-        kind,
+        f"{kind}-sane-init",
         {"train_file": rows, "validation_file": rows},
         adapter={"method": "aflora", "rank": 4, "policy": {"attention": "trainable", "ffn": "trainable"}},
         training={"max_steps": 40, "lr": 3e-2, "eval_on_start": True, "eval_every": 40},
@@ -451,4 +457,4 @@ def test_a_tiny_encoder_decoder_learns_a_small_set_smoke(kind: str, tmp_path: Pa
     )
     run = _run(raw)
     evals = [r["eval"]["validation"]["loss"] for r in _records(run) if "eval" in r]
-    assert evals[-1] < 0.8 * evals[0], evals
+    assert evals[-1] < 0.5 * evals[0], evals

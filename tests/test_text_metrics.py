@@ -13,7 +13,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from aflora_cli.errors import AfloraError
-from aflora_cli.text_metrics import (
+from aflora_cli.tasks.text_metrics import (
     METRICS,
     ROUGE_TYPES,
     gsm8k_reference,

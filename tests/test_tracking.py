@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from aflora_cli.cli import app
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import load_recipe
-from aflora_cli.trainer import Trainer
+from aflora_cli.training.trainer import Trainer
 from runs import quick_recipe, recipe_of, run, write_recipe
 
 TAGS = {

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from aflora_cli.engine.freezing import freeze_fraction
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
-from aflora_cli.trainer import epoch_batches, plan_schedule
+from aflora_cli.training.trainer import epoch_batches, plan_schedule
 from runs import quick_recipe, recipe_of, run
 
 STEPS = 60  # seeds 7, 8, 9 reach 0.70, 0.70, 0.72 validation accuracy by then
@@ -147,7 +147,7 @@ def test_sorted_scoring_batches_leave_the_training_bit_for_bit_the_same(tmp_path
 
 def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     from aflora_cli.errors import AfloraError
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.training.trainer import Trainer
 
     raw = quick_recipe(tmp_path / "run", training={"max_steps": 2})
     run(raw)
@@ -157,7 +157,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
 
 
 def test_nonfinite_step_is_skipped_and_not_scored(tmp_path: Path) -> None:
-    from aflora_cli.trainer import Trainer
+    from aflora_cli.training.trainer import Trainer
 
     raw = quick_recipe(tmp_path / "run", training={"max_steps": 4}, freezing={"t_i": 10, "t_f": 0})
     trainer = Trainer(recipe_of(raw))
@@ -221,7 +221,7 @@ def test_length_grouped_batches_cover_every_row_and_keep_similar_lengths_togethe
 def test_linear_schedule_equals_transformers_own() -> None:
     from transformers import get_linear_schedule_with_warmup
 
-    from aflora_cli.trainer import linear_schedule
+    from aflora_cli.training.trainer import linear_schedule
 
     rates = []
     for make in (linear_schedule, get_linear_schedule_with_warmup):

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from aflora_cli.cli import app
 from aflora_cli.engine.base_model import resolve_model_dir
+from aflora_cli.engine.config import AdapterConfig
 from aflora_cli.engine.inject import PASTE_MARKER, adapter_modules, find_targets, guess_kind
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import AdapterConfig
-from aflora_cli.trainer import Trainer
+from aflora_cli.training.trainer import Trainer
 from runs import MINILM, quick_recipe, recipe_of, write_recipe
 
 SUFFIXES = {  # MPNet's layer: name within the block -> (guessed kind, out×in)

@@ -12,13 +12,23 @@ import functools
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aflora_cli.data import SHIPPED_DIR, read_table
+from transformers import PreTrainedModel
+
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 from tiny_lm import save_model_dir, tiny_bart, tiny_llama_lm, tiny_t5, tiny_tokenizer
 
-_BUILDERS = {"llama": tiny_llama_lm, "bart": tiny_bart, "t5": tiny_t5}
+_BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {
+    "llama": tiny_llama_lm,
+    "bart": tiny_bart,
+    "t5": tiny_t5,
+    # at a sane init scale, for learning assertions (see tiny_lm.py)
+    "bart-sane-init": functools.partial(tiny_bart, wide=False),
+    "t5-sane-init": functools.partial(tiny_t5, wide=False),
+}
 
 
 @functools.cache
@@ -30,7 +40,7 @@ def _folder() -> Path:
 
 @functools.cache
 def model_dir(kind: str) -> Path:
-    """A saved tiny model (`llama`, `bart` or `t5`) with the tiny tokenizer, loadable by path."""
+    """A saved tiny model (a key of _BUILDERS) with the tiny tokenizer, loadable by path."""
     tokenizer = tiny_tokenizer()
     return save_model_dir(_BUILDERS[kind](tokenizer=tokenizer), tokenizer, _folder() / kind)
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from aflora_cli.recipe import FreezingConfig
+from aflora_cli.engine.config import FreezingConfig
 
 Score = Literal["grad", "weight_grad", "grad_over_weight"]
 

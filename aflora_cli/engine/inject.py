@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from aflora_cli.engine.config import AdapterConfig
 from aflora_cli.engine.layer import AdapterLinear
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import AdapterConfig
 
 Kind = Literal["attention", "ffn"]
 Policy = Literal["trainable", "frozen", "adaptive"]

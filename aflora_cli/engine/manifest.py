@@ -13,6 +13,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "adapter_config.json"
 STATE_FILE = "training_state.pt"
 FREEZER_FILE = "aflora_freezer.pt"  # the freezer state AfloraCallback keeps in a Trainer checkpoint
+MATRICES = ("lora_A", "lora_B")  # the projection matrices of an adapter, as the freeze log names them
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -25,7 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from aflora_cli.data import (
+from aflora_cli.engine import base_model
+from aflora_cli.engine.inject import unfreeze_head
+from aflora_cli.engine.layer import fixed_adapters
+from aflora_cli.errors import AfloraError
+from aflora_cli.recipe import DataConfig, Recipe
+from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
+from aflora_cli.tasks.classification_metrics import compute_metrics
+from aflora_cli.tasks.tables import (
     SHIPPED_DIR,
     Columns,
     TableRows,
@@ -37,13 +44,6 @@ from aflora_cli.data import (
     subset_rows,
     texts,
 )
-from aflora_cli.engine import base_model
-from aflora_cli.engine.inject import unfreeze_head
-from aflora_cli.engine.layer import fixed_adapters
-from aflora_cli.errors import AfloraError
-from aflora_cli.metrics import compute_metrics
-from aflora_cli.recipe import DataConfig, Recipe
-from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
 
 Problem = Literal["classification", "regression"]
 GLUE_HUB_ID = "nyu-mll/glue"

@@ -23,11 +23,11 @@ from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.engine import base_model
 from aflora_cli.errors import AfloraError
-from aflora_cli.generation import GenerationSettings, generate
 from aflora_cli.recipe import Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
+from aflora_cli.tasks.generation import GenerationSettings, generate
 from aflora_cli.tasks.text_data import TextRow, TextSpec, load_rows, resolve_spec, rows_from_file, user_row
-from aflora_cli.text_metrics import METRICS
+from aflora_cli.tasks.text_metrics import METRICS
 
 IGNORE = -100  # the label of a token the loss skips
 

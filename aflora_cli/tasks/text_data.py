@@ -26,9 +26,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aflora_cli.data import choose_splits, load_hub_dataset, read_table, require_columns, require_rows, subset_rows
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig
+from aflora_cli.tasks.tables import (
+    choose_splits,
+    load_hub_dataset,
+    read_table,
+    require_columns,
+    require_rows,
+    subset_rows,
+)
 
 # The Alpaca prompt (Taori et al., 2023), which the AFLoRA authors' GSM8K scripts train and evaluate with.
 ALPACA = (

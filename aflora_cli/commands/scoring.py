@@ -16,50 +16,9 @@ from typing import Any
 
 import torch
 
-from aflora_cli.adapted import AdaptedModel, load_checkpoint
+from aflora_cli.adapted.loading import load_checkpoint, read_checkpoint_manifest
 from aflora_cli.errors import AfloraError
-from aflora_cli.inspection import read_checkpoint_manifest
-from aflora_cli.recipe import Recipe
-from aflora_cli.tasks import Prediction, Progress, Row, Task
-
-
-@dataclass
-class Rebuilt:
-    """A checkpoint's model rebuilt on the CPU, with what its manifest says about it."""
-
-    adapted: AdaptedModel
-    manifest: dict[str, Any]
-    recipe: Recipe
-    task: Task
-    base_name: str
-
-
-def rebuild(path: str | Path, base: str | None = None, manifest: dict[str, Any] | None = None) -> Rebuilt:
-    """Base model + adapters + head from checkpoint `path`; `base` is the base model's directory (or GGUF file)
-    if it moved.
-
-    `manifest` is the checkpoint's, already read by `read_checkpoint_manifest`; it is read when not given.
-    """
-    path = Path(path)
-    manifest = manifest if manifest is not None else read_checkpoint_manifest(path)
-    name = manifest["base_model"]["name_or_path"]
-    if base is not None:
-        location = Path(base).expanduser()
-        if base.endswith(".gguf"):
-            if not location.is_file():
-                raise AfloraError(f"--base {base}: GGUF file not found")
-        elif not location.is_dir():
-            raise AfloraError(f"--base {base}: not a directory")
-        elif not (location / "config.json").is_file():
-            raise AfloraError(f"--base {base}: no config.json; expected a transformers model directory")
-        base = str(location.resolve())
-    elif name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise AfloraError(
-            f"{path}: its base model {name} is not there any more; pass --base with the model's directory"
-        )
-    adapted, manifest, recipe, task = load_checkpoint(path, base, manifest)
-    return Rebuilt(adapted, manifest, recipe, task, base or name)
-
+from aflora_cli.tasks import Prediction, Progress, Row
 
 GENERATING_FAMILIES = ("causal_lm", "seq2seq")
 
@@ -145,8 +104,8 @@ def evaluate_checkpoint(
     else:
         name = split or next(iter(manifest["task"]["eval_splits"]), None) or "train"
         _check_split(manifest, name)
-    rebuilt = rebuild(path, base, manifest)
-    task, tokenizer = rebuilt.task, rebuilt.adapted.tokenizer
+    loaded = load_checkpoint(path, base, manifest)
+    task, tokenizer = loaded.task, loaded.adapted.tokenizer
     rows: Sequence[Row] | None
     if data_file is not None:
         rows = task.load_file(data_file, tokenizer)
@@ -157,7 +116,7 @@ def evaluate_checkpoint(
         assert rows is not None
         logged = (manifest.get("metrics") or {}).get(name)
     device = device or default_device()
-    model = rebuilt.adapted.model.to(device)
+    model = loaded.adapted.model.to(device)
     metrics, predictions = task.evaluate(model, rows, tokenizer, device, progress)
     if predictions_file is not None:
         write_predictions(Path(predictions_file), predictions)
@@ -191,7 +150,7 @@ def generate_text(
             f"{path}: a {family} checkpoint (task {manifest['task']['name']!r}) does not generate text; "
             "generate needs a causal-LM or seq2seq checkpoint"
         )
-    rebuilt = rebuild(path, base, manifest)
+    loaded = load_checkpoint(path, base, manifest)
     device = device or default_device()
-    model = rebuilt.adapted.model.to(device)
-    return rebuilt.task.complete(model, rebuilt.adapted.tokenizer, prompt, device, max_new_tokens)
+    model = loaded.adapted.model.to(device)
+    return loaded.task.complete(model, loaded.adapted.tokenizer, prompt, device, max_new_tokens)

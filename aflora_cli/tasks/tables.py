@@ -20,7 +20,7 @@ import pyarrow.parquet
 from aflora_cli.errors import AfloraError
 
 Columns = dict[str, list[Any]]
-SHIPPED_DIR = Path(__file__).resolve().parent / "datasets"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "datasets"  # aflora_cli/datasets
 
 
 class TableRows(Sequence[dict[str, Any]]):

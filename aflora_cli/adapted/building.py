@@ -1,4 +1,5 @@
-"""An adapted model for a task: built fresh from a recipe, or rebuilt from a checkpoint directory."""
+"""An adapted model for a task, built from a recipe: base model (+ head) + adapters, and the manifest entries
+that describe it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from aflora_cli.engine import base_model
-from aflora_cli.engine.checkpoint import load_weights_into, read_weights
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, inject_adapters
 from aflora_cli.engine.params import trainable_timeline
-from aflora_cli.errors import AfloraError
-from aflora_cli.inspection import read_checkpoint_manifest
-from aflora_cli.recipe import Recipe, parse_recipe
-from aflora_cli.tasks import Task, resolve_task, task_from_manifest
+from aflora_cli.recipe import Recipe
+from aflora_cli.tasks import Task, resolve_task
 
 
 @dataclass
@@ -128,38 +126,3 @@ def run_manifest(
         "trainable_params": trainable_timeline(start_counts, freezer.freeze_log, sizes, step),
         "metrics": metrics,
     }
-
-
-def load_checkpoint(
-    path: Path, base: str | None = None, manifest: dict[str, Any] | None = None
-) -> tuple[AdaptedModel, dict[str, Any], Recipe, Task]:
-    """Rebuild base + adapters + head from a checkpoint; `base` points at the base model if it moved.
-
-    `manifest` is the checkpoint's, already read by `read_checkpoint_manifest`; it is read when not given.
-    """
-    path = Path(path)
-    manifest = manifest if manifest is not None else read_checkpoint_manifest(path)
-    tensors = read_weights(path)
-    recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
-    try:
-        task = task_from_manifest(manifest["task"], recipe)
-    except (KeyError, TypeError) as err:
-        raise AfloraError(f"{path}/adapter_config.json: task: damaged entry ({err})") from None
-    if base is not None:
-        recipe.model.name_or_path = base
-        if base.endswith(".gguf"):
-            recipe.model.gguf_file = None
-    found = load_base(recipe)
-    expected = manifest["base_model"]["fingerprint"]
-    if found.fingerprint != expected:
-        raise AfloraError(
-            f"{path}: base model {found.model_dir} has fingerprint {found.fingerprint[:19]}…, the checkpoint was "
-            f"trained on {expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
-        )
-    adapted = build_adapted(recipe, task, found)
-    load_weights_into(adapted.model, tensors, adapted.head_names, path)
-    params = dict(adapted.model.named_parameters())
-    for name, step in manifest.get("freeze_log", {}).items():
-        if step is not None:
-            params[name].requires_grad_(False)
-    return adapted, manifest, recipe, task

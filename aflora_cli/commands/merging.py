@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
+from aflora_cli.adapted.loading import LoadedCheckpoint, load_checkpoint
 from aflora_cli.engine.checkpoint import atomic_directory
 from aflora_cli.engine.inject import adapter_modules, fold_adapters
 from aflora_cli.errors import AfloraError
-from aflora_cli.scoring import Rebuilt, rebuild
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -101,16 +101,16 @@ def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- the formats
 
 
-def merged_model(rebuilt: Rebuilt, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The rebuilt model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
+def merged_model(loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The loaded model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
     then cast to `dtype`."""
-    model = fold_adapters(rebuilt.adapted.model.float())
+    model = fold_adapters(loaded.adapted.model.float())
     return cast(PreTrainedModel, model.to(dtype))
 
 
-def peft_tensors(rebuilt: Rebuilt, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def peft_tensors(loaded: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """PEFT LoRA tensors: lora_A = diag(Λd)·A, lora_B = diag(Λb)·B, and the head, under PEFT's key names."""
-    model = rebuilt.adapted.model
+    model = loaded.adapted.model
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in adapter_modules(model).items():
@@ -121,18 +121,18 @@ def peft_tensors(rebuilt: Rebuilt, dtype: torch.dtype) -> dict[str, torch.Tensor
             tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = down
             tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = up
         params = dict(model.named_parameters())
-        for name in rebuilt.adapted.head_names:
+        for name in loaded.adapted.head_names:
             tensors[f"{PEFT_PREFIX}{name}"] = params[name].float()
     return {name: tensor.to(dtype).cpu().contiguous() for name, tensor in tensors.items()}
 
 
-def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
+def peft_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
     """A PEFT LoRA config (the family's task type) whose scaling lora_alpha / r equals the adapter's scaling."""
-    manifest, recipe = rebuilt.manifest, rebuilt.recipe
+    manifest, recipe = loaded.manifest, loaded.recipe
     rank = manifest["rank"]
     alpha = float(manifest["scaling"]) * rank
-    head_modules = list(dict.fromkeys(name.split(".")[0] for name in rebuilt.adapted.head_names))
-    modules = adapter_modules(rebuilt.adapted.model)
+    head_modules = list(dict.fromkeys(name.split(".")[0] for name in loaded.adapted.head_names))
+    modules = adapter_modules(loaded.adapted.model)
     transposed = {module.transposed for module in modules.values()}
     if len(transposed) > 1:
         raise AfloraError(
@@ -141,8 +141,8 @@ def peft_config(rebuilt: Rebuilt) -> dict[str, Any]:
         )
     return {
         "peft_type": "LORA",
-        "task_type": rebuilt.task.peft_task_type,
-        "base_model_name_or_path": rebuilt.base_name,
+        "task_type": loaded.task.peft_task_type,
+        "base_model_name_or_path": loaded.base_name,
         "revision": recipe.model.revision,
         "r": rank,
         "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
@@ -178,24 +178,24 @@ def merge_checkpoint(
     if dtype not in TORCH_DTYPES:
         raise AfloraError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
     check_output(out, force, path)
-    rebuilt = rebuild(path, base)
+    loaded = load_checkpoint(path, base)
     torch_dtype = TORCH_DTYPES[dtype]
-    modules = len(adapter_modules(rebuilt.adapted.model))
+    modules = len(adapter_modules(loaded.adapted.model))
     if format == "peft":
-        tensors = peft_tensors(rebuilt, torch_dtype)
-        config = peft_config(rebuilt)
+        tensors = peft_tensors(loaded, torch_dtype)
+        config = peft_config(loaded)
 
         def fill(folder: Path) -> None:
             save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
             (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     else:
-        model = merged_model(rebuilt, torch_dtype)
-        tokenizer = rebuilt.adapted.tokenizer
+        model = merged_model(loaded, torch_dtype)
+        tokenizer = loaded.adapted.tokenizer
 
         def fill(folder: Path) -> None:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
 
     files = write_directory(out, fill)
-    return MergeResult(str(out), format, dtype, modules, files, rebuilt.task.auto_class)
+    return MergeResult(str(out), format, dtype, modules, files, loaded.task.auto_class)

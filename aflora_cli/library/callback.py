@@ -26,7 +26,15 @@ from aflora_cli.engine.checkpoint import write_checkpoint_files
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
 from aflora_cli.engine.manifest import FREEZER_FILE
 from aflora_cli.errors import AfloraError
-from aflora_cli.library import Adapters, AfloraConfig, adapter_manifest, adapters_of, as_config, describe_run, validated
+from aflora_cli.library.adapters import (
+    Adapters,
+    AfloraConfig,
+    adapter_manifest,
+    adapters_of,
+    as_config,
+    describe_run,
+    validated,
+)
 from aflora_cli.recipe import DataConfig, differing_key
 
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: <output_dir>/checkpoint-<global step>

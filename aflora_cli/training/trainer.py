@@ -3,31 +3,29 @@ optimizer step, evaluation and checkpoints on a cadence, exact resume, and DDP a
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from aflora_cli import distributed
-from aflora_cli.adapted import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
+from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
-from aflora_cli.engine.freezing import Freezer, release_from_optimizer
+from aflora_cli.engine.config import resolve_duration
+from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import adaptive_matrices
 from aflora_cli.engine.manifest import STATE_FILE, read_manifest
 from aflora_cli.engine.params import count_trainable
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import Recipe, differing_key, parse_recipe, resolve_duration
+from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
-from aflora_cli.tracking import TensorBoardTracker, summary_writer_class
+from aflora_cli.training import distributed
+from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
+from aflora_cli.training.tracking import TensorBoardTracker, summary_writer_class
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
@@ -90,22 +88,6 @@ def epoch_batches(
     else:
         mine = order[rank::world_size]
     return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-def _linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """The learning-rate factor at `step`: a linear rise over the warmup, then a linear fall to 0 at T."""
-    if step < warmup_steps:
-        return float(step) / float(max(1, warmup_steps))
-    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warmup and decay, the same arithmetic as transformers' `get_linear_schedule_with_warmup`.
-
-    Written here because importing that function imports `transformers.trainer_utils`, which imports peft
-    when it is installed: about a second of every `aflora train` start-up, for five lines.
-    """
-    return LambdaLR(optimizer, functools.partial(_linear_factor, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 class Trainer:
@@ -184,48 +166,27 @@ class Trainer:
         self.start_counts = count_trainable(self.model, self.adapted.head_names)
         if resumed is not None:
             self._load_weights_and_freezer()
-        self.frozen_numel = self.start_counts[0] - count_trainable(self.model, self.adapted.head_names)[0]
-        self.optimizer = self._build_optimizer()
+        frozen_numel = self.start_counts[0] - count_trainable(self.model, self.adapted.head_names)[0]
+        self.optimizer = build_optimizer(self.model, self.adapted.head_names, recipe.training)
         self.scheduler = linear_schedule(self.optimizer, self.schedule.warmup_steps, self.schedule.total_steps)
         self.scaler = torch.amp.GradScaler(self.group.device.type, enabled=recipe.precision == "fp16")
         if resumed is not None:
             self._load_training_state()
         else:
             torch.manual_seed(recipe.seed + self.group.rank)  # dropout differs across ranks
-        self._wrap()
+        self.steps = TrainingStep(
+            self.model,
+            self.freezer,
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            self.group,
+            recipe.precision,
+            recipe.training.max_grad_norm,
+            frozen_numel,
+        )
         if writer_class is not None and self.group.is_main:
             self.tracker = TensorBoardTracker(self.output_dir, writer_class, resume_step=self.step)
-
-    def _build_optimizer(self) -> torch.optim.AdamW:
-        """AdamW over the trainable parameters in model order; the head may have its own learning rate."""
-        cfg = self.recipe.training
-        head = set(self.adapted.head_names)
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {
-            (is_head, decay): [] for is_head in (False, True) for decay in (True, False)
-        }
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                decay = not (name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name)
-                groups[(name in head, decay)].append(param)
-        return torch.optim.AdamW(
-            [
-                {
-                    "params": params,
-                    "lr": (cfg.head_lr or cfg.lr) if is_head else cfg.lr,
-                    "weight_decay": cfg.weight_decay if decay else 0.0,
-                }
-                for (is_head, decay), params in groups.items()
-            ]
-        )
-
-    def _wrap(self) -> None:
-        """(Re)wrap the model in DDP; done again whenever PMs freeze so DDP tracks the right parameters."""
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.group.distributed:
-            ids = [self.group.device.index] if self.group.device.type == "cuda" else None
-            self.forward_model: torch.nn.Module = DistributedDataParallel(self.model, device_ids=ids)
-        else:
-            self.forward_model = self.model
 
     # ---- resume ----------------------------------------------------------------------------------
     def _load_weights_and_freezer(self) -> None:
@@ -256,56 +217,6 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     # ---- the loop --------------------------------------------------------------------------------
-    def _autocast(self) -> Any:
-        precision = self.recipe.precision
-        if precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.group.device.type, dtype=dtype)
-
-    def _forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Accumulate gradients over the step's micro-batches; DDP reduces them on the last one."""
-        total = torch.zeros((), device=self.group.device)
-        for i, batch in enumerate(micro_batches):
-            batch = {key: value.to(self.group.device) for key, value in batch.items()}
-            last = i == len(micro_batches) - 1
-            sync = (
-                cast(DistributedDataParallel, self.forward_model).no_sync()
-                if self.group.distributed and not last
-                else nullcontext()
-            )
-            with sync:
-                with self._autocast():
-                    loss = self.forward_model(**batch).loss.float() / len(micro_batches)
-                self.scaler.scale(loss).backward()
-            total += loss.detach()
-        if self.group.distributed:
-            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
-        return total
-
-    def _optimizer_step(self, loss: torch.Tensor) -> dict[str, Any]:
-        """Check, score, freeze, clip and step: the freezer sees the final, reduced gradients."""
-        self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        finite = bool(torch.isfinite(norm) & torch.isfinite(loss))
-        if finite:
-            self.freezer.update_scores(self.step)
-        newly = self.freezer.apply_schedule(self.step)
-        if newly:
-            release_from_optimizer(self.optimizer, newly)
-            self.frozen_numel += sum(p.numel() for p in newly)
-            self._wrap()
-        if finite:
-            if self.recipe.training.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(self.trainable, self.recipe.training.max_grad_norm, norm)
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        return {"finite": finite, "grad_norm": float(norm), "lr": lr, "newly_frozen": len(newly)}
-
     def train(self) -> dict[str, Any]:
         """Run from the current step to T; returns the final evaluation."""
         sched = self.schedule
@@ -343,8 +254,8 @@ class Trainer:
                 if self.step >= sched.total_steps:
                     break
                 count = min(accum, sched.micro_batches_per_epoch - position * accum)
-                loss = self._forward_backward([next(loader) for _ in range(count)])
-                outcome = self._optimizer_step(loss)
+                loss = self.steps.forward_backward([next(loader) for _ in range(count)])
+                outcome = self.steps.optimizer_step(loss, self.step)
                 self.step += 1
                 record = {
                     "step": self.step,
@@ -378,8 +289,8 @@ class Trainer:
     def _counts(self) -> dict[str, int]:
         without, with_head = self.start_counts
         return {
-            "trainable": without - self.frozen_numel,
-            "trainable_with_head": with_head - self.frozen_numel,
+            "trainable": without - self.steps.frozen_numel,
+            "trainable_with_head": with_head - self.steps.frozen_numel,
             "frozen_pms": self.freezer.num_frozen,
         }
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from aflora_cli.scoring import EvalResult
+    from aflora_cli.commands.scoring import EvalResult
 
 _LIGHT = (222, 235, 247)  # the ends of a blue scale, like the paper's Fig. 5
 _DARK = (8, 48, 107)

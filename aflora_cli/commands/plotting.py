@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aflora_cli.commands.inspection import weight_shapes
 from aflora_cli.engine.freezing import frozen_target
+from aflora_cli.engine.manifest import MATRICES
 from aflora_cli.errors import AfloraError
-from aflora_cli.inspection import MATRICES, weight_shapes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -7,15 +7,22 @@ scikit-learn uses for a degenerate Matthews correlation, so checkpoint selection
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from aflora_cli.tasks.classification import TaskSpec
-
 Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+class ScoredTask(Protocol):
+    """What scoring needs to know of a task (a classification `TaskSpec` has it)."""
+
+    @property
+    def problem(self) -> str: ...
+
+    @property
+    def metrics(self) -> Sequence[str]: ...
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -66,7 +73,7 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def compute_metrics(spec: ScoredTask, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """The task's metrics, by name in the spec's order.
 
     `predictions` are logits: shape (n, num_labels) for classification (their argmax is the predicted

@@ -16,15 +16,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from aflora_cli.adapted import AdaptedModel, RunLayout, run_manifest
-from aflora_cli.adapted import load_checkpoint as rebuild_checkpoint
+from aflora_cli.adapted.building import AdaptedModel, RunLayout, run_manifest
+from aflora_cli.adapted.loading import load_checkpoint as read_back
 from aflora_cli.engine import base_model as base_model_files
 from aflora_cli.engine.checkpoint import save_checkpoint
+from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_duration
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, adaptive_matrices, fold_adapters, inject_adapters, unfreeze_head
 from aflora_cli.engine.params import count_trainable
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import AdapterConfig, DataConfig, FreezingConfig, Recipe, parse_recipe, resolve_duration
+from aflora_cli.recipe import DataConfig, Recipe, parse_recipe
 from aflora_cli.tasks import Task, resolve_task
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -222,7 +223,8 @@ def load_checkpoint(path: str | Path, base_model: str | None = None) -> AdaptedM
     """An aflora checkpoint (from `aflora train`, `AfloraCallback` or `save_adapters`) rebuilt: base model,
     adapters (PMs frozen as the log says) and head; `.model` and `.tokenizer` are ready to use, and
     `merge_adapters(.model)` folds it. `base_model` is the base model's directory if it moved."""
-    adapted, manifest, recipe, _ = rebuild_checkpoint(Path(path), base_model)
+    loaded = read_back(Path(path), base_model)
+    adapted, manifest, recipe = loaded.adapted, loaded.manifest, loaded.recipe
     counts = manifest.get("trainable_params") or {}
     start = (counts.get("start", 0), counts.get("start_with_head", 0))
     config = AfloraConfig(adapter=recipe.adapter, freezing=recipe.freezing)
