@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import functools
 import json
 import math
 import multiprocessing
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,14 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def build_recipe(task: str, method: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
     """The raw recipe of one run."""
+    return recipe_with(task, METHODS[method][1], lr, seed, scale, out)
+
+
+def recipe_with(
+    task: str, overrides: dict[str, Any], lr: float, seed: int, scale: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """The raw recipe of one run: AFLoRA r=4 at this scale, head rate = `lr`, with `overrides` (section by
+    section, key by key) on top."""
     data: dict[str, Any] = {"task": task}
     if scale.get("train_rows"):
         data["max_train_samples"] = scale["train_rows"]
@@ -101,7 +111,7 @@ def build_recipe(task: str, method: str, lr: float, seed: int, scale: dict[str, 
             "log_every": 10**9,
         },
     }
-    for section, values in METHODS[method][1].items():
+    for section, values in overrides.items():
         raw[section] = {**raw[section], **copy.deepcopy(values)}
     return raw
 
@@ -214,7 +224,7 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _train(run: Run, scale: dict[str, Any], work: Path) -> dict[str, Any]:
+def _train(run: Run, work: Path, scale: dict[str, Any]) -> dict[str, Any]:
     """One run in a pool process; its record for the results file."""
     task, method, lr, seed = run
     run_dir = work / f"{task}-{method}-{lr}-{seed}"
@@ -231,43 +241,63 @@ def _train(run: Run, scale: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"task": task, "method": method, "lr": lr, "seed": seed, "phase": phase, "scale": scale, **measured}
 
 
-def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
-    """Every outstanding run, `args.jobs` at a time; new runs are planned whenever one finishes."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = out / RESULTS_FILE
+def run_pool(
+    results: Path,
+    plan: Callable[[list[dict[str, Any]]], list[Any]],
+    train: Callable[[Any, Path], dict[str, Any]],
+    describe: Callable[[Any], str],
+    jobs: int,
+    threads: int | None,
+) -> None:
+    """Every run that `plan` names from the records in `results`, `jobs` at a time in fresh processes of
+    `threads` torch threads; the plan is made again whenever a run finishes, and `train(run, work_dir)`'s
+    record (plus the commit and the machine) is appended to `results` as one JSON line."""
+    results.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="aflora-at-scale-"))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
-    running: dict[concurrent.futures.Future[dict[str, Any]], Run] = {}
+    running: dict[concurrent.futures.Future[dict[str, Any]], Any] = {}
     finished = 0
     try:
         with concurrent.futures.ProcessPoolExecutor(
-            args.jobs, mp_context=context, initializer=_set_threads, initargs=(args.threads,)
+            jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)
         ) as pool:
             while True:
-                records = read_results(results)
-                done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
-                planned = ready_runs(records, args.tasks, args.methods) + [p for p in args.probe if p not in done]
-                ready = [r for r in planned if r not in running.values()]
-                for run in ready[: args.jobs - len(running)]:
-                    running[pool.submit(_train, run, scale, work)] = run
+                ready = [r for r in plan(read_results(results)) if r not in running.values()]
+                for run in ready[: jobs - len(running)]:
+                    running[pool.submit(train, run, work)] = run
                 if not running:
                     break
                 done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
-                    task, method, lr, seed = running.pop(future)
-                    record = {**future.result(), "commit": commit(), "machine": machine()}
+                    run = running.pop(future)
+                    result = future.result()
+                    record = {**result, "commit": commit(), "machine": result.get("machine") or machine()}
                     append(results, record)
                     finished += 1
-                    metric = MAIN_METRIC[task]
+                    metric = MAIN_METRIC[record["task"]]
                     print(
-                        f"[{finished}] {task} {method} lr {lr:g} seed {seed}: validation {metric} "
+                        f"[{finished}] {describe(run)}: validation {metric} "
                         f"{record['metrics']['validation'][metric]:.4f}, test {record['metrics']['test'][metric]:.4f}, "
                         f"{record['steps']} steps in {record['train_time_s']:.0f} s",
                         flush=True,
                     )
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
+    """Every outstanding run, `args.jobs` at a time; new runs are planned whenever one finishes."""
+
+    def plan(records: list[dict[str, Any]]) -> list[Run]:
+        done = {(r["task"], r["method"], r["lr"], r["seed"]) for r in records}
+        return ready_runs(records, args.tasks, args.methods) + [p for p in args.probe if p not in done]
+
+    def describe(run: Run) -> str:
+        task, method, lr, seed = run
+        return f"{task} {method} lr {lr:g} seed {seed}"
+
+    train = functools.partial(_train, scale=scale)
+    run_pool(Path(args.out) / RESULTS_FILE, plan, train, describe, args.jobs, args.threads)
 
 
 # ---- the report ------------------------------------------------------------------------------------
