@@ -202,7 +202,10 @@ def merge(
     format_: Annotated[
         _Format, typer.Option("--format", help="a merged transformers model, or a PEFT LoRA adapter")
     ] = _Format.transformers,
-    dtype: Annotated[_DType, typer.Option(help="dtype of the saved weights")] = _DType.fp32,
+    dtype: Annotated[
+        _DType | None,
+        typer.Option(help="dtype of the saved weights [default: fp32; bf16 merged from a quantized base]"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace DIR if it is not empty")] = False,
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
 ) -> None:
@@ -210,7 +213,9 @@ def merge(
     _quiet_libraries()
     from aflora_cli.commands.merging import merge_checkpoint
 
-    result = merge_checkpoint(checkpoint, out, format=format_.value, dtype=dtype.value, force=force, base=base)
+    result = merge_checkpoint(
+        checkpoint, out, format=format_.value, dtype=None if dtype is None else dtype.value, force=force, base=base
+    )
     if result.format == "peft":
         console.print(
             f"wrote a PEFT LoRA adapter for {result.modules} modules ({result.dtype}) to {result.out}: "
@@ -226,6 +231,14 @@ def merge(
             highlight=False,
             markup=False,
         )
+        if result.logit_gap is not None:
+            console.print(
+                f"the base was quantized: it was dequantized to merge, so the merged model's logits differ from "
+                f"the quantized adapter model's by up to {result.logit_gap:.1%} of the largest logit "
+                "(two sample sentences)",
+                highlight=False,
+                markup=False,
+            )
 
 
 @app.command("inspect")

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aflora_cli.engine.config import AdapterConfig, FreezingConfig
+from aflora_cli.engine.config import AdapterConfig, BaseDtype, FreezingConfig, QuantizationConfig
+from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 
 
@@ -22,11 +23,17 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base model: a hub id, a local directory, a `.gguf` file, or `package:<module>/<file>` (a model file
     inside an installed Python package). `gguf_file` names a GGUF file inside a hub repo or directory; GGUF
-    weights are dequantised to fp32 on load."""
+    weights are dequantised to fp32 on load. `dtype` is what the frozen base's weights are stored in, and
+    `quantization` stores its linear layers in 4 or 8 bits (bitsandbytes); adapters and head stay fp32."""
 
     name_or_path: str
     revision: str | None = None
     gguf_file: str | None = None
+    dtype: BaseDtype = "fp32"
+    quantization: QuantizationConfig | None = None
+
+    def storage(self) -> BaseStorage:
+        return BaseStorage(self.dtype, self.quantization)
 
 
 class DataConfig(_Section):

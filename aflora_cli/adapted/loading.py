@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aflora_cli.adapted.building import AdaptedModel, build_adapted, load_base
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights
 from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest
@@ -89,9 +91,13 @@ def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, base: str | None = None, manifest: dict[str, Any] | None = None
+    path: str | Path,
+    base: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> LoadedCheckpoint:
-    """Base model + adapters (PMs frozen as the freeze log says) + head from checkpoint `path`, on the CPU.
+    """Base model + adapters (PMs frozen as the freeze log says) + head from checkpoint `path`, on the CPU (a
+    quantized base directly on `device`), its base stored as in training.
 
     `base` is the base model's directory (or GGUF file) if it moved; a base with another fingerprint than the
     one the checkpoint was trained on is refused. `manifest` is the checkpoint's, already read by
@@ -114,11 +120,13 @@ def load_checkpoint(
         raise AfloraError(
             f"{path}: its base model {name} is not there any more; pass --base with the model's directory"
         )
-    adapted, recipe, task = _rebuild(path, base, manifest)
+    adapted, recipe, task = _rebuild(path, base, manifest, device or torch.device("cpu"))
     return LoadedCheckpoint(adapted, manifest, recipe, task, base or name)
 
 
-def _rebuild(path: Path, base: str | None, manifest: dict[str, Any]) -> tuple[AdaptedModel, Recipe, Task]:
+def _rebuild(
+    path: Path, base: str | None, manifest: dict[str, Any], device: torch.device
+) -> tuple[AdaptedModel, Recipe, Task]:
     """The model of a checked manifest: recipe and task from the manifest, the base (checked by fingerprint),
     adapters with the saved weights."""
     tensors = read_weights(path)
@@ -131,6 +139,10 @@ def _rebuild(path: Path, base: str | None, manifest: dict[str, Any]) -> tuple[Ad
         recipe.model.name_or_path = base
         if base.endswith(".gguf"):
             recipe.model.gguf_file = None
+    try:  # the base is loaded as in training: say which checkpoint asks for what cannot run here
+        recipe.model.storage().check(device)
+    except AfloraError as err:
+        raise AfloraError(f"{path}: its base was trained stored this way — {err}") from None
     found = load_base(recipe)
     expected = manifest["base_model"]["fingerprint"]
     if found.fingerprint != expected:
@@ -138,7 +150,7 @@ def _rebuild(path: Path, base: str | None, manifest: dict[str, Any]) -> tuple[Ad
             f"{path}: base model {found.model_dir} has fingerprint {found.fingerprint[:19]}…, the checkpoint was "
             f"trained on {expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
         )
-    adapted = build_adapted(recipe, task, found)
+    adapted = build_adapted(recipe, task, found, device)
     load_weights_into(adapted.model, tensors, adapted.head_names, path)
     params = dict(adapted.model.named_parameters())
     for name, step in manifest.get("freeze_log", {}).items():

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel
 from aflora_cli.adapted.loading import LoadedCheckpoint, load_checkpoint
 from aflora_cli.engine.checkpoint import atomic_directory
 from aflora_cli.engine.inject import adapter_modules, fold_adapters
+from aflora_cli.engine.storage import is_quantized
 from aflora_cli.errors import AfloraError
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -50,6 +51,9 @@ class MergeResult:
     modules: int
     files: list[str]
     auto_class: str
+    # merged from a quantized base: max |logit difference| from the quantized adapter model on two fixed
+    # sentences, as a fraction of its largest |logit|
+    logit_gap: float | None = None
 
 
 # ------------------------------------------------------------------------------------------ the output folder
@@ -103,9 +107,27 @@ def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
 
 def merged_model(loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The loaded model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
-    then cast to `dtype`."""
-    model = fold_adapters(loaded.adapted.model.float())
+    then cast to `dtype`. A quantized base is first dequantized with bitsandbytes' own functions (through
+    transformers' `dequantize`): a merged model cannot stay 4- or 8-bit without quantizing it again."""
+    model = loaded.adapted.model
+    if is_quantized(model):
+        model.dequantize()  # type: ignore[operator]
+    model = fold_adapters(model.float())
     return cast(PreTrainedModel, model.to(dtype))
+
+
+SAMPLE_TEXTS = ("The film is warm, funny and clever.", "Shares fell sharply on Monday after the report.")
+
+
+def sample_logits(model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
+    """The model's logits on two fixed sentences (an encoder-decoder reads them back as its decoder input)."""
+    batch = dict(tokenizer(list(SAMPLE_TEXTS), return_tensors="pt", padding=True))
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = batch["input_ids"]
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        logits = model.eval()(**{k: v.to(device) for k, v in batch.items()}).logits
+    return logits.float().cpu()
 
 
 def peft_tensors(loaded: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -159,6 +181,8 @@ def peft_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
+        # how the base was loaded in training (PEFT ignores the key): dtype and bitsandbytes quantization
+        "aflora_base_storage": loaded.recipe.model.storage().describe(),
     }
 
 
@@ -167,19 +191,23 @@ def merge_checkpoint(
     out: str | Path,
     *,
     format: str = "transformers",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     force: bool = False,
     base: str | None = None,
 ) -> MergeResult:
-    """Write checkpoint `path` to `out` as a merged transformers model or a PEFT adapter."""
+    """Write checkpoint `path` to `out` as a merged transformers model or a PEFT adapter. `dtype` of the saved
+    weights: default fp32, or bf16 for a model merged from a quantized base."""
     path, out = Path(path), Path(out).expanduser()
     if format not in FORMATS:
         raise AfloraError(f"--format {format}: expected one of {', '.join(FORMATS)}")
-    if dtype not in TORCH_DTYPES:
+    if dtype is not None and dtype not in TORCH_DTYPES:
         raise AfloraError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
     check_output(out, force, path)
     loaded = load_checkpoint(path, base)
+    quantized = is_quantized(loaded.adapted.model)
+    dtype = dtype or ("bf16" if quantized and format == "transformers" else "fp32")
     torch_dtype = TORCH_DTYPES[dtype]
+    logit_gap = None
     modules = len(adapter_modules(loaded.adapted.model))
     if format == "peft":
         tensors = peft_tensors(loaded, torch_dtype)
@@ -190,12 +218,15 @@ def merge_checkpoint(
             (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     else:
-        model = merged_model(loaded, torch_dtype)
         tokenizer = loaded.adapted.tokenizer
+        before = sample_logits(loaded.adapted.model, tokenizer) if quantized else None
+        model = merged_model(loaded, torch_dtype)
+        if before is not None:
+            logit_gap = float((sample_logits(model, tokenizer) - before).abs().max() / before.abs().max())
 
         def fill(folder: Path) -> None:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
 
     files = write_directory(out, fill)
-    return MergeResult(str(out), format, dtype, modules, files, loaded.task.auto_class)
+    return MergeResult(str(out), format, dtype, modules, files, loaded.task.auto_class, logit_gap)

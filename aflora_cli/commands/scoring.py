@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from aflora_cli.adapted.loading import load_checkpoint, read_checkpoint_manifest
+from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.tasks import Prediction, Progress, Row
 
@@ -104,7 +105,8 @@ def evaluate_checkpoint(
     else:
         name = split or next(iter(manifest["task"]["eval_splits"]), None) or "train"
         _check_split(manifest, name)
-    loaded = load_checkpoint(path, base, manifest)
+    device = device or default_device()
+    loaded = load_checkpoint(path, base, manifest, device)
     task, tokenizer = loaded.task, loaded.adapted.tokenizer
     rows: Sequence[Row] | None
     if data_file is not None:
@@ -115,8 +117,7 @@ def evaluate_checkpoint(
         rows = data.train if name == "train" else data.evaluation[name]
         assert rows is not None
         logged = (manifest.get("metrics") or {}).get(name)
-    device = device or default_device()
-    model = loaded.adapted.model.to(device)
+    model = place(loaded.adapted.model, device)
     metrics, predictions = task.evaluate(model, rows, tokenizer, device, progress)
     if predictions_file is not None:
         write_predictions(Path(predictions_file), predictions)
@@ -150,7 +151,7 @@ def generate_text(
             f"{path}: a {family} checkpoint (task {manifest['task']['name']!r}) does not generate text; "
             "generate needs a causal-LM or seq2seq checkpoint"
         )
-    loaded = load_checkpoint(path, base, manifest)
     device = device or default_device()
-    model = loaded.adapted.model.to(device)
+    loaded = load_checkpoint(path, base, manifest, device)
+    model = place(loaded.adapted.model, device)
     return loaded.task.complete(model, loaded.adapted.tokenizer, prompt, device, max_new_tokens)

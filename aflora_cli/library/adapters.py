@@ -24,6 +24,7 @@ from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_dura
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, adaptive_matrices, fold_adapters, inject_adapters, unfreeze_head
 from aflora_cli.engine.params import count_trainable
+from aflora_cli.engine.storage import storage_of
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig, Recipe, parse_recipe
 from aflora_cli.tasks import Task, resolve_task
@@ -153,7 +154,7 @@ def describe_run(
     model_dir, fingerprint = base_model_files.locate_model(str(name))
     raw = {
         "output_dir": ".",
-        "model": {"name_or_path": str(name)},
+        "model": {"name_or_path": str(name), **storage_of(model).describe()},
         "data": data.model_dump(mode="json", exclude_defaults=True) if isinstance(data, DataConfig) else data,
         **adapters.config.model_dump(mode="json"),
         **recipe_keys,

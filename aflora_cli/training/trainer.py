@@ -20,6 +20,7 @@ from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import adaptive_matrices
 from aflora_cli.engine.manifest import STATE_FILE, read_manifest
 from aflora_cli.engine.params import count_trainable
+from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
@@ -139,10 +140,12 @@ class Trainer:
             raise AfloraError("device: cuda was asked for, but torch sees no CUDA device; use auto or cpu")
         if recipe.precision == "fp16" and (recipe.device == "cpu" or not torch.cuda.is_available()):
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
+        storage = recipe.model.storage()
         resumed = self._check_output_dir()
         # on every rank and before any loading, so a missing package fails at once and everywhere alike
         writer_class = summary_writer_class() if recipe.logging.tensorboard else None
         self.group = distributed.setup(recipe.device)
+        storage.check(self.group.device)
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
         self.task: Task = task_for(recipe, base)
@@ -151,10 +154,10 @@ class Trainer:
         self.train_set: Sequence[Row] = self.data.train
         if not self.train_set:
             raise AfloraError("data: no training rows left (every row was skipped; see the log)")
-        self.adapted: AdaptedModel = build_adapted(recipe, self.task, base)
+        self.adapted: AdaptedModel = build_adapted(recipe, self.task, base, self.group.device)
         if recipe.training.gradient_checkpointing:
             self._checkpoint_activations()
-        self.model = self.adapted.model.to(self.group.device)
+        self.model = place(self.adapted.model, self.group.device)
         self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         self.freezer = Freezer.from_config(
             adaptive_matrices(self.model, self.adapted.targets),
