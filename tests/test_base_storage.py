@@ -154,12 +154,14 @@ def test_a_4bit_run_wraps_the_quantized_layers(tmp_path: Path, files: dict[str, 
     assert moved  # the vectors trained through the 4-bit layers, with activations recomputed
 
 
-@pytest.mark.parametrize("quantization", [NF4, {"bits": 8}], ids=["nf4", "int8"])
-def test_resume_over_a_quantized_base_is_bit_exact(
-    tmp_path: Path, files: dict[str, Path], quantization: dict[str, Any]
+@pytest.mark.parametrize(
+    "storage", [{"dtype": "bf16"}, {"quantization": NF4}, {"quantization": {"bits": 8}}], ids=["bf16", "nf4", "int8"]
+)
+def test_resume_over_a_half_precision_or_quantized_base_is_bit_exact(
+    tmp_path: Path, files: dict[str, Path], storage: dict[str, Any]
 ) -> None:
-    straight = _recipe(tmp_path / "straight", files, quantization=quantization)
-    interrupted = _recipe(tmp_path / "interrupted", files, quantization=quantization)
+    straight = _recipe(tmp_path / "straight", files, **storage)
+    interrupted = _recipe(tmp_path / "interrupted", files, **storage)
 
     class Crash(Exception):
         pass

@@ -22,12 +22,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_smollm2_loss_on_held_out_stories_falls(tmp_path: Path) -> None:
+STORAGES = {  # the base as stored: fp32, or NF4 through bitsandbytes (its linear layers in 4 bits)
+    "fp32": {},
+    "nf4": {"quantization": {"bits": 4, "type": "nf4", "compute_dtype": "bf16"}},
+}
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_smollm2_loss_on_held_out_stories_falls(tmp_path: Path, storage: str) -> None:
+    if storage != "fp32":
+        pytest.importorskip("bitsandbytes")
     recipe = {
         "output_dir": str(tmp_path / "run"),
         "seed": 5,
         "device": "cpu",
-        "model": {"name_or_path": SMOLLM2},
+        "model": {"name_or_path": SMOLLM2, **STORAGES[storage]},
         "data": {
             "task": "bbc_headlines",
             "prompt_template": "Write a short headline for this news story.\n\n{prompt}",
