@@ -25,7 +25,7 @@ from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
 from aflora_cli.training import distributed
 from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
-from aflora_cli.training.tracking import TensorBoardTracker, summary_writer_class
+from aflora_cli.training.tracking import RunInfo, RunTrackers, open_trackers, require, run_name
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
@@ -103,7 +103,7 @@ class Trainer:
         self.start_eval: dict[str, Any] | None = None
         self.predictions: dict[str, list[Prediction]] = {}
         self.start_predictions: dict[str, list[Prediction]] = {}
-        self.tracker: TensorBoardTracker | None = None
+        self.tracker: RunTrackers | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_output_dir(self) -> dict[str, Any] | None:
@@ -141,7 +141,8 @@ class Trainer:
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
         resumed = self._check_output_dir()
         # on every rank and before any loading, so a missing package fails at once and everywhere alike
-        writer_class = summary_writer_class() if recipe.logging.tensorboard else None
+        trackers = recipe.logging.trackers()
+        require(trackers, from_tensorboard_key=recipe.logging.tensorboard)
         self.group = distributed.setup(recipe.device)
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
@@ -185,8 +186,15 @@ class Trainer:
             recipe.training.max_grad_norm,
             frozen_numel,
         )
-        if writer_class is not None and self.group.is_main:
-            self.tracker = TensorBoardTracker(self.output_dir, writer_class, resume_step=self.step)
+        if trackers and self.group.is_main:
+            run = RunInfo(
+                self.output_dir,
+                recipe.logging.project,
+                run_name(recipe.logging.run_name, self.output_dir),
+                recipe.model_dump(mode="json"),
+                resume_step=self.step,
+            )
+            self.tracker = open_trackers(trackers, run)
 
     # ---- resume ----------------------------------------------------------------------------------
     def _load_weights_and_freezer(self) -> None:
@@ -282,8 +290,7 @@ class Trainer:
                     )
                 self._emit("step", record)
                 final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
-        if self.tracker is not None:
-            self.tracker.close()
+        self._close_trackers()
         return final
 
     def _counts(self) -> dict[str, int]:
@@ -357,7 +364,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if self.tracker is not None:  # here, so TensorBoard and metrics.jsonl always hold the same values
+            if self.tracker is not None:  # here, so the trackers and metrics.jsonl always hold the same values
                 self.tracker.log(record)
 
     def manifest(self, results: dict[str, Any] | None) -> dict[str, Any]:
@@ -414,8 +421,13 @@ class Trainer:
             return True
         return False
 
-    def close(self) -> None:
-        """Close the TensorBoard writer (an interrupted run keeps what it logged) and leave the process group."""
+    def _close_trackers(self) -> None:
+        """Log the freeze events and end the trackers' runs (once)."""
         if self.tracker is not None:
-            self.tracker.close()
+            freezer = getattr(self, "freezer", None)
+            self.tracker.close(freezer.freeze_log if freezer is not None else None, self.step)
+
+    def close(self) -> None:
+        """End the trackers' runs (an interrupted run keeps what it logged) and leave the process group."""
+        self._close_trackers()
         distributed.teardown()
