@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
+from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
 from aflora_cli.engine.config import resolve_duration
 from aflora_cli.engine.freezing import Freezer
@@ -388,8 +389,9 @@ class Trainer:
         if self.group.is_main:
             improved = self._improved(results)
             manifest = self.manifest(results)
+            card = checkpoint_card(manifest)  # each checkpoint folder says what it is in a README.md
             if improved:
-                save_checkpoint(self.output_dir / "best", self.model, self.adapted.head_names, manifest)
+                save_checkpoint(self.output_dir / "best", self.model, self.adapted.head_names, manifest, extra=card)
             if save_last:
                 state = {
                     "step": self.step,
@@ -400,12 +402,13 @@ class Trainer:
                     "freezer": self.freezer.state_dict(),
                     "rng": rngs,
                 }
+
+                def state_and_card(folder: Path) -> None:
+                    torch.save(state, folder / STATE_FILE)
+                    card(folder)
+
                 save_checkpoint(
-                    self.output_dir / "last",
-                    self.model,
-                    self.adapted.head_names,
-                    manifest,
-                    extra=lambda folder: torch.save(state, folder / STATE_FILE),
+                    self.output_dir / "last", self.model, self.adapted.head_names, manifest, extra=state_and_card
                 )
             self._emit("save", {"step": self.step, "best": improved, "last": save_last})
         self.group.barrier()
