@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,19 @@ from aflora_cli.commands.gguf_export import gguf_file_name, write_gguf
 from aflora_cli.commands.merging import merged_model
 from aflora_cli.recipe import parse_recipe
 from aflora_cli.training.trainer import Trainer
-from tiny_lm import save_model_dir, tiny_tokenizer
+from tiny_lm import corpus_sentences, save_model_dir, tiny_tokenizer
 from trained_checkpoints import aflora_run, assert_user_error
 
 runner = CliRunner()
-PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Review: dull and far too long\nSentiment:", "The movie"]
+PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Review: dull and far too long\nSentiment:", "A film \u4e2d"]
 # Largest logit difference between the GGUF model and the merged model, as a share of the largest logit, that
-# each type may show. Measured on the trained tiny LLaMA (hidden 64, init std 0.1): f16 0.0003, bf16 0.002,
-# q8_0 0.004; on SmolLM2-135M (slow test): f16 0.0004, bf16 0.003, q8_0 0.008. The bounds leave about 3x room.
-TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
+# each type may show. Measured: on the trained tiny LLaMA below, f16 8.0e-4, bf16 8.7e-3, q8_0 2.3e-2; on
+# SmolLM2-135M-Instruct (the slow test), f16 1.1e-3, bf16 5.7e-3, q8_0 2.3e-2. The bounds leave about 2x room.
+TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2}
+# f32, f16 and bf16 generate the same tokens as the merged model (measured on both models); q8_0 may part from
+# it only at a near-tie: where the merged model's own logits for the two tokens differ by less than twice the
+# largest logit difference measured.
+EXACT_GENERATION = ("f32", "f16", "bf16")
 
 
 def tiny_llama_dir(folder: Path) -> Path:
@@ -92,18 +97,29 @@ def compare(reference: Any, tokenizer: Any, folder: Path, file: str, gguf_type: 
     largest logit difference as a share of the largest logit."""
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file).eval()
     read_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    worst = 0.0
+    worst, worst_abs = 0.0, 0.0
+    generations = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         assert read_tokenizer(prompt)["input_ids"] == ids[0].tolist()  # the same tokens, BOS included
         with torch.no_grad():
             want, got = reference(ids).logits, model(ids).logits
             worst = max(worst, float((want - got).abs().max() / want.abs().max()))
+            worst_abs = max(worst_abs, float((want - got).abs().max()))
             kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-            generated = model.generate(ids, **kwargs)[0].tolist()
-            expected = reference.generate(ids, **kwargs)[0].tolist()
-        assert generated == expected, (gguf_type, prompt)
+            generations.append(
+                (model.generate(ids, **kwargs)[0].tolist(), reference.generate(ids, **kwargs)[0].tolist())
+            )
     assert worst <= TOLERANCE[gguf_type], (gguf_type, worst)
+    for generated, expected in generations:
+        if gguf_type in EXACT_GENERATION or generated == expected:
+            assert generated == expected, gguf_type
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(generated, expected)) if a != b)
+        with torch.no_grad():
+            logits = reference(torch.tensor([expected[:at]])).logits[0, -1]
+        margin = float(logits[expected[at]] - logits[generated[at]])
+        assert margin <= 2 * worst_abs, (gguf_type, at, margin, worst_abs)  # a near-tie, within the error
     return worst
 
 
@@ -193,6 +209,58 @@ def test_other_llama_family_models_round_trip(family: tuple[Any, Any, dict], tmp
                 layer.self_attn.q_proj.bias.normal_(0, 0.5)
     write_gguf(model, tokenizer, tmp_path / "model.gguf", "f32", "tiny")
     compare(model, tokenizer, tmp_path, "model.gguf", "f32")
+
+
+def sentencepiece_style_tokenizer() -> Any:
+    """A LLaMA 2-style tokenizer: BPE over `▁`-marked pieces with the 256 byte tokens to fall back on, trained
+    on the shipped reviews, in transformers' LlamaTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    backend.train_from_iterator(corpus_sentences(800), trainer)
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in model["merges"]]
+    return LlamaTokenizer(vocab=model["vocab"], merges=merges)
+
+
+def test_a_sentencepiece_style_vocabulary_round_trips(tmp_path: Path) -> None:
+    import gguf
+
+    tokenizer = sentencepiece_style_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Review: \u4e2d")["input_ids"])[-3:] == [
+        "<0xE4>",
+        "<0xB8>",
+        "<0xAD>",
+    ]
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    write_gguf(model, tokenizer, tmp_path / "model.gguf", "f32", "tiny")
+    compare(model, tokenizer, tmp_path, "model.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    scores = reader.fields["tokenizer.ggml.scores"].contents()
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[1] == gguf.TokenType.CONTROL
+    first = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"][0]
+    first_merge = first if isinstance(first, str) else " ".join(first)
+    assert scores[tokens.index(first_merge.replace(" ", ""))] == 0.0  # minus the rank of the merge making it
 
 
 def test_an_architecture_it_cannot_write_is_one_line_naming_what_it_can(tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ for the tensor names llama.cpp expects (`blk.N.attn_q.weight`, ...), `quants` fo
   rows instead of two halves), which readers of the file undo; a tied output layer is left out, as llama.cpp
   expects;
 - the tokenizer of the checkpoint: a byte-level BPE vocabulary (LLaMA 3, Qwen, SmolLM2, ...) as llama.cpp's
-  `gpt2` model — tokens, their types (special tokens as control tokens), merges, special token ids, whether
-  BOS is added, the chat template, and the pre-tokenizer's name where the tokenizer's split rules tell it.
+  `gpt2` model (with the pre-tokenizer's name where the tokenizer's split rules tell it), a BPE vocabulary with
+  byte fallback (LLaMA 2, Mistral v0.1-0.3: sentencepiece's) as its `llama` model, each piece scored minus the
+  rank of the merge that makes it; then token types (special tokens as control tokens), merges, special token
+  ids, whether BOS is added and the chat template.
 
 Families it writes: LLaMA (and SmolLM2, Mistral, which llama.cpp reads as LLaMA), Qwen2 and Qwen3.
 """
@@ -106,7 +108,6 @@ def interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 # pre-tokenizer names llama.cpp knows, told apart by the tokenizer's own split rules
-_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+"
 _PRE_BY_SPLIT = {
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
@@ -134,36 +135,78 @@ def _byte_level(spec: dict[str, Any]) -> bool:
     return model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel"
 
 
+def _sentencepiece_like(spec: dict[str, Any]) -> bool:
+    """BPE over `▁`-marked pieces with byte fallback: LLaMA 2's, Mistral's (v0.1-0.3), TinyLlama's."""
+    model = spec.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def _prepends_space(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts `▁` before the text (Metaspace's prepend scheme, or a Prepend normalizer)."""
+    parts = [spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}]
+    steps = [step for part in parts for step in (part.get("pretokenizers") or part.get("normalizers") or [part])]
+    for step in steps:
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never"
+        if step.get("type") == "Prepend":
+            return True
+    return False
+
+
+def _merge_ranks(merges: list[str]) -> dict[str, int]:
+    """The rank of the merge that first makes each token: a sentencepiece vocabulary's score is minus it."""
+    ranks: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        ranks.setdefault(merge.replace(" ", ""), rank)
+    return ranks
+
+
 def add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
-    """The tokenizer as llama.cpp's `gpt2` (byte-level BPE) vocabulary, padded to the model's vocab_size."""
+    """The tokenizer, padded to the model's vocab_size: a byte-level BPE vocabulary as llama.cpp's `gpt2` model,
+    a sentencepiece-style one (byte fallback) as its `llama` model with scores from the merge order."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise AfloraError("--format gguf: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer)")
     spec = json.loads(backend.to_str())
-    if not _byte_level(spec):
+    byte_level = _byte_level(spec)
+    if not byte_level and not _sentencepiece_like(spec):
         raise AfloraError(
-            "--format gguf: only byte-level BPE tokenizers (LLaMA 3, Qwen, SmolLM2) are written; this one is "
-            f"{spec.get('model', {}).get('type')} with {spec.get('decoder', {}).get('type')} decoding"
+            "--format gguf: only BPE tokenizers, byte-level (LLaMA 3, Qwen, SmolLM2) or with byte fallback (LLaMA 2, "
+            f"Mistral) are written; this one is {spec.get('model', {}).get('type')} with "
+            f"{spec.get('decoder', {}).get('type')} decoding"
         )
     by_id = {index: token for token, index in backend.get_vocab(with_added_tokens=True).items()}
     if by_id and max(by_id) >= vocab_size:
         raise AfloraError(f"--format gguf: the tokenizer has ids up to {max(by_id)}, the model {vocab_size} rows")
-    added = {index: token for index, token in tokenizer.added_tokens_decoder.items()}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[index])
-            special = index in added and added[index].special
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED if index in added else 1)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    pre = pre_tokenizer_name(spec)
-    if pre is not None:
-        writer.add_tokenizer_pre(pre)
+    ranks = _merge_ranks(merges)
+    added = dict(tokenizer.added_tokens_decoder.items())
+    kinds = gguf.TokenType
+    tokens, types, scores = [], [], []
+    for index in range(vocab_size):
+        token = by_id.get(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(kinds.UNUSED)
+        else:
+            tokens.append(token)
+            if index in added:
+                types.append(kinds.CONTROL if added[index].special else kinds.USER_DEFINED)
+            elif not byte_level and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                types.append(kinds.BYTE)
+            else:
+                types.append(kinds.NORMAL)
+        scores.append(-float(ranks[token]) if token in ranks else 0.0)
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        pre = pre_tokenizer_name(spec)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+    else:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_prepends_space(spec))
     writer.add_token_list(tokens)
     writer.add_token_types([int(kind) for kind in types])
     writer.add_token_merges(merges)
