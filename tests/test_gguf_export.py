@@ -1,8 +1,9 @@
 """`aflora merge --format gguf`: the file loads back through transformers' own GGUF reader, and its logits,
-greedy generations and tokenizer equal the merged transformers model's (f32 exactly; f16 and q8_0 within the
-tolerances below, measured on these models). A tiny LLaMA is trained and exported in CI; tiny random Mistral,
-Qwen2 (tied embeddings, attention biases) and Qwen3 (q/k norms, head_dim 128) are written directly; the SmolLM2
-quickstart's checkpoint round-trips in a slow test."""
+greedy generations and tokenizer equal the merged transformers model's (f32 exactly; f16, bf16 and q8_0 within
+the tolerances below, measured on these models). A tiny LLaMA is trained and exported in CI; tiny random
+Mistral, Qwen2 (tied embeddings, attention biases), Qwen3 (q/k norms, head_dim 128), Gemma 2 and a LLaMA with
+a sentencepiece-style vocabulary are written directly; the SmolLM2 quickstart's checkpoint round-trips in a
+slow test."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from text_runs import lm_recipe, review_files
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -198,15 +201,17 @@ def tiny(config_class: Any, model_class: Any, **settings: Any) -> Any:
         pytest.param((MistralConfig, MistralForCausalLM, {}), id="mistral"),
         pytest.param((Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}), id="qwen2-tied"),
         pytest.param((Qwen3Config, Qwen3ForCausalLM, {"head_dim": 128}), id="qwen3"),
+        # Gemma 2 at transformers' defaults for what its GGUF reader does not read (head_dim 256, soft-capping)
+        pytest.param((Gemma2Config, Gemma2ForCausalLM, {"head_dim": 256}), id="gemma2"),
     ],
 )
 def test_other_llama_family_models_round_trip(family: tuple[Any, Any, dict], tmp_path: Path) -> None:
     config_class, model_class, settings = family
     model, tokenizer = tiny(config_class, model_class, **settings)
-    if config_class is Qwen2Config:  # Qwen2's query/key/value projections carry biases
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("proj.bias"):  # not the init's ones and zeros
+                param.normal_(0, 0.3)
     write_gguf(model, tokenizer, tmp_path / "model.gguf", "f32", "tiny")
     compare(model, tokenizer, tmp_path, "model.gguf", "f32")
 

@@ -15,7 +15,8 @@ for the tensor names llama.cpp expects (`blk.N.attn_q.weight`, ...), `quants` fo
   rank of the merge that makes it; then token types (special tokens as control tokens), merges, special token
   ids, whether BOS is added and the chat template.
 
-Families it writes: LLaMA (and SmolLM2, Mistral, which llama.cpp reads as LLaMA), Qwen2 and Qwen3.
+Families it writes: LLaMA (and SmolLM2, Mistral, which llama.cpp reads as LLaMA), Qwen2, Qwen3 and Gemma 2
+(norm weights stored as 1 + w, logit soft-capping and the sliding window as keys).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Family:
     arch: str  # llama.cpp's architecture name
     permute_qk: bool  # LLaMA-style rotary layout: query/key rows interleaved per head
     key_length: bool  # write attention.key_length / value_length (head_dim may differ from hidden/heads)
+    norm_plus_one: bool = False  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
 
 
 FAMILIES = {
@@ -52,8 +54,9 @@ FAMILIES = {
     "mistral": Family("llama", permute_qk=True, key_length=False),
     "qwen2": Family("qwen2", permute_qk=False, key_length=False),
     "qwen3": Family("qwen3", permute_qk=False, key_length=True),
+    "gemma2": Family("gemma2", permute_qk=False, key_length=True, norm_plus_one=True),
 }
-SUPPORTED = "LLaMA (SmolLM2, LLaMA 2/3), Mistral, Qwen2 and Qwen3 causal LMs"
+SUPPORTED = "LLaMA (SmolLM2, LLaMA 2/3), Mistral, Qwen2, Qwen3 and Gemma 2 causal LMs"
 
 
 def gguf_file_name(gguf_type: str) -> str:
@@ -86,6 +89,12 @@ def family_of(model: nn.Module) -> Family:
         raise AfloraError(f"--format gguf: rope scaling {rope_type!r} is not written; it writes {SUPPORTED} without it")
     if (getattr(config, "attention_bias", False) and family.arch == "llama") or getattr(config, "mlp_bias", False):
         raise AfloraError(f"--format gguf: LLaMA layers with biases are not written; it writes {SUPPORTED}")
+    if family.arch == "gemma2" and config.query_pre_attn_scalar != config.head_dim:
+        # llama.cpp scales Gemma 2's queries by 1/sqrt(head_dim) (27B aside); another scalar would change the model
+        raise AfloraError(
+            f"--format gguf: Gemma 2 with query_pre_attn_scalar {config.query_pre_attn_scalar} != head_dim "
+            f"{config.head_dim} is not written; it writes {SUPPORTED}"
+        )
     return family
 
 
@@ -264,6 +273,10 @@ def add_hyperparameters(writer: Any, config: Any, family: Family) -> None:
     if family.key_length or head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if family.arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping or 0.0))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping or 0.0))
+        writer.add_sliding_window(config.sliding_window)
 
 
 def add_weights(writer: Any, model: nn.Module, family: Family, gguf_type: str) -> None:
@@ -283,6 +296,8 @@ def add_weights(writer: Any, model: nn.Module, family: Family, gguf_type: str) -
         array = tensor.detach().to(torch.float32).cpu().numpy()
         if family.permute_qk and target.endswith(("attn_q.weight", "attn_k.weight")):
             array = interleave_rotary(array, heads if ".attn_q." in target else kv_heads)
+        if family.norm_plus_one and target.endswith("norm.weight"):
+            array = array + 1.0
         kind = _tensor_type(gguf, gguf_type, array)
         data = gguf.quants.quantize(array, kind)
         raw_dtype = None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind
