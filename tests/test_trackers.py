@@ -268,10 +268,11 @@ def test_trackio_resume_continues_the_same_run(resumed_run: Path) -> None:
 # ---------------------------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize("tracker", TRACKERS)
+@pytest.mark.parametrize("tracker", [*TRACKERS, "tensorboard"])
 def test_missing_tracker_is_one_line_naming_the_extra(tracker: str, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, tracker, None)  # `import` now raises ImportError
-    trainer = Trainer(recipe_of(quick_recipe(tmp_path / "run", logging={"report_to": ["tensorboard", tracker]})))
+    module = "torch.utils.tensorboard" if tracker == "tensorboard" else tracker
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import` raises ImportError
+    trainer = Trainer(recipe_of(quick_recipe(tmp_path / "run", logging={"report_to": [tracker]})))
     with pytest.raises(AfloraError) as info:
         trainer.prepare()
     message = str(info.value)

@@ -10,7 +10,7 @@ MLflow and trackio in `trackers.py`. Only rank 0 builds trackers. A tracker that
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
@@ -57,19 +57,29 @@ def summary_writer_class() -> type[Any]:
 
 
 def require(names: list[str], from_tensorboard_key: bool = False) -> None:
-    """Import every tracker's package now, before anything loads: a missing one is one line naming its extra."""
+    """Check every tracker's package now, before anything loads: a missing one is one line naming its extra.
+    (Found without importing it — W&B and MLflow take seconds to import; they are imported when their run opens.)"""
     for name in names:
-        if name == "tensorboard" and from_tensorboard_key:
-            summary_writer_class()  # its message names the recipe key that asked for it
-            continue
         module, extra = REQUIREMENTS[name]
-        try:
-            importlib.import_module(module)
-        except ImportError:
+        if name == "tensorboard":  # torch's module is always there; importing it needs the package
+            try:
+                summary_writer_class()
+            except AfloraError:
+                if from_tensorboard_key:
+                    raise  # its message names the recipe key that asked for it
+                found = False
+            else:
+                continue
+        else:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+                found = False
+        if not found:
             raise AfloraError(
-                f"logging.report_to: {name} needs the {name} package, which is not installed; "
+                f"logging.report_to: {name} needs the {extra} package, which is not installed; "
                 f"run pip install 'aflora[{extra}]'"
-            ) from None
+            )
 
 
 def eval_prefix(split: str, first: bool) -> str:
