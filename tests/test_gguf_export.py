@@ -45,9 +45,10 @@ from trained_checkpoints import aflora_run, assert_user_error
 runner = CliRunner()
 PROMPTS = ["Review: a gripping, funny film\nSentiment:", "Review: dull and far too long\nSentiment:", "A film \u4e2d"]
 # Largest logit difference between the GGUF model and the merged model, as a share of the largest logit, that
-# each type may show. Measured: on the trained tiny LLaMA below, f16 8.0e-4, bf16 8.7e-3, q8_0 2.3e-2; on
-# SmolLM2-135M-Instruct (the slow test), f16 1.1e-3, bf16 5.7e-3, q8_0 2.3e-2. The bounds leave about 2x room.
-TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 5e-2}
+# each type may show. Measured: on the trained tiny LLaMA below, f16 8.0e-4, bf16 8.7e-3, q8_0 2.3e-2; on the
+# SmolLM2 quickstart's checkpoint (the slow test), f16 8.4e-4, bf16 4.8e-3, q8_0 3.8e-2 (on SmolLM2-135M-Instruct
+# itself, before training: 1.1e-3, 5.7e-3, 2.3e-2). The bounds leave about 2x room over the largest.
+TOLERANCE = {"f32": 1e-6, "f16": 3e-3, "bf16": 2e-2, "q8_0": 8e-2}
 # f32, f16 and bf16 generate the same tokens as the merged model (measured on both models); q8_0 may part from
 # it only at a near-tie: where the merged model's own logits for the two tokens differ by less than twice the
 # largest logit difference measured.
