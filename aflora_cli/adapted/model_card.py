@@ -147,17 +147,24 @@ def _how_to_load(manifest: dict[str, Any], kind: str, family: str, gguf_file: st
             "```",
         ]
     if kind == "peft":
-        base = (
-            _base(manifest) if not manifest["base_model"].get("gguf_file") else manifest["base_model"]["name_or_path"]
-        )
+        base = manifest["base_model"]
+        name = str(base["name_or_path"])
+        if hub_id(name) and not base.get("gguf_file"):
+            imports, where = [], f'"{name}"'
+        else:  # a local folder, a GGUF file or a package's model: aflora finds (and converts) it
+            gguf = f', gguf_file="{base["gguf_file"]}"' if base.get("gguf_file") else ""
+            imports, where = ["from aflora_cli import model_dir"], f'model_dir("{name}"{gguf})'
+        num_labels = manifest["task"].get("num_labels")
+        labels = f", num_labels={num_labels}" if family == "classification" and num_labels else ""
         return [
             "A PEFT LoRA adapter (lora_A = diag(Λd)·A, lora_B = diag(Λb)·B); load it on its base model:",
             "",
             "```python",
             "from peft import PeftModel",
             f"from transformers import {auto}",
+            *imports,
             "",
-            f'base = {auto}.from_pretrained("{base}")',
+            f"base = {auto}.from_pretrained({where}{labels})",
             f'model = PeftModel.from_pretrained(base, "{HERE}")',
             "```",
         ]

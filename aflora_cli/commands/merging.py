@@ -218,7 +218,7 @@ def merge_checkpoint(
 
 
 def _merge_gguf(path: Path, out: Path, gguf_type: str | None, base: str | None, card: bool) -> MergeResult:
-    """The merged model (folded in fp32) as one GGUF file, checked for a writable family before loading."""
+    """The merged model (folded in fp32) as one GGUF file; a family it cannot write is refused before folding."""
     from aflora_cli.commands import gguf_export
 
     gguf_type = gguf_type or gguf_export.DEFAULT_GGUF_TYPE
