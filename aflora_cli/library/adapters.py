@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, run_manifest
 from aflora_cli.adapted.loading import load_checkpoint as read_back
+from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine import base_model as base_model_files
 from aflora_cli.engine.checkpoint import save_checkpoint
 from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_duration
@@ -216,7 +217,7 @@ def save_adapters(
     adapters = adapters_of(model, "save_adapters")
     recipe, task, adapted = describe_run(model, adapters, data, base_model=base_model, tokenizer=tokenizer)
     manifest = adapter_manifest(adapters, recipe, task, adapted, step)
-    save_checkpoint(Path(path), model, adapters.head_names, manifest)
+    save_checkpoint(Path(path), model, adapters.head_names, manifest, extra=checkpoint_card(manifest))
     return Path(path)
 
 
