@@ -222,6 +222,14 @@ def generate(
 class _Format(str, Enum):
     transformers = "transformers"
     peft = "peft"
+    gguf = "gguf"
+
+
+class _GGUFType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
 
 
 class _DType(str, Enum):
@@ -236,18 +244,44 @@ def merge(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="directory to write")],
     format_: Annotated[
-        _Format, typer.Option("--format", help="a merged transformers model, or a PEFT LoRA adapter")
+        _Format,
+        typer.Option("--format", help="a merged transformers model, a PEFT LoRA adapter, or a GGUF file (llama.cpp)"),
     ] = _Format.transformers,
-    dtype: Annotated[_DType, typer.Option(help="dtype of the saved weights")] = _DType.fp32,
+    dtype: Annotated[
+        _DType | None,
+        typer.Option(help="dtype of the saved weights [default: fp32; bf16 merged from a quantized base]"),
+    ] = None,
+    gguf_type: Annotated[
+        _GGUFType | None, typer.Option("--gguf-type", help="tensor type of a GGUF file's matrices (default f16)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace DIR if it is not empty")] = False,
     base: Annotated[str | None, typer.Option(help="the base model's directory, if it moved since training")] = None,
+    no_card: Annotated[bool, typer.Option("--no-card", help="write no model card (README.md)")] = False,
 ) -> None:
-    """Fold the adapters into the base weights and save a plain transformers model (or export a PEFT adapter)."""
+    """Fold the adapters into the base weights and save a plain transformers model (or export a PEFT adapter,
+    or a GGUF file)."""
     _quiet_libraries()
     from aflora_cli.commands.merging import merge_checkpoint
 
-    result = merge_checkpoint(checkpoint, out, format=format_.value, dtype=dtype.value, force=force, base=base)
-    if result.format == "peft":
+    result = merge_checkpoint(
+        checkpoint,
+        out,
+        format=format_.value,
+        dtype=None if dtype is None else dtype.value,
+        force=force,
+        base=base,
+        card=not no_card,
+        gguf_type=gguf_type.value if gguf_type else None,
+    )
+    if result.format == "gguf":
+        console.print(
+            f"merged {result.modules} adapters into their base weights; wrote {result.gguf_file} "
+            f"({result.dtype}) to {result.out}: run it with llama.cpp (llama-cli -m {result.out}/{result.gguf_file}), "
+            f"Ollama or LM Studio",
+            highlight=False,
+            markup=False,
+        )
+    elif result.format == "peft":
         console.print(
             f"wrote a PEFT LoRA adapter for {result.modules} modules ({result.dtype}) to {result.out}: "
             f"load it with peft.PeftModel.from_pretrained(base_model, {str(result.out)!r})",
@@ -262,6 +296,14 @@ def merge(
             highlight=False,
             markup=False,
         )
+        if result.logit_gap is not None:
+            console.print(
+                f"the base was quantized: it was dequantized to merge, so the merged model's logits differ from "
+                f"the quantized adapter model's by up to {result.logit_gap:.1%} of the largest logit "
+                "(two sample sentences)",
+                highlight=False,
+                markup=False,
+            )
 
 
 @app.command("inspect")

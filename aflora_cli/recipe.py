@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aflora_cli.engine.config import AdapterConfig, FreezingConfig
+from aflora_cli.engine.config import AdapterConfig, BaseDtype, FreezingConfig, QuantizationConfig
+from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 
 
@@ -22,11 +23,17 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base model: a hub id, a local directory, a `.gguf` file, or `package:<module>/<file>` (a model file
     inside an installed Python package). `gguf_file` names a GGUF file inside a hub repo or directory; GGUF
-    weights are dequantised to fp32 on load."""
+    weights are dequantised to fp32 on load. `dtype` is what the frozen base's weights are stored in, and
+    `quantization` stores its linear layers in 4 or 8 bits (bitsandbytes); adapters and head stay fp32."""
 
     name_or_path: str
     revision: str | None = None
     gguf_file: str | None = None
+    dtype: BaseDtype = "fp32"
+    quantization: QuantizationConfig | None = None
+
+    def storage(self) -> BaseStorage:
+        return BaseStorage(self.dtype, self.quantization)
 
 
 class DataConfig(_Section):
@@ -110,11 +117,33 @@ class EvalConfig(_Section):
     no_repeat_ngram_size: int = Field(default=0, ge=0)
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
 class LoggingConfig(_Section):
-    """Where metrics go besides `metrics.jsonl`: `tensorboard` also writes event files to
-    `<output_dir>/tensorboard/` (needs `pip install 'aflora[tensorboard]'`)."""
+    """Where metrics go besides `metrics.jsonl`: `report_to` names experiment trackers (TensorBoard event files in
+    `<output_dir>/tensorboard/`, Weights & Biases, MLflow, trackio), each an optional extra
+    (`pip install 'aflora[wandb]'`, ...); `tensorboard: true` is the same as listing `tensorboard`. `project` is
+    the W&B project, MLflow experiment and trackio project; `run_name` the run's name (default: the name of
+    `output_dir`)."""
 
     tensorboard: bool = False
+    report_to: list[Tracker] = Field(default_factory=list)
+    project: str = Field(default="aflora", min_length=1)
+    run_name: str | None = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        """`report_to: wandb` is a list of one; `none` (or null) is none at all."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
+
+    def trackers(self) -> list[str]:
+        """The trackers asked for, each once, TensorBoard's own key included."""
+        names = (["tensorboard"] if self.tensorboard else []) + list(self.report_to)
+        return list(dict.fromkeys(names))
 
 
 class Recipe(_Section):

@@ -25,6 +25,7 @@ from hf_runs import (
     sft_trainer,
     weights,
 )
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from aflora_cli import (
@@ -108,6 +109,7 @@ def test_inspect_merge_and_eval_take_the_trainer_checkpoint(kind: str, tmp_path:
     checkpoint = run / f"checkpoint-{STEPS}"
     report = inspect_checkpoint(checkpoint)
     assert report["step"] == STEPS
+    assert "aflora" in ModelCard.load(checkpoint / "README.md").data.tags  # the card beside the Trainer's files
     assert set(manifest(checkpoint)["freeze_log"]) <= {matrix["name"] for matrix in report["matrices"]}
     result = evaluate_checkpoint(checkpoint)
     metric = "accuracy" if kind == "trainer" else "exact_match"
@@ -334,6 +336,7 @@ def test_own_loop_with_start_freezing_then_save_and_load(tmp_path: Path) -> None
     assert frozen and not frozen & {id(p) for group in optimizer.param_groups for p in group["params"]}
     saved = save_adapters(model, tmp_path / "ckpt", data=REVIEWS_DATA, step=STEPS, tokenizer=tokenizer)
     assert_schedule_followed(manifest(saved))
+    assert ModelCard.load(saved / "README.md").data.base_model is None  # the local tiny BERT is no Hub id
     rebuilt = load_checkpoint(saved)
     ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
     with torch.no_grad():

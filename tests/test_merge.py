@@ -143,7 +143,7 @@ def test_merge_refuses_a_non_empty_dir_and_replaces_it_with_force(tmp_path: Path
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
     merge(str(checkpoint), "--out", str(out), "--force", "--format", "peft")
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -28,6 +28,8 @@ _BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {
     # at a sane init scale, for learning assertions (see tiny_lm.py)
     "bart-sane-init": functools.partial(tiny_bart, wide=False),
     "t5-sane-init": functools.partial(tiny_t5, wide=False),
+    # bitsandbytes' CPU 4-bit kernels need every quantized layer's output size to be a multiple of 32
+    "llama-64": functools.partial(tiny_llama_lm, hidden=64, intermediate=128),
 }
 
 

@@ -115,17 +115,22 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     return {name: int(value) for name, value in ids.items() if value is not None}
 
 
-def tiny_llama_lm(seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> LlamaForCausalLM:
+def tiny_llama_lm(
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    hidden: int = HIDDEN,
+    intermediate: int = INTERMEDIATE,
+) -> LlamaForCausalLM:
     """LLaMA causal LM with grouped-query attention (4 query heads, 2 key/value heads), untied head."""
     ids = _special_ids(tokenizer or tiny_tokenizer())
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
-        intermediate_size=INTERMEDIATE,
+        intermediate_size=intermediate,
         max_position_embeddings=MAX_POSITIONS,
         initializer_range=LLAMA_INIT_STD,
         bos_token_id=ids["bos"],

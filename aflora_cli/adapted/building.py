@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
@@ -54,9 +55,10 @@ def task_for(recipe: Recipe, base: Base) -> Task:
     return resolve_task(recipe, base.config())
 
 
-def build_adapted(recipe: Recipe, task: Task, base: Base) -> AdaptedModel:
-    """Base model (+ task head) + adapters on every target, PMs set per the recipe's policy."""
-    model = task.load_model(base.model_dir, base.tokenizer)
+def build_adapted(recipe: Recipe, task: Task, base: Base, device: torch.device | None = None) -> AdaptedModel:
+    """Base model (+ task head) + adapters on every target, PMs set per the recipe's policy; the base stored as
+    `recipe.model` says (a quantized base is loaded onto `device`, default the CPU)."""
+    model = task.load_model(base.model_dir, base.tokenizer, recipe.model.storage(), device)
     targets = inject_adapters(model, recipe.adapter)
     head_names = task.train_head(model)
     return AdaptedModel(model, base.tokenizer, targets, head_names, base.model_dir, base.fingerprint)
@@ -71,6 +73,7 @@ def describe(adapted: AdaptedModel, recipe: Recipe, task: Task) -> dict[str, Any
             "revision": recipe.model.revision,
             "gguf_file": recipe.model.gguf_file,
             "fingerprint": adapted.fingerprint,
+            **recipe.model.storage().describe(),
         },
         "task": task.describe(),
         "method": recipe.adapter.method,

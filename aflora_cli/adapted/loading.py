@@ -103,10 +103,12 @@ class OpenedCheckpoint:
     base: Base
     base_name: str
     tensors: dict[str, torch.Tensor]
+    device: torch.device
 
     def load(self) -> LoadedCheckpoint:
-        """Base model + adapters (PMs frozen as the freeze log says) + head, on the CPU."""
-        adapted = build_adapted(self.recipe, self.task, self.base)
+        """Base model + adapters (PMs frozen as the freeze log says) + head, on the CPU (a quantized base
+        directly on the device it was opened for)."""
+        adapted = build_adapted(self.recipe, self.task, self.base, self.device)
         load_weights_into(adapted.model, self.tensors, adapted.head_names, self.path)
         params = dict(adapted.model.named_parameters())
         for name, step in self.manifest.get("freeze_log", {}).items():
@@ -116,19 +118,26 @@ class OpenedCheckpoint:
 
 
 def load_checkpoint(
-    path: str | Path, base: str | None = None, manifest: dict[str, Any] | None = None
+    path: str | Path,
+    base: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> LoadedCheckpoint:
-    """Base model + adapters (PMs frozen as the freeze log says) + head from checkpoint `path`, on the CPU.
+    """Base model + adapters (PMs frozen as the freeze log says) + head from checkpoint `path`, on the CPU (a
+    quantized base directly on `device`), its base stored as in training.
 
     `base` is the base model's directory (or GGUF file) if it moved; a base with another fingerprint than the
     one the checkpoint was trained on is refused. `manifest` is the checkpoint's, already read by
     `read_checkpoint_manifest`; it is read when not given.
     """
-    return open_checkpoint(path, base, manifest).load()
+    return open_checkpoint(path, base, manifest, device).load()
 
 
 def open_checkpoint(
-    path: str | Path, base: str | None = None, manifest: dict[str, Any] | None = None
+    path: str | Path,
+    base: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> OpenedCheckpoint:
     """Checkpoint `path` checked and its base model located, without building the model (`load()` does);
     arguments as for `load_checkpoint`."""
@@ -149,12 +158,14 @@ def open_checkpoint(
         raise AfloraError(
             f"{path}: its base model {name} is not there any more; pass --base with the model's directory"
         )
-    return _open(path, base, manifest, base or name)
+    return _open(path, base, manifest, base or name, device or torch.device("cpu"))
 
 
-def _open(path: Path, base: str | None, manifest: dict[str, Any], base_name: str) -> OpenedCheckpoint:
+def _open(
+    path: Path, base: str | None, manifest: dict[str, Any], base_name: str, device: torch.device
+) -> OpenedCheckpoint:
     """The parts of a checked manifest: recipe and task from the manifest, the saved weights, the base (checked
-    by fingerprint)."""
+    by fingerprint and by whether its storage can run on `device`)."""
     tensors = read_weights(path)
     recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
     try:
@@ -165,6 +176,10 @@ def _open(path: Path, base: str | None, manifest: dict[str, Any], base_name: str
         recipe.model.name_or_path = base
         if base.endswith(".gguf"):
             recipe.model.gguf_file = None
+    try:  # the base is loaded as in training: say which checkpoint asks for what cannot run here
+        recipe.model.storage().check(device)
+    except AfloraError as err:
+        raise AfloraError(f"{path}: its base was trained stored this way — {err}") from None
     found = load_base(recipe)
     expected = manifest["base_model"]["fingerprint"]
     if found.fingerprint != expected:
@@ -172,4 +187,4 @@ def _open(path: Path, base: str | None, manifest: dict[str, Any], base_name: str
             f"{path}: base model {found.model_dir} has fingerprint {found.fingerprint[:19]}…, the checkpoint was "
             f"trained on {expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
         )
-    return OpenedCheckpoint(path, manifest, recipe, task, found, base_name, tensors)
+    return OpenedCheckpoint(path, manifest, recipe, task, found, base_name, tensors, device)

@@ -12,7 +12,10 @@ that PEFT's scaling lora_alpha / r equals ours, the head in `modules_to_save`. a
 to write it: the file layout is PEFT's (`base_model.model.<module>.lora_A.weight`, head parameters under
 `base_model.model.<name>`).
 
-Both are written into a temporary sibling of DIR and renamed into place, so a failure leaves nothing.
+`gguf` writes the merged model as one GGUF file for llama.cpp (LLaMA family; `gguf_export.py`).
+
+Each is written with a model card (README.md, `adapted/model_card.py`) unless `card=False`, into a temporary
+sibling of DIR and renamed into place, so a failure leaves nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from aflora_cli.adapted.loading import LoadedCheckpoint, load_checkpoint
+from aflora_cli.adapted.model_card import write_card
 from aflora_cli.engine.checkpoint import atomic_directory
 from aflora_cli.engine.inject import adapter_modules, fold_adapters
+from aflora_cli.engine.storage import is_quantized
 from aflora_cli.errors import AfloraError
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -38,7 +43,7 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-FORMATS = ("transformers", "peft")
+FORMATS = ("transformers", "peft", "gguf")
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,6 +55,10 @@ class MergeResult:
     modules: int
     files: list[str]
     auto_class: str
+    gguf_file: str | None = None
+    # merged from a quantized base: max |logit difference| from the quantized adapter model on two fixed
+    # sentences, as a fraction of its largest |logit|
+    logit_gap: float | None = None
 
 
 # ------------------------------------------------------------------------------------------ the output folder
@@ -103,9 +112,27 @@ def write_directory(out: Path, fill: Callable[[Path], None]) -> list[str]:
 
 def merged_model(loaded: LoadedCheckpoint, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The loaded model with every adapter folded into its W0 (in fp32) and replaced by that plain nn.Linear,
-    then cast to `dtype`."""
-    model = fold_adapters(loaded.adapted.model.float())
+    then cast to `dtype`. A quantized base is first dequantized with bitsandbytes' own functions (through
+    transformers' `dequantize`): a merged model cannot stay 4- or 8-bit without quantizing it again."""
+    model = loaded.adapted.model
+    if is_quantized(model):
+        model.dequantize()  # type: ignore[operator]
+    model = fold_adapters(model.float())
     return cast(PreTrainedModel, model.to(dtype))
+
+
+SAMPLE_TEXTS = ("The film is warm, funny and clever.", "Shares fell sharply on Monday after the report.")
+
+
+def sample_logits(model: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
+    """The model's logits on two fixed sentences (an encoder-decoder reads them back as its decoder input)."""
+    batch = dict(tokenizer(list(SAMPLE_TEXTS), return_tensors="pt", padding=True))
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        batch["decoder_input_ids"] = batch["input_ids"]
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        logits = model.eval()(**{k: v.to(device) for k, v in batch.items()}).logits
+    return logits.float().cpu()
 
 
 def peft_tensors(loaded: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -159,6 +186,8 @@ def peft_config(loaded: LoadedCheckpoint) -> dict[str, Any]:
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
+        # how the base was loaded in training (PEFT ignores the key): dtype and bitsandbytes quantization
+        "aflora_base_storage": loaded.recipe.model.storage().describe(),
     }
 
 
@@ -167,19 +196,32 @@ def merge_checkpoint(
     out: str | Path,
     *,
     format: str = "transformers",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     force: bool = False,
     base: str | None = None,
+    card: bool = True,
+    gguf_type: str | None = None,
 ) -> MergeResult:
-    """Write checkpoint `path` to `out` as a merged transformers model or a PEFT adapter."""
+    """Write checkpoint `path` to `out` as a merged transformers model, a PEFT adapter or a GGUF file, with a
+    model card unless `card` is False. `dtype` of the saved weights (not GGUF): default fp32, or bf16 for a
+    model merged from a quantized base."""
     path, out = Path(path), Path(out).expanduser()
     if format not in FORMATS:
         raise AfloraError(f"--format {format}: expected one of {', '.join(FORMATS)}")
-    if dtype not in TORCH_DTYPES:
+    if dtype is not None and dtype not in TORCH_DTYPES:
         raise AfloraError(f"--dtype {dtype}: expected one of {', '.join(TORCH_DTYPES)}")
+    if gguf_type is not None and format != "gguf":
+        raise AfloraError("--gguf-type is for --format gguf; --dtype sets the other formats' precision")
+    if dtype is not None and format == "gguf":
+        raise AfloraError("--dtype is for --format transformers or peft; --gguf-type sets a GGUF file's precision")
     check_output(out, force, path)
+    if format == "gguf":
+        return _merge_gguf(path, out, gguf_type, base, card)
     loaded = load_checkpoint(path, base)
+    quantized = is_quantized(loaded.adapted.model)
+    dtype = dtype or ("bf16" if quantized and format == "transformers" else "fp32")
     torch_dtype = TORCH_DTYPES[dtype]
+    logit_gap = None
     modules = len(adapter_modules(loaded.adapted.model))
     if format == "peft":
         tensors = peft_tensors(loaded, torch_dtype)
@@ -188,14 +230,45 @@ def merge_checkpoint(
         def fill(folder: Path) -> None:
             save_file(tensors, str(folder / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
             (folder / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if card:
+                write_card(folder, loaded.manifest, "peft", dtype=dtype)
 
     else:
-        model = merged_model(loaded, torch_dtype)
         tokenizer = loaded.adapted.tokenizer
+        before = sample_logits(loaded.adapted.model, tokenizer) if quantized else None
+        model = merged_model(loaded, torch_dtype)
+        if before is not None:
+            logit_gap = float((sample_logits(model, tokenizer) - before).abs().max() / before.abs().max())
 
         def fill(folder: Path) -> None:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
+            if card:
+                write_card(folder, loaded.manifest, "transformers", dtype=dtype)
 
     files = write_directory(out, fill)
-    return MergeResult(str(out), format, dtype, modules, files, loaded.task.auto_class)
+    return MergeResult(str(out), format, dtype, modules, files, loaded.task.auto_class, logit_gap=logit_gap)
+
+
+def _merge_gguf(path: Path, out: Path, gguf_type: str | None, base: str | None, card: bool) -> MergeResult:
+    """The merged model (folded in fp32) as one GGUF file; a family it cannot write is refused before folding."""
+    from aflora_cli.commands import gguf_export
+
+    gguf_type = gguf_type or gguf_export.DEFAULT_GGUF_TYPE
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise AfloraError(f"--gguf-type {gguf_type}: expected one of {', '.join(gguf_export.GGUF_TYPES)}")
+    gguf_export.check_installed()
+    loaded = load_checkpoint(path, base)
+    modules = len(adapter_modules(loaded.adapted.model))
+    gguf_export.family_of(loaded.adapted.model)  # one line naming what it can write, before any folding
+    model = merged_model(loaded, torch.float32)
+    name = f"{loaded.base_name.rstrip('/').split('/')[-1].removesuffix('.gguf')}-aflora-{loaded.task.name}"
+    file_name = gguf_export.gguf_file_name(gguf_type)
+
+    def fill(folder: Path) -> None:
+        gguf_export.write_gguf(model, loaded.adapted.tokenizer, folder / file_name, gguf_type, name)
+        if card:
+            write_card(folder, loaded.manifest, "gguf", dtype=gguf_type, gguf_file=file_name)
+
+    files = write_directory(out, fill)
+    return MergeResult(str(out), "gguf", gguf_type, modules, files, loaded.task.auto_class, file_name)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from aflora_cli.adapted.loading import load_checkpoint, open_checkpoint, read_checkpoint_manifest
+from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.tasks import Prediction, Progress, Row
 
@@ -108,7 +109,8 @@ def evaluate_checkpoint(
     else:
         name = split or next(iter(manifest["task"]["eval_splits"]), None) or "train"
         _check_split(manifest, name)
-    opened = open_checkpoint(path, base, manifest)
+    device = device or default_device()
+    opened = open_checkpoint(path, base, manifest, device)
     task, tokenizer = opened.task, opened.base.tokenizer
     # the data is read and checked (every row, every reference) before the model is built
     rows: Sequence[Row] | None
@@ -120,8 +122,7 @@ def evaluate_checkpoint(
         rows = data.train if name == "train" else data.evaluation[name]
         assert rows is not None
         logged = (manifest.get("metrics") or {}).get(name)
-    device = device or default_device()
-    model = opened.load().adapted.model.to(device)
+    model = place(opened.load().adapted.model, device)
     metrics, predictions = task.evaluate(model, rows, tokenizer, device, progress)
     if predictions_file is not None:
         write_predictions(Path(predictions_file), predictions)
@@ -155,7 +156,7 @@ def generate_text(
             f"{path}: a {family} checkpoint (task {manifest['task']['name']!r}) does not generate text; "
             "generate needs a causal-LM or seq2seq checkpoint"
         )
-    loaded = load_checkpoint(path, base, manifest)
     device = device or default_device()
-    model = loaded.adapted.model.to(device)
+    loaded = load_checkpoint(path, base, manifest, device)
+    model = place(loaded.adapted.model, device)
     return loaded.task.complete(model, loaded.adapted.tokenizer, prompt, device, max_new_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PMPolicy = Literal["trainable", "frozen", "adaptive"]
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(steps?|epochs?|%)\s*$")
@@ -76,3 +76,27 @@ def resolve_duration(value: str | int, steps_per_epoch: int, total_steps: int) -
     if unit == "%":
         return round(amount / 100 * total_steps)
     return round(amount)
+
+
+BaseDtype = Literal["fp32", "bf16", "fp16"]
+
+
+class QuantizationConfig(_Settings):
+    """A base stored in 4 or 8 bits through bitsandbytes (QLoRA-style); the adapters stay fp32 beside it.
+
+    4-bit only: `type` (nf4 or fp4; default nf4), `double_quant` (quantize the quantization constants too;
+    default true) and `compute_dtype` (what the 4-bit matmul runs in; default bf16).
+    """
+
+    bits: Literal[4, 8]
+    type: Literal["nf4", "fp4"] | None = None
+    double_quant: bool | None = None
+    compute_dtype: BaseDtype | None = None
+
+    @model_validator(mode="after")
+    def _four_bit_keys(self) -> QuantizationConfig:
+        if self.bits == 8:
+            given = [key for key in ("type", "double_quant", "compute_dtype") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to bits: 4 only")
+        return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import yaml
@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from aflora_cli.engine.config import AdapterConfig
-from aflora_cli.engine.layer import AdapterLinear
+from aflora_cli.engine.layer import AdapterLinear, linear_features
 from aflora_cli.errors import AfloraError
 
 Kind = Literal["attention", "ffn"]
@@ -132,9 +132,8 @@ def guess_kind(suffix: str) -> Kind | None:
 
 
 def _shape(module: nn.Module) -> str:
-    """`out×in` of a linear layer; Conv1D stores its weight the other way round."""
-    rows, columns = cast(torch.Tensor, module.weight).shape
-    out_features, in_features = (columns, rows) if isinstance(module, Conv1D) else (rows, columns)
+    """`out×in` of a linear layer (Conv1D stores its weight the other way round, a quantized one packed)."""
+    out_features, in_features = linear_features(module)
     return f"{out_features}×{in_features}"
 
 
@@ -267,12 +266,27 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 
 
 def unfreeze_head(model: nn.Module) -> list[str]:
-    """Make the task head trainable; returns its parameter names."""
+    """Make the task head trainable, in fp32 whatever the base is stored in; returns its parameter names."""
     names = head_parameter_names(model)
     params = dict(model.named_parameters())
     for name in names:
         params[name].requires_grad_(True)
+    _head_in_fp32(model, names)
     return names
+
+
+def _head_in_fp32(model: nn.Module, names: list[str]) -> None:
+    """A head loaded in half precision trains in fp32 (as its optimizer state does): its modules are cast and
+    take their input in fp32, so a bf16 backbone feeds it without autocast."""
+    for top in dict.fromkeys(name.split(".")[0] for name in names):
+        module = model.get_submodule(top)
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def adaptive_matrices(model: nn.Module, targets: list[Target]) -> dict[str, nn.Parameter]:

@@ -1,4 +1,10 @@
-"""The adapter layer of Eq. 1: Y = W0·X + Λb·B·Λd·A·X, beside a frozen linear layer."""
+"""The adapter layer of Eq. 1: Y = W0·X + Λb·B·Λd·A·X, beside a frozen linear layer.
+
+The adapter's own tensors are always fp32, whatever the base is stored in (fp32, bf16, fp16, 4- or 8-bit).
+The fused node below runs only where everything is fp32: in half precision, forming W0 + ΔW would round
+away every part of a small ΔW below W0's last bit, so there the low-rank path is computed apart, in fp32,
+and added to the base layer's output, as PEFT does.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +34,17 @@ def merging_is_cheaper(
         thin += rows * in_features + (0 if need_a else rows * out_features)
     merged = in_features * out_features * (2 if need_x else 1) + (rows * in_features if need_up else 0)
     return merged <= thin
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer: nn.Linear and its subclasses (bitsandbytes' quantized layers, whose
+    packed weight has another shape) say so themselves; GPT-2's Conv1D stores its weight in × out."""
+    if isinstance(layer, Conv1D):
+        return layer.nf, int(cast(torch.Tensor, layer.weight).shape[0])
+    return int(layer.out_features), int(layer.in_features)  # type: ignore[arg-type]
 
 
 class _AdaptedLinear(torch.autograd.Function):
@@ -134,13 +151,16 @@ class AdapterLinear(nn.Module):
         self.scaling = scaling
         # GPT-2's Conv1D keeps its weight as in × out: the layer works on the out × in view of it
         self.transposed = isinstance(base, Conv1D)
+        out_features, in_features = linear_features(base)
         weight = self.base_weight()
-        out_features, in_features = weight.shape
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=weight.dtype, device=weight.device))
+        # fp32 over a half-precision or quantized base; an fp64 base (gradient checks) keeps fp64
+        dtype = weight.dtype if weight.dtype.is_floating_point and weight.dtype not in HALF else torch.float32
+        device = weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
         if vectors:
-            self.lambda_d = nn.Parameter(torch.full((rank,), lambda_d_init, dtype=weight.dtype, device=weight.device))
-            self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype, device=weight.device))
+            self.lambda_d = nn.Parameter(torch.full((rank,), lambda_d_init, dtype=dtype, device=device))
+            self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("lambda_d", None)
             self.register_parameter("lambda_b", None)
@@ -191,13 +211,33 @@ class AdapterLinear(nn.Module):
         """The update the path adds to W0: s·diag(Λb)·B·diag(Λd)·A (out × in)."""
         return self.up_projection() @ self.lora_A
 
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether the fused node may run: a plain fp32 (or fp64) layer (not a subclass such as a quantized
+        layer, not hooked) outside half-precision autocast. Otherwise the low-rank path runs apart (`separate`)."""
+        base = self.base
+        if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        weight = self.base_weight()
+        if weight.dtype in HALF or x.dtype != weight.dtype:
+            return False
+        device = x.device.type
+        return not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
+
+    def separate(self, x: torch.Tensor) -> torch.Tensor:
+        """W0·X by the base layer as it is (any dtype, quantized, hooked), plus the low-rank path in fp32
+        outside autocast; the sum is taken in fp32 and returned in the base output's dtype."""
+        out = self.base(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_a = self.dropout(x).to(self.lora_A.dtype)
+            delta = F.linear(F.linear(x_a, self.lora_A), self.up_projection())
+            return (out.to(delta.dtype) + delta).to(out.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
         if self.merged:
             return base(x)
-        if type(base) not in (nn.Linear, Conv1D) or base._forward_hooks or base._forward_pre_hooks:
-            # a subclass or a hooked layer keeps its own forward: the plain, unfused expression
-            return base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.up_projection())
+        if not self.fusable(x):
+            return self.separate(x)
         x_a = self.dropout(x)
         if self.fixed_weight is not None and not torch.is_grad_enabled() and x_a is x:
             rows = x.numel() // self.in_features
@@ -209,10 +249,11 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the low-rank path into W0; forward then runs the base layer alone."""
+        """Fold the low-rank path into W0 (the sum taken in fp32, rounded once to W0's dtype); forward then
+        runs the base layer alone."""
         if not self.merged:
             weight = self.base_weight()
-            weight.add_(self.delta_weight().to(weight.dtype))
+            weight.copy_(weight + self.delta_weight())  # type promotion: a bf16 W0 + the fp32 ΔW sums in fp32
             self.merged = True
 
     @torch.no_grad()
@@ -238,7 +279,11 @@ def fixed_adapters(model: nn.Module) -> Iterator[None]:
     The same tensor from the same inputs as the per-batch merged path, so outputs are bit for bit the same;
     it costs one extra copy of every adapted weight while it lasts (use it for encoders, not for LLMs).
     """
-    modules = [m for m in model.modules() if isinstance(m, AdapterLinear) and not m.merged]
+    modules = [
+        m
+        for m in model.modules()
+        if isinstance(m, AdapterLinear) and not m.merged and m.base_weight().dtype not in HALF
+    ]
     with torch.no_grad():
         for module in modules:
             module.fixed_weight = _merged_weight(module.base_weight(), module.lora_A, module.up_projection())

@@ -18,12 +18,14 @@ from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, run_manifest
 from aflora_cli.adapted.loading import load_checkpoint as read_back
+from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine import base_model as base_model_files
 from aflora_cli.engine.checkpoint import save_checkpoint
 from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_duration
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, adaptive_matrices, fold_adapters, inject_adapters, unfreeze_head
 from aflora_cli.engine.params import count_trainable
+from aflora_cli.engine.storage import storage_of
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig, Recipe, parse_recipe
 from aflora_cli.tasks import Task, resolve_task
@@ -153,7 +155,7 @@ def describe_run(
     model_dir, fingerprint = base_model_files.locate_model(str(name))
     raw = {
         "output_dir": ".",
-        "model": {"name_or_path": str(name)},
+        "model": {"name_or_path": str(name), **storage_of(model).describe()},
         "data": data.model_dump(mode="json", exclude_defaults=True) if isinstance(data, DataConfig) else data,
         **adapters.config.model_dump(mode="json"),
         **recipe_keys,
@@ -215,7 +217,7 @@ def save_adapters(
     adapters = adapters_of(model, "save_adapters")
     recipe, task, adapted = describe_run(model, adapters, data, base_model=base_model, tokenizer=tokenizer)
     manifest = adapter_manifest(adapters, recipe, task, adapted, step)
-    save_checkpoint(Path(path), model, adapters.head_names, manifest)
+    save_checkpoint(Path(path), model, adapters.head_names, manifest, extra=checkpoint_card(manifest))
     return Path(path)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.training_args import ParallelMode
 
+from aflora_cli.adapted.model_card import write_card
 from aflora_cli.engine.checkpoint import write_checkpoint_files
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
 from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest
@@ -240,6 +241,7 @@ class AfloraCallback(TrainerCallback):
             partial = into / f".{FREEZER_FILE}.tmp"
             torch.save({**freezer.state_dict(), SCHEDULE_KEY: self._schedule()}, partial)
             partial.replace(into / FREEZER_FILE)
+            write_card(into, manifest)
 
         write_checkpoint_files(folder, model, self.adapted.head_names, manifest, extra=save_freezer)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe
 
@@ -124,8 +125,15 @@ class Task(ABC):
 
     # ---- model ------------------------------------------------------------------------------------
     @abstractmethod
-    def load_model(self, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-        """The base model with whatever the family adds (a classification head); every weight trainable."""
+    def load_model(
+        self,
+        model_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        storage: BaseStorage | None = None,
+        device: torch.device | None = None,
+    ) -> nn.Module:
+        """The base model with whatever the family adds (a classification head), stored as `storage` says
+        (default fp32; a quantized base is loaded onto `device`)."""
 
     def train_head(self, model: nn.Module) -> list[str]:
         """Make the family's new parameters trainable after adapters are injected; their names."""

@@ -28,6 +28,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from aflora_cli.engine import base_model
 from aflora_cli.engine.inject import unfreeze_head
 from aflora_cli.engine.layer import fixed_adapters
+from aflora_cli.engine.storage import BaseStorage, after_loading
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig, Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
@@ -428,9 +429,16 @@ def _tokenize(columns: Columns, spec: TaskSpec, tokenizer: PreTrainedTokenizerBa
 
 
 def load_classifier(
-    model_dir: Path, num_labels: int, problem: str, label_names: Sequence[str] | None, pad_token_id: int | None
+    model_dir: Path,
+    num_labels: int,
+    problem: str,
+    label_names: Sequence[str] | None,
+    pad_token_id: int | None,
+    storage: BaseStorage | None = None,
+    device: torch.device | None = None,
 ) -> nn.Module:
     """The base model with a new sequence-classification (or regression) head."""
+    kwargs = (storage or BaseStorage()).pretrained_kwargs(device or torch.device("cpu"))
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     def load() -> nn.Module:
@@ -442,8 +450,8 @@ def load_classifier(
             config.label2id = {name: i for i, name in enumerate(label_names)}
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
-        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config)
-        return model
+        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, **kwargs)
+        return after_loading(model)
 
     return base_model.load_or_fail(load, model_dir)
 
@@ -507,9 +515,17 @@ class ClassificationTask(Task):
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, **self.spec.to_dict()}
 
-    def load_model(self, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    def load_model(
+        self,
+        model_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        storage: BaseStorage | None = None,
+        device: torch.device | None = None,
+    ) -> nn.Module:
         spec = self.spec
-        return load_classifier(model_dir, spec.num_labels, spec.problem, spec.label_names, tokenizer.pad_token_id)
+        return load_classifier(
+            model_dir, spec.num_labels, spec.problem, spec.label_names, tokenizer.pad_token_id, storage, device
+        )
 
     def train_head(self, model: nn.Module) -> list[str]:
         return unfreeze_head(model)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.engine import base_model
+from aflora_cli.engine.storage import BaseStorage, after_loading
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
@@ -68,12 +69,19 @@ class TextTask(Task):
             "metrics": ["loss", "perplexity", *self.metric.names],
         }
 
-    def load_model(self, model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    def load_model(
+        self,
+        model_dir: Path,
+        tokenizer: PreTrainedTokenizerBase,
+        storage: BaseStorage | None = None,
+        device: torch.device | None = None,
+    ) -> nn.Module:
         import transformers
 
         auto = getattr(transformers, self.auto_class)
-        model: nn.Module = base_model.load_or_fail(lambda: auto.from_pretrained(model_dir), model_dir)
-        return model
+        kwargs = (storage or BaseStorage()).pretrained_kwargs(device or torch.device("cpu"))
+        model: nn.Module = base_model.load_or_fail(lambda: auto.from_pretrained(model_dir, **kwargs), model_dir)
+        return after_loading(model)
 
     # ---- data -------------------------------------------------------------------------------------
     @abstractmethod

@@ -14,18 +14,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
+from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
 from aflora_cli.engine.config import resolve_duration
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import adaptive_matrices
 from aflora_cli.engine.manifest import STATE_FILE, read_manifest
 from aflora_cli.engine.params import count_trainable
+from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
 from aflora_cli.training import distributed
 from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
-from aflora_cli.training.tracking import TensorBoardTracker, summary_writer_class
+from aflora_cli.training.tracking import RunInfo, RunTrackers, open_trackers, require, run_name
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
@@ -110,7 +112,7 @@ class Trainer:
         self.start_eval: dict[str, Any] | None = None
         self.predictions: dict[str, list[Prediction]] = {}
         self.start_predictions: dict[str, list[Prediction]] = {}
-        self.tracker: TensorBoardTracker | None = None
+        self.tracker: RunTrackers | None = None
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_output_dir(self) -> dict[str, Any] | None:
@@ -146,10 +148,13 @@ class Trainer:
             raise AfloraError("device: cuda was asked for, but torch sees no CUDA device; use auto or cpu")
         if recipe.precision == "fp16" and (recipe.device == "cpu" or not torch.cuda.is_available()):
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
+        storage = recipe.model.storage()
         resumed = self._check_output_dir()
         # on every rank and before any loading, so a missing package fails at once and everywhere alike
-        writer_class = summary_writer_class() if recipe.logging.tensorboard else None
+        trackers = recipe.logging.trackers()
+        require(trackers, from_tensorboard_key=recipe.logging.tensorboard)
         self.group = distributed.setup(recipe.device)
+        storage.check(self.group.device)
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
         self.task: Task = task_for(recipe, base)
@@ -162,10 +167,10 @@ class Trainer:
         self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         if resumed is not None:
             self._check_layout(resumed)
-        self.adapted: AdaptedModel = build_adapted(recipe, self.task, base)
+        self.adapted: AdaptedModel = build_adapted(recipe, self.task, base, self.group.device)
         if recipe.training.gradient_checkpointing:
             self._checkpoint_activations()
-        self.model = self.adapted.model.to(self.group.device)
+        self.model = place(self.adapted.model, self.group.device)
         self.freezer = Freezer.from_config(
             adaptive_matrices(self.model, self.adapted.targets),
             recipe.freezing,
@@ -195,8 +200,15 @@ class Trainer:
             recipe.training.max_grad_norm,
             frozen_numel,
         )
-        if writer_class is not None and self.group.is_main:
-            self.tracker = TensorBoardTracker(self.output_dir, writer_class, resume_step=self.step)
+        if trackers and self.group.is_main:
+            run = RunInfo(
+                self.output_dir,
+                recipe.logging.project,
+                run_name(recipe.logging.run_name, self.output_dir),
+                recipe.model_dump(mode="json"),
+                resume_step=self.step,
+            )
+            self.tracker = open_trackers(trackers, run)
 
     # ---- resume ----------------------------------------------------------------------------------
     def _check_layout(self, manifest: dict[str, Any]) -> None:
@@ -312,8 +324,7 @@ class Trainer:
                     )
                 self._emit("step", record)
                 final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
-        if self.tracker is not None:
-            self.tracker.close()
+        self._close_trackers()
         return final
 
     def _counts(self) -> dict[str, int]:
@@ -387,7 +398,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if self.tracker is not None:  # here, so TensorBoard and metrics.jsonl always hold the same values
+            if self.tracker is not None:  # here, so the trackers and metrics.jsonl always hold the same values
                 self.tracker.log(record)
 
     def manifest(self, results: dict[str, Any] | None) -> dict[str, Any]:
@@ -411,8 +422,9 @@ class Trainer:
         if self.group.is_main:
             improved = self._improved(results)
             manifest = self.manifest(results)
+            card = checkpoint_card(manifest)  # each checkpoint folder says what it is in a README.md
             if improved:
-                save_checkpoint(self.output_dir / "best", self.model, self.adapted.head_names, manifest)
+                save_checkpoint(self.output_dir / "best", self.model, self.adapted.head_names, manifest, extra=card)
             if save_last:
                 state = {
                     "step": self.step,
@@ -423,12 +435,13 @@ class Trainer:
                     "freezer": self.freezer.state_dict(),
                     "rng": rngs,
                 }
+
+                def state_and_card(folder: Path) -> None:
+                    torch.save(state, folder / STATE_FILE)
+                    card(folder)
+
                 save_checkpoint(
-                    self.output_dir / "last",
-                    self.model,
-                    self.adapted.head_names,
-                    manifest,
-                    extra=lambda folder: torch.save(state, folder / STATE_FILE),
+                    self.output_dir / "last", self.model, self.adapted.head_names, manifest, extra=state_and_card
                 )
             self._emit("save", {"step": self.step, "best": improved, "last": save_last})
         self.group.barrier()
@@ -444,8 +457,13 @@ class Trainer:
             return True
         return False
 
-    def close(self) -> None:
-        """Close the TensorBoard writer (an interrupted run keeps what it logged) and leave the process group."""
+    def _close_trackers(self) -> None:
+        """Log the freeze events and end the trackers' runs (once)."""
         if self.tracker is not None:
-            self.tracker.close()
+            freezer = getattr(self, "freezer", None)
+            self.tracker.close(freezer.freeze_log if freezer is not None else None, self.step)
+
+    def close(self) -> None:
+        """End the trackers' runs (an interrupted run keeps what it logged) and leave the process group."""
+        self._close_trackers()
         distributed.teardown()

