@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,13 +16,48 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from aflora_cli.errors import AfloraError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
 errors = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+# click's UsageError (unknown option, missing argument, bad value), found through the one subclass Typer exports:
+# Typer vendors its own click, so `click.UsageError` may be another class
+_UsageError: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def _error_line(message: str) -> None:
+    errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line() -> Iterator[None]:
+    """An unknown option, a missing argument or a bad value: one line on stderr and exit code 2, like every other
+    bad input (not click's usage block and framed message)."""
+    try:
+        yield
+    except _UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            raise  # `aflora` alone prints the help
+        context = getattr(err, "ctx", None)
+        where = f"; see '{context.command_path} --help'" if context is not None else ""
+        _error_line(f"{err.format_message().rstrip('.')}{where}")  # type: ignore[attr-defined]
+        raise typer.Exit(2) from None
+
+
+class _Commands(TyperGroup):
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
 
 @app.callback()
@@ -50,7 +86,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except AfloraError as err:
-            errors.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+            _error_line(str(err))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted", highlight=False)

@@ -62,7 +62,8 @@ class DataConfig(_Section):
     chat_template: bool = False
     train_on_prompt: bool = False
     truncation: bool = True
-    metric: Literal["rouge", "exact_match", "gsm8k"] | None = None
+    metric: Literal["rouge", "exact_match", "gsm8k", "number"] | None = None
+    answer_column: str | None = None  # the column holding the reference the metric reads (default: the response)
     # both
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)

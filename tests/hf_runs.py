@@ -46,8 +46,9 @@ def classifier_trainer(
     seed: int = 5,
     base: str | Path | None = None,
     batch_size: int = 8,
+    max_steps: int = STEPS,
 ) -> Trainer:
-    """MiniLM (or `base`) + adapters + head on 64 movie reviews, STEPS steps at `batch_size` (per process),
+    """MiniLM (or `base`) + adapters + head on 64 movie reviews, `max_steps` steps at `batch_size` (per process),
     checkpoints every SAVE_EVERY."""
     torch.manual_seed(seed)
     base = base or model_dir(MINILM)
@@ -56,7 +57,7 @@ def classifier_trainer(
     add_adapters(model, CONFIG)
     args = TrainingArguments(
         str(output_dir),
-        max_steps=STEPS,
+        max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         learning_rate=1e-2,
         save_steps=SAVE_EVERY,

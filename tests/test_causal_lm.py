@@ -6,13 +6,14 @@ import copy
 import gzip
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from text_runs import lm_recipe, review_files, write_jsonl
+from text_runs import lm_recipe, model_dir, review_files, write_jsonl
 from typer.testing import CliRunner
 
 from aflora_cli.cli import app
@@ -231,9 +232,17 @@ def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, 
     assert report["metrics"] == pytest.approx(logged, rel=1e-5)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == report["rows"] == 12
-    assert set(rows[0]) == {"prompt", "output", "extracted", "reference", "correct", "scores"}
+    assert set(rows[0]) == {"prompt", "source", "output", "extracted", "reference", "correct", "scores"}
     assert rows[0]["prompt"].startswith("Review: ") and rows[0]["reference"] in ("negative", "positive")
+    assert rows[0]["prompt"] == rows[0]["source"]  # a causal LM sees the whole prompt (a row too long is skipped)
     assert sum(row["correct"] for row in rows) / len(rows) == pytest.approx(report["metrics"]["exact_match"])
+
+
+def test_eval_scores_the_train_split_when_asked(trained: Path) -> None:
+    result = runner.invoke(app, ["eval", str(trained / "last"), "--split", "train", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["split"] == "train" and report["rows"] == 48 and 0.0 <= report["metrics"]["exact_match"] <= 1.0
 
 
 def test_sort_by_length_gives_the_same_split_loss_with_less_padding(trained: Path) -> None:
@@ -543,3 +552,152 @@ def test_skipped_rows_are_reported_on_screen(tmp_path: Path) -> None:
     result = _train(tmp_path, raw)
     assert result.exit_code == 0, result.output
     assert "train: 1 rows skipped" in " ".join(result.stdout.split())
+
+
+# ------------------------------------------------------------------------ the data is checked before the model
+
+
+def _broken_base(tmp_path: Path) -> Path:
+    """The tiny LLaMA's directory with its weights replaced by garbage: config and tokenizer load, the model does
+    not. A command that stops at a data error with this base proves it never tried to load the model."""
+    broken = Path(shutil.copytree(model_dir("llama"), tmp_path / "broken-llama"))
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    return broken
+
+
+def test_a_bad_reference_stops_train_before_the_model_is_loaded(tmp_path: Path, files: dict[str, Path]) -> None:
+    validation = write_jsonl(
+        tmp_path / "validation.jsonl",
+        [
+            {"prompt": "Ann has 3 books and buys 12.", "response": "#### 15"},
+            {"prompt": "And?", "response": "15 new books"},
+        ],
+    )
+    raw = lm_recipe(
+        tmp_path / "run",
+        "llama",
+        {"train_file": files["train_file"], "validation_file": validation},
+        data={"metric": "gsm8k"},
+    )
+    raw["model"]["name_or_path"] = str(_broken_base(tmp_path))
+    expected = "GSM8K reference has no '#### <number>' final answer: '15 new books'"
+    _one_line_error(_train(tmp_path, raw), f"{validation}: row 2: {expected}")
+    assert not (tmp_path / "run").exists()
+    write_jsonl(validation, [{"prompt": "Ann has 3 books and buys 12.", "response": "#### 15"}])
+    _one_line_error(_train(tmp_path, raw), "could not load a model from")  # the base really does not load
+
+
+def test_eval_checks_its_data_before_the_model_is_loaded(tmp_path: Path, files: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from aflora_cli import add_adapters, save_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir("llama"))
+    add_adapters(model)
+    data = {"task": "custom", "format": "prompt_response", "metric": "gsm8k", "train_file": str(files["train_file"])}
+    checkpoint = save_adapters(model, tmp_path / "checkpoint", data=data, base_model=str(_broken_base(tmp_path)))
+    predictions = tmp_path / "predictions.jsonl"
+    cases = {
+        "bad_reference.jsonl": (
+            [{"prompt": "p", "response": "12"}, {"prompt": "q", "response": "twelve"}],
+            "row 2: GSM8K reference has no '#### <number>' final answer: 'twelve'",
+        ),
+        "no_response.jsonl": ([{"prompt": "p"}], "missing column 'response'"),
+    }
+    for name, (rows, part) in cases.items():
+        file = write_jsonl(tmp_path / name, rows)
+        result = runner.invoke(app, ["eval", str(checkpoint), "--data", str(file), "--predictions", str(predictions)])
+        _one_line_error(result, f"{file}: ", part)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "12"}])
+    _one_line_error(runner.invoke(app, ["eval", str(checkpoint), "--data", str(good)]), "could not load a model from")
+    assert not predictions.exists()
+
+
+# ---------------------------------------------------------------------------------- numeric answers, any layout
+
+
+def _rows_of(tmp_path: Path, rows: list[dict[str, Any]], **data: Any) -> tuple[CausalLMTask, list[TextRow]]:
+    train = write_jsonl(tmp_path / "rows.jsonl", rows)
+    raw = lm_recipe(tmp_path / "run", "llama", {"train_file": train}, data=data)
+    recipe = parse_recipe(raw, "test")
+    task = CausalLMTask.from_recipe(recipe)
+    return task, load_rows(task.spec, recipe.data, "train", seed=0)
+
+
+def test_metric_number_reads_the_last_number_of_the_reference(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Ann has 3 books and buys 12. How many now?", "response": "She has 15 new books"},
+        {"prompt": "Price of 2 at $617.25?", "response": "2 * 617.25 = $1,234.50"},
+    ]
+    task, read = _rows_of(tmp_path, rows, metric="number")
+    assert [task.metric.answer(row.reference) for row in read] == [15.0, 1234.5]
+    assert task.metric.score_row("3 + 12 = 15", read[0].reference).correct
+    assert not task.metric.score_row("3 + 12 = 16", read[0].reference).correct
+
+
+def test_answer_column_gives_the_reference(tmp_path: Path) -> None:
+    """`data.answer_column` names the column the reference comes from: math_10k's `answer`, or any other."""
+    rows = [
+        {"instruction": "Add 7 and 8.", "output": "7 + 8 = 15. The answer is 15", "answer": 15},
+        {"instruction": "Add 1,000 and 234.", "output": "It is 1,234.", "answer": "1,234"},
+    ]
+    task, read = _rows_of(tmp_path, rows, format="instruction", metric="number", answer_column="answer")
+    assert [row.reference for row in read] == ["15", "1,234"] and task.spec.answer_column == "answer"
+    assert [task.metric.answer(row.reference) for row in read] == [15.0, 1234.0]
+    assert read[0].response == "7 + 8 = 15. The answer is 15"  # the response learned is still the output
+    # prompt/response rows too, and a short answer for exact match
+    pairs = [{"prompt": "Capital of France?", "response": "It is Paris, of course.", "short": "Paris"}]
+    task, read = _rows_of(tmp_path, pairs, metric="exact_match", answer_column="short")
+    assert read[0].reference == "Paris" and task.metric.score_row("paris.", read[0].reference).correct
+
+
+def test_a_missing_or_empty_answer_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(AfloraError, match=r"rows\.jsonl: missing column 'answer'"):
+        _rows_of(tmp_path, [{"prompt": "p", "response": "r"}], metric="number", answer_column="answer")
+    rows = [{"prompt": "p", "response": "r", "answer": 3}, {"prompt": "p", "response": "r", "answer": None}]
+    with pytest.raises(AfloraError, match=r"rows\.jsonl: row 2: column 'answer' has no value, expected the answer"):
+        _rows_of(tmp_path, rows, metric="number", answer_column="answer")
+    raw = lm_recipe(tmp_path / "run", "llama", {}, data={"answer_column": "answer"})
+    raw["data"] = {"task": "movie_reviews", "answer_column": "answer"}
+    from aflora_cli.tasks.classification import ClassificationTask
+
+    with pytest.raises(AfloraError, match=r"data\.answer_column: only used with text-generation tasks"):
+        ClassificationTask.from_recipe(parse_recipe(raw, "test"))
+
+
+def test_a_bad_reference_in_a_scored_file_names_file_and_row(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "p", "response": "#### 4"},
+        {"prompt": "q", "response": "#### 5"},
+        {"prompt": "r", "response": "5"},
+    ]
+    task, _ = _rows_of(tmp_path, rows, metric="gsm8k")
+    task.load_file(tmp_path / "rows.jsonl", tiny_tokenizer())  # a bare number is a GSM8K short answer
+    write_jsonl(tmp_path / "rows.jsonl", [*rows, {"prompt": "s", "response": "five"}])
+    with pytest.raises(AfloraError, match=r"rows\.jsonl: row 4: GSM8K reference has no '#### <number>' final answer"):
+        task.load_file(tmp_path / "rows.jsonl", tiny_tokenizer())
+
+
+# ------------------------------------------------------------------------------------ every training row skipped
+
+
+def test_no_training_row_left_says_how_many_how_long_and_the_limit_that_keeps_them(tmp_path: Path) -> None:
+    prompts = [f"Review: {'long ' * n}\nSentiment:" for n in (30, 40, 35)]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": "negative"} for p in prompts])
+    raw = lm_recipe(tmp_path / "run", "llama", {"train_file": train}, training={"max_length": 24})
+    lengths = [len(tiny_tokenizer().encode(prompt, add_special_tokens=True)) for prompt in prompts]
+    shortest, longest = min(lengths), max(lengths)
+    assert 24 <= shortest < longest
+    result = _train(tmp_path, raw)
+    _one_line_error(
+        result,
+        "no training rows left",
+        f"3 rows of {train} have prompts of {shortest} to {longest} tokens",
+        "fill training.max_length 24",
+        f"training.max_length {shortest + 1} keeps the shortest, {longest + 1} keeps them all",
+    )
+    assert "see the log" not in result.stderr and not (tmp_path / "run").exists()
+    for limit, kept in ((shortest, 0), (shortest + 1, 1), (longest, 2), (longest + 1, 3)):  # the advice holds
+        raw["training"]["max_length"] = limit
+        data = CausalLMTask.from_recipe(parse_recipe(raw, "test")).load_splits(tiny_tokenizer())
+        assert data.train is not None and len(data.train) == kept, limit

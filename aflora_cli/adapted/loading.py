@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from aflora_cli.adapted.building import AdaptedModel, build_adapted, load_base
+from aflora_cli.adapted.building import AdaptedModel, Base, build_adapted, load_base
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights
 from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest
 from aflora_cli.errors import AfloraError
@@ -90,6 +90,33 @@ def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint with everything but its model: manifest, recipe, task, adapter weights and the base model
+    located (fingerprint checked, tokenizer loaded). Enough to read and check data before `load()` builds the
+    model, the expensive part."""
+
+    path: Path
+    manifest: dict[str, Any]
+    recipe: Recipe
+    task: Task
+    base: Base
+    base_name: str
+    tensors: dict[str, torch.Tensor]
+    device: torch.device
+
+    def load(self) -> LoadedCheckpoint:
+        """Base model + adapters (PMs frozen as the freeze log says) + head, on the CPU (a quantized base
+        directly on the device it was opened for)."""
+        adapted = build_adapted(self.recipe, self.task, self.base, self.device)
+        load_weights_into(adapted.model, self.tensors, adapted.head_names, self.path)
+        params = dict(adapted.model.named_parameters())
+        for name, step in self.manifest.get("freeze_log", {}).items():
+            if step is not None:
+                params[name].requires_grad_(False)
+        return LoadedCheckpoint(adapted, self.manifest, self.recipe, self.task, self.base_name)
+
+
 def load_checkpoint(
     path: str | Path,
     base: str | None = None,
@@ -103,6 +130,17 @@ def load_checkpoint(
     one the checkpoint was trained on is refused. `manifest` is the checkpoint's, already read by
     `read_checkpoint_manifest`; it is read when not given.
     """
+    return open_checkpoint(path, base, manifest, device).load()
+
+
+def open_checkpoint(
+    path: str | Path,
+    base: str | None = None,
+    manifest: dict[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> OpenedCheckpoint:
+    """Checkpoint `path` checked and its base model located, without building the model (`load()` does);
+    arguments as for `load_checkpoint`."""
     path = Path(path)
     manifest = manifest if manifest is not None else read_checkpoint_manifest(path)
     name = manifest["base_model"]["name_or_path"]
@@ -120,15 +158,14 @@ def load_checkpoint(
         raise AfloraError(
             f"{path}: its base model {name} is not there any more; pass --base with the model's directory"
         )
-    adapted, recipe, task = _rebuild(path, base, manifest, device or torch.device("cpu"))
-    return LoadedCheckpoint(adapted, manifest, recipe, task, base or name)
+    return _open(path, base, manifest, base or name, device or torch.device("cpu"))
 
 
-def _rebuild(
-    path: Path, base: str | None, manifest: dict[str, Any], device: torch.device
-) -> tuple[AdaptedModel, Recipe, Task]:
-    """The model of a checked manifest: recipe and task from the manifest, the base (checked by fingerprint),
-    adapters with the saved weights."""
+def _open(
+    path: Path, base: str | None, manifest: dict[str, Any], base_name: str, device: torch.device
+) -> OpenedCheckpoint:
+    """The parts of a checked manifest: recipe and task from the manifest, the saved weights, the base (checked
+    by fingerprint and by whether its storage can run on `device`)."""
     tensors = read_weights(path)
     recipe = parse_recipe(manifest.get("recipe"), f"{path}/adapter_config.json (recipe)")
     try:
@@ -150,10 +187,4 @@ def _rebuild(
             f"{path}: base model {found.model_dir} has fingerprint {found.fingerprint[:19]}…, the checkpoint was "
             f"trained on {expected[:19]}… ({manifest['base_model']['name_or_path']}); pass --base with the right model"
         )
-    adapted = build_adapted(recipe, task, found, device)
-    load_weights_into(adapted.model, tensors, adapted.head_names, path)
-    params = dict(adapted.model.named_parameters())
-    for name, step in manifest.get("freeze_log", {}).items():
-        if step is not None:
-            params[name].requires_grad_(False)
-    return adapted, recipe, task
+    return OpenedCheckpoint(path, manifest, recipe, task, found, base_name, tensors, device)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from aflora_cli.adapted.loading import load_checkpoint, read_checkpoint_manifest
+from aflora_cli.adapted.loading import load_checkpoint, open_checkpoint, read_checkpoint_manifest
 from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.tasks import Prediction, Progress, Row
@@ -76,7 +76,11 @@ def write_predictions(path: Path, predictions: list[Prediction]) -> None:
     try:
         with tmp.open("w", encoding="utf-8") as handle:
             for row in predictions:
-                handle.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+                record = asdict(row)
+                source = record.pop("source")
+                if source is not None:  # text tasks: the whole input, beside the prompt the model saw
+                    record = {"prompt": record.pop("prompt"), "source": source, **record}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -106,8 +110,9 @@ def evaluate_checkpoint(
         name = split or next(iter(manifest["task"]["eval_splits"]), None) or "train"
         _check_split(manifest, name)
     device = device or default_device()
-    loaded = load_checkpoint(path, base, manifest, device)
-    task, tokenizer = loaded.task, loaded.adapted.tokenizer
+    opened = open_checkpoint(path, base, manifest, device)
+    task, tokenizer = opened.task, opened.base.tokenizer
+    # the data is read and checked (every row, every reference) before the model is built
     rows: Sequence[Row] | None
     if data_file is not None:
         rows = task.load_file(data_file, tokenizer)
@@ -117,7 +122,7 @@ def evaluate_checkpoint(
         rows = data.train if name == "train" else data.evaluation[name]
         assert rows is not None
         logged = (manifest.get("metrics") or {}).get(name)
-    model = place(loaded.adapted.model, device)
+    model = place(opened.load().adapted.model, device)
     metrics, predictions = task.evaluate(model, rows, tokenizer, device, progress)
     if predictions_file is not None:
         write_predictions(Path(predictions_file), predictions)

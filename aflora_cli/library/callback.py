@@ -2,7 +2,9 @@
 
 The Trainer owns the loop; the callback hooks three of its events:
 - `on_train_begin`: checks the model's adapters against the callback's settings and lays the freezing
-  schedule over the Trainer's real step count (resuming: restores the freezer from the checkpoint);
+  schedule over the Trainer's real step count (resuming: restores the freezer from the checkpoint, and refuses
+  a run laid out for another schedule — another `max_steps`, epochs or batch — whose freeze log would follow
+  neither);
 - `on_pre_optimizer_step`: the gradients are final there — accumulated, DDP-averaged and clipped — so it
   folds them into the scores, freezes the PMs Eq. 5 asks for and frees their optimizer state;
 - `on_save`: writes the adapter checkpoint (safetensors, manifest with freeze log and counts, freezer state)
@@ -25,7 +27,7 @@ from transformers.training_args import ParallelMode
 from aflora_cli.adapted.model_card import write_card
 from aflora_cli.engine.checkpoint import write_checkpoint_files
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
-from aflora_cli.engine.manifest import FREEZER_FILE
+from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest
 from aflora_cli.errors import AfloraError
 from aflora_cli.library.adapters import (
     Adapters,
@@ -39,6 +41,7 @@ from aflora_cli.library.adapters import (
 from aflora_cli.recipe import DataConfig, differing_key
 
 CHECKPOINT_PREFIX = "checkpoint-"  # the Trainer's checkpoint folders: <output_dir>/checkpoint-<global step>
+SCHEDULE_KEY = "schedule"  # beside the freezer state in FREEZER_FILE: the (T, t_i, t_f) it was laid out for
 
 
 class AfloraCallback(TrainerCallback):
@@ -170,12 +173,32 @@ class AfloraCallback(TrainerCallback):
                 f"AfloraCallback: resuming at step {state.global_step}, but {file} is missing; resume from a "
                 "checkpoint in the Trainer's output_dir that AfloraCallback saved"
             )
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        self._check_schedule(saved.get(SCHEDULE_KEY) or _manifest_schedule(folder), folder)
         try:
-            self.freezer.load_state_dict(torch.load(file, map_location="cpu", weights_only=False))
+            self.freezer.load_state_dict(saved)
         except ValueError as err:
             raise AfloraError(f"{file}: {err}") from None
         frozen = [self.freezer.matrices[name] for name, step in self.freezer.freeze_log.items() if step is not None]
         release_optimizer_state(optimizer, frozen)
+
+    def _schedule(self) -> dict[str, int]:
+        """The schedule the freezer is laid out for: T, t_i and t_f in optimizer steps."""
+        assert self.freezer is not None
+        return {"total_steps": self.freezer.total_steps, "t_i": self.freezer.t_i, "t_f": self.freezer.t_f}
+
+    def _check_schedule(self, saved: dict[str, Any] | None, folder: Path) -> None:
+        """The freeze log being continued must have been laid out for the same T, t_i and t_f: with another step
+        count its PMs froze on another ramp, and the log would follow Eq. 5 for neither schedule."""
+        now = self._schedule()
+        if saved is None or all(saved.get(key) == value for key, value in now.items()):
+            return  # a checkpoint of an older version saved no schedule: nothing to compare with
+        raise AfloraError(
+            f"AfloraCallback: {folder} froze its PMs on a schedule of T = {saved.get('total_steps')} steps "
+            f"(t_i = {saved.get('t_i')}, t_f = {saved.get('t_f')}), but this run has T = {now['total_steps']} "
+            f"(t_i = {now['t_i']}, t_f = {now['t_f']}); resume with the run's max_steps / num_train_epochs "
+            "(and batch settings), or start a new run from the base model"
+        )
 
     # ---- every optimizer step -----------------------------------------------------------------------
     def on_pre_optimizer_step(
@@ -216,8 +239,16 @@ class AfloraCallback(TrainerCallback):
 
         def save_freezer(into: Path) -> None:
             partial = into / f".{FREEZER_FILE}.tmp"
-            torch.save(freezer.state_dict(), partial)
+            torch.save({**freezer.state_dict(), SCHEDULE_KEY: self._schedule()}, partial)
             partial.replace(into / FREEZER_FILE)
             write_card(into, manifest)
 
         write_checkpoint_files(folder, model, self.adapted.head_names, manifest, extra=save_freezer)
+
+
+def _manifest_schedule(folder: Path) -> dict[str, Any] | None:
+    """The schedule a checkpoint's manifest records (for freezer files saved before they held it), or None."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    freezing = read_manifest(folder).get("freezing")
+    return freezing if isinstance(freezing, dict) else None

@@ -36,17 +36,20 @@ class TaskData:
     """A task's encoded splits: `train` (None when not asked for) and the eval splits by our split name.
 
     A split is a sequence of encoded rows (anything a DataLoader indexes); `skipped` counts the rows of each
-    split left out because they could not be encoded within the length limits.
+    split left out because they could not be encoded within the length limits, and `why_skipped` says so in
+    one line with the numbers (how many, how long, the limit that would keep them).
     """
 
     train: Sequence[Row] | None
     evaluation: Mapping[str, Sequence[Row]]
     skipped: dict[str, int] = field(default_factory=dict)
+    why_skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class Prediction:
-    """One scored row, as `aflora eval --predictions` writes it."""
+    """One scored row, as `aflora eval --predictions` writes it: `prompt` is the input as the model saw it
+    (decoded after truncation); `source`, for text tasks, the whole input before truncation."""
 
     prompt: str
     output: str
@@ -54,6 +57,7 @@ class Prediction:
     reference: Any
     correct: bool | None
     scores: dict[str, float] = field(default_factory=dict)
+    source: str | None = None
 
     def value(self, metric: str) -> float | None:
         """This row's share of a metric that is a mean over rows (ROUGE, accuracy, exact match), else None."""

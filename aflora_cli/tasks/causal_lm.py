@@ -68,6 +68,10 @@ class CausalLMTask(TextTask):
             "prompt_ids": ids_array(ids[:prompt_length]),
         }
 
+    def prompt_length(self, row: TextRow, tokenizer: PreTrainedTokenizerBase, where: str) -> int:
+        pieces = self.pieces(row, tokenizer, where)
+        return sum(len(piece) for piece, _ in pieces) - len(pieces[-1][0])  # as `encode` counts it
+
     def prompt_ids(self, row: TextRow, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if self.spec.chat_template:
             text = tokenizer.apply_chat_template(

