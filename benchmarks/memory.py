@@ -66,13 +66,12 @@ def load_base(storage: str, checkpointing: bool = False) -> Any:
 
     from aflora_cli.engine.base_model import model_dir
     from aflora_cli.engine.config import QuantizationConfig
-    from aflora_cli.engine.storage import BaseStorage, after_loading
+    from aflora_cli.engine.storage import BaseStorage
 
     settings = STORAGES[storage]
     quant = settings.get("quantization")
     base = BaseStorage(settings["dtype"], QuantizationConfig(**quant) if quant else None)
-    kwargs = base.pretrained_kwargs(torch.device("cpu"))
-    model = after_loading(AutoModelForCausalLM.from_pretrained(model_dir(SMOLLM2), **kwargs))
+    model = base.from_pretrained(AutoModelForCausalLM, model_dir(SMOLLM2), torch.device("cpu"))
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

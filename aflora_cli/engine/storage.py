@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from aflora_cli.engine.config import BaseDtype, QuantizationConfig
 from aflora_cli.errors import AfloraError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 QUANT_EXTRA = "pip install 'aflora[quant]'"
 
 
@@ -37,6 +39,12 @@ class BaseStorage:
             compute = self.quantization.compute_dtype
             if compute == "fp16" and device.type != "cuda":
                 raise AfloraError("model.quantization.compute_dtype: fp16 needs CUDA; use bf16 or fp32 on the CPU")
+
+    def from_pretrained(self, auto_class: Any, model_dir: Path, device: torch.device | None, **kwargs: Any) -> Any:
+        """`auto_class.from_pretrained(model_dir, **kwargs)` with the base stored this way (a quantized base
+        placed on `device`, default the CPU), settled for training."""
+        stored = self.pretrained_kwargs(device or torch.device("cpu"))
+        return _settle(auto_class.from_pretrained(model_dir, **kwargs, **stored))
 
     def pretrained_kwargs(self, device: torch.device) -> dict[str, Any]:
         """Keyword arguments of `from_pretrained` that load the base this way (a quantized base is placed on
@@ -71,7 +79,7 @@ def is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_quantized", False))
 
 
-def after_loading(model: nn.Module) -> nn.Module:
+def _settle(model: nn.Module) -> nn.Module:
     """Settle a freshly loaded base: bitsandbytes' CPU inference fast path repacks a 4-bit weight in place the
     first time the layer runs in eval mode without gradients; the repacked weight no longer trains (zero
     gradients) nor dequantizes, so that path is turned off (CPU only; no effect on CUDA)."""
@@ -93,8 +101,7 @@ def storage_of(model: nn.Module) -> BaseStorage:
     if config is not None:
         settings = config if isinstance(config, dict) else config.to_dict()
         if settings.get("load_in_4bit"):
-            names = {v: k for k, v in TORCH_DTYPES.items()}
-            compute = names.get(_as_dtype(settings.get("bnb_4bit_compute_dtype")) or torch.float32)
+            compute = DTYPE_NAMES.get(_as_dtype(settings.get("bnb_4bit_compute_dtype")) or torch.float32)
             quant = QuantizationConfig(
                 bits=4,
                 type=settings.get("bnb_4bit_quant_type", "nf4"),
@@ -103,9 +110,8 @@ def storage_of(model: nn.Module) -> BaseStorage:
             )
         elif settings.get("load_in_8bit"):
             quant = QuantizationConfig(bits=8)
-    names = {v: k for k, v in TORCH_DTYPES.items()}
     linear = next((m for m in model.modules() if type(m) is nn.Linear), None)
-    dtype = names.get(linear.weight.dtype, "fp32") if linear is not None else "fp32"
+    dtype = DTYPE_NAMES.get(linear.weight.dtype, "fp32") if linear is not None else "fp32"
     return BaseStorage(dtype, quant)  # type: ignore[arg-type]
 
 

@@ -28,7 +28,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from aflora_cli.engine import base_model
 from aflora_cli.engine.inject import unfreeze_head
 from aflora_cli.engine.layer import fixed_adapters
-from aflora_cli.engine.storage import BaseStorage, after_loading
+from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import DataConfig, Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
@@ -438,7 +438,6 @@ def load_classifier(
     device: torch.device | None = None,
 ) -> nn.Module:
     """The base model with a new sequence-classification (or regression) head."""
-    kwargs = (storage or BaseStorage()).pretrained_kwargs(device or torch.device("cpu"))
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     def load() -> nn.Module:
@@ -450,8 +449,9 @@ def load_classifier(
             config.label2id = {name: i for i, name in enumerate(label_names)}
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
-        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, **kwargs)
-        return after_loading(model)
+        stored = storage or BaseStorage()
+        model: nn.Module = stored.from_pretrained(AutoModelForSequenceClassification, model_dir, device, config=config)
+        return model
 
     return base_model.load_or_fail(load, model_dir)
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from aflora_cli.engine import base_model
-from aflora_cli.engine.storage import BaseStorage, after_loading
+from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
@@ -79,9 +79,9 @@ class TextTask(Task):
         import transformers
 
         auto = getattr(transformers, self.auto_class)
-        kwargs = (storage or BaseStorage()).pretrained_kwargs(device or torch.device("cpu"))
-        model: nn.Module = base_model.load_or_fail(lambda: auto.from_pretrained(model_dir, **kwargs), model_dir)
-        return after_loading(model)
+        stored = storage or BaseStorage()
+        model: nn.Module = base_model.load_or_fail(lambda: stored.from_pretrained(auto, model_dir, device), model_dir)
+        return model
 
     # ---- data -------------------------------------------------------------------------------------
     @abstractmethod
