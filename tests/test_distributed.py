@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hf_runs import STEPS, assert_schedule_followed, manifest
 from safetensors.torch import load_file
@@ -115,3 +116,38 @@ def test_trainer_callback_under_two_processes_freezes_alike_on_every_rank(tmp_pa
     for name, tensor in ranks[0]["lora"].items():
         key = next(key for key in weights if key.endswith(name.split("bert.", 1)[-1]))
         assert torch.equal(weights[key], tensor), name
+
+
+@pytest.mark.parametrize("storage", ["bf16", "nf4"])
+def test_two_processes_train_over_a_half_precision_or_4bit_base(tmp_path: Path, storage: str) -> None:
+    """DDP over a base stored in bf16 or NF4: both ranks train the fp32 adapters, the schedule freezes every
+    PM and the checkpoint records the storage. The result is close to one process on the same global batches
+    (not equal: each rank averages its own rows' token losses)."""
+    pytest.importorskip("bitsandbytes")
+    from text_runs import lm_recipe, review_files
+
+    files = review_files(tmp_path / "data", train=32, validation=6)
+    model = {"bf16": {"dtype": "bf16"}, "nf4": {"quantization": {"bits": 4}}}[storage]
+    runs = {}
+    for processes, batch in ((1, 8), (2, 4)):
+        raw = lm_recipe(
+            tmp_path / f"p{processes}",
+            "llama-64",
+            files,
+            training={"max_steps": 6, "batch_size": batch, "max_length": 64, "lr": 1e-2},
+            freezing={"t_i": 1, "t_f": 2},
+        )
+        raw["model"].update(model)
+        _train(write_recipe(tmp_path / f"p{processes}.yaml", raw), processes)
+        runs[processes] = tmp_path / f"p{processes}" / "last"
+    saved = {p: json.loads((folder / MANIFEST_FILE).read_text()) for p, folder in runs.items()}
+    base = saved[2]["base_model"]
+    expected = ("bf16", False) if storage == "bf16" else ("fp32", True)
+    assert (base["dtype"], base["quantization"] is not None) == expected
+    assert all(step is not None for step in saved[2]["freeze_log"].values())
+    weights = {p: load_file(str(folder / WEIGHTS_FILE)) for p, folder in runs.items()}
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights[2].values())
+    lambda_b = [name for name in weights[2] if "lambda_b" in name]
+    assert lambda_b and all(weights[2][name].abs().sum() > 0 for name in lambda_b)  # Λb left zero: it trained
+    for name, tensor in weights[1].items():
+        torch.testing.assert_close(weights[2][name], tensor, rtol=0.05, atol=2e-3, msg=name)
