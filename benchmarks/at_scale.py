@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +173,20 @@ def append(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def best_lr(records: list[dict[str, Any]], task: str, method: str) -> float | None:
-    """The grid value with the best validation metric for seed GRID_SEED; None until the grid is complete."""
+def best_lr(
+    records: list[dict[str, Any]],
+    task: str,
+    method: str,
+    grid: tuple[float, ...] = LR_GRID,
+    main_metric: Mapping[str, str] = MAIN_METRIC,
+) -> float | None:
+    """The grid value with the best validation metric for seed GRID_SEED (the smaller value on a tie); None until
+    the grid is complete. `grid` and `main_metric` let other scripts (front_lm.py) choose by the same rule."""
     runs = {r["lr"]: r for r in records if (r["task"], r["method"], r["seed"]) == (task, method, GRID_SEED)}
-    if not set(LR_GRID) <= set(runs):
+    if not set(grid) <= set(runs):
         return None
-    metric = MAIN_METRIC[task]
-    return max(LR_GRID, key=lambda lr: (runs[lr]["metrics"]["validation"][metric], -lr))
+    metric = main_metric[task]
+    return max(grid, key=lambda lr: (runs[lr]["metrics"]["validation"][metric], -lr))
 
 
 def chosen_lr(records: list[dict[str, Any]], task: str, method: str) -> float | None:
@@ -248,10 +255,12 @@ def run_pool(
     describe: Callable[[Any], str],
     jobs: int,
     threads: int | None,
+    main_metric: Mapping[str, str] = MAIN_METRIC,
 ) -> None:
     """Every run that `plan` names from the records in `results`, `jobs` at a time in fresh processes of
     `threads` torch threads; the plan is made again whenever a run finishes, and `train(run, work_dir)`'s
-    record (plus the commit and the machine) is appended to `results` as one JSON line."""
+    record (plus the commit and the machine) is appended to `results` as one JSON line. `main_metric` names
+    the metric each finished run prints, by task."""
     results.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="aflora-at-scale-"))
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
@@ -274,7 +283,7 @@ def run_pool(
                     record = {**result, "commit": commit(), "machine": result.get("machine") or machine()}
                     append(results, record)
                     finished += 1
-                    metric = MAIN_METRIC[record["task"]]
+                    metric = main_metric[record["task"]]
                     print(
                         f"[{finished}] {describe(run)}: validation {metric} "
                         f"{record['metrics']['validation'][metric]:.4f}, test {record['metrics']['test'][metric]:.4f}, "
