@@ -2,6 +2,7 @@
 
     python benchmarks/plot_front.py                                   # docs/pareto-movie-reviews.png
     python benchmarks/plot_front.py --task movie_reviews_rating       # docs/pareto-movie-reviews-rating.png
+    python benchmarks/plot_front.py --lm                              # docs/pareto-lm.png (front_lm.py)
 
 Reads `front.jsonl` and `at_scale.jsonl` from `--results` (runs of the full scale only) through front.py's
 own summaries. Each setting is a point at its chosen learning rate: test metric mean ± std over seeds against
@@ -10,6 +11,9 @@ one line each, by rank, through their completed settings; the other settings (at
 AFLoRA with attention PMs adaptive, AFLoRA with a tuned head rate) are points of their own. A setting whose
 grid is done but whose seeds are not is drawn hollow, without error bar or line (seed 0 alone); settings
 without a chosen value are not drawn.
+
+`--lm` draws part 2 the same way from `front_lm.jsonl` (SmolLM2 on bbc_headlines, test ROUGE-L): LoRA is one
+line by rank, each AFLoRA setting a point of its own.
 """
 
 from __future__ import annotations
@@ -20,39 +24,63 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from front import FAMILIES, FULL, MAIN_METRIC, TASKS, Runs, _mean_std, summaries
+import front_lm
+from front import FAMILIES, FULL, MAIN_METRIC, TASKS, Runs, Summary, _mean_std, summaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _point(summary: Summary | front_lm.Summary, metric: str) -> dict[str, Any] | None:
+    """A setting's point: the seeds' test mean ± std if complete, else seed 0's run at the chosen value alone;
+    None while there is no choice (or no seed 0 at it)."""
+    if summary.chosen is None or not summary.seeds or summary.trainable is None:
+        return None
+    if not summary.complete and 0 not in summary.seeds:
+        return None
+    test = summary.values("test")
+    if not summary.complete:  # seed 0 alone: the grid run at the chosen value
+        test = [summary.seeds[0]["metrics"]["test"][metric]]
+    mean, std = _mean_std(test)
+    return {
+        "name": summary.name,
+        "label": summary.setting.label,
+        "rank": summary.setting.rank,
+        "trainable": summary.trainable,
+        "mean": mean,
+        "std": std,
+        "seeds": len(test),
+        "complete": summary.complete,
+    }
+
+
+def _place(
+    points: list[tuple[str | None, dict[str, Any] | None]], families: tuple[str, ...]
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Points by family (each line by rank) and the points of their own (family None)."""
+    lines: dict[str, list[dict[str, Any]]] = {family: [] for family in families}
+    singles: list[dict[str, Any]] = []
+    for family, point in points:
+        if point is not None:
+            (lines[family] if family else singles).append(point)
+    for line in lines.values():
+        line.sort(key=lambda p: p["rank"])
+    return lines, singles
+
+
 def front_data(runs: Runs, task: str) -> dict[str, Any]:
     """The points to draw, as plain data: per family (and for the single points) rank, x, y, error, seeds."""
-    lines: dict[str, list[dict[str, Any]]] = {family: [] for family in FAMILIES}
-    singles: list[dict[str, Any]] = []
-    for summary in summaries(runs, task):
-        if summary.chosen is None or not summary.seeds or summary.trainable is None:
-            continue
-        if not summary.complete and 0 not in summary.seeds:
-            continue
-        test = summary.values("test")
-        if not summary.complete:  # seed 0 alone: the grid run at the chosen value
-            test = [summary.seeds[0]["metrics"]["test"][MAIN_METRIC[task]]]
-        mean, std = _mean_std(test)
-        point = {
-            "name": summary.name,
-            "label": summary.setting.label,
-            "rank": summary.setting.rank,
-            "trainable": summary.trainable,
-            "mean": mean,
-            "std": std,
-            "seeds": len(test),
-            "complete": summary.complete,
-        }
-        family = summary.setting.family
-        (lines[family] if family else singles).append(point)
-    for points in lines.values():
-        points.sort(key=lambda p: p["rank"])
-    return {"task": task, "metric": MAIN_METRIC[task], "lines": lines, "singles": singles}
+    lines, singles = _place([(s.setting.family, _point(s, MAIN_METRIC[task])) for s in summaries(runs, task)], FAMILIES)
+    title = f"{task}: all-MiniLM-L6-v2, 536 steps, each setting at its own best learning rate"
+    return {"task": task, "metric": MAIN_METRIC[task], "title": title, "lines": lines, "singles": singles}
+
+
+def lm_front_data(runs: front_lm.Runs, scale: dict[str, Any] = front_lm.FULL) -> dict[str, Any]:
+    """front_data for front_lm.py's runs: the LoRA line by rank, each AFLoRA setting a point of its own."""
+    lines, singles = _place(
+        [(s.setting.family, _point(s, front_lm.METRIC)) for s in front_lm.summaries(runs)], (front_lm.LORA,)
+    )
+    title = f"{front_lm.TASK}: SmolLM2-135M-Instruct, {scale['max_steps']} steps, each setting at its own best lr"
+    return {"task": front_lm.TASK, "metric": front_lm.METRIC, "title": title, "lines": lines, "singles": singles}
 
 
 def draw(data: dict[str, Any], path: Path) -> None:
@@ -104,11 +132,10 @@ def draw(data: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("average trainable parameters over training (head excluded)")
     ax.set_ylabel(f"test {data['metric']} (mean ± std over seeds)")
-    ax.set_title(
-        f"{data['task']}: all-MiniLM-L6-v2, 536 steps, each setting at its own best learning rate", fontsize=10
-    )
+    ax.set_title(data["title"], fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty frame, without a legend
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -119,10 +146,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="movie_reviews", choices=TASKS)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the raw files")
-    parser.add_argument("--out", help="image path (default: docs/pareto-<task>.png)")
+    parser.add_argument("--lm", action="store_true", help="front_lm.py's front (SmolLM2, bbc_headlines) instead")
+    parser.add_argument("--out", help="image path (default: docs/pareto-<task>.png, or docs/pareto-lm.png)")
     args = parser.parse_args()
-    out = Path(args.out) if args.out else ROOT / "docs" / f"pareto-{args.task.replace('_', '-')}.png"
-    data = front_data(Runs.from_folder(Path(args.results), FULL), args.task)
+    name = "lm" if args.lm else args.task.replace("_", "-")
+    out = Path(args.out) if args.out else ROOT / "docs" / f"pareto-{name}.png"
+    if args.lm:
+        data = lm_front_data(front_lm.Runs.from_folder(Path(args.results), front_lm.FULL))
+    else:
+        data = front_data(Runs.from_folder(Path(args.results), FULL), args.task)
     draw(data, out)
     drawn = [p["label"] for points in data["lines"].values() for p in points] + [p["label"] for p in data["singles"]]
     print(f"{out}: {len(drawn)} settings ({', '.join(drawn)})")
