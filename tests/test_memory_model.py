@@ -121,11 +121,20 @@ def test_activation_model_counts_what_autograd_keeps_per_token(
     assert modelled[1] - modelled[0] == pytest.approx(growth, rel=0.02)
 
 
-def test_the_model_is_within_15_percent_of_the_measured_step_peaks() -> None:
-    """RESULTS.md's check, recomputed from the committed raw records: fp32 and bf16 bases (bitsandbytes' CPU
-    layers add temporaries the model does not count, so the quantized records are left out)."""
+def test_the_model_falls_short_of_the_measured_step_peaks_by_a_bounded_overhead() -> None:
+    """RESULTS.md's check, recomputed from the committed raw records (fp32 and bf16 bases, both methods, with and
+    without checkpointing, on both models). The model counts tensors; the process's peak adds its own non-tensor
+    memory (thread pools, allocator, matmul buffers), a roughly constant 80–210 MiB here — so the model is below
+    every peak by at most 256 MiB (bitsandbytes' CPU layers add temporaries the model does not count, so the
+    quantized records are left out)."""
     records = json.loads((BENCHMARKS / "results" / "memory.json").read_text())["runs"]
     checked = [r for r in records if r["storage"] in ("fp32", "bf16")]
-    assert {r.get("model", "smollm2") for r in checked} == {"smollm2", "llama-300m"}
+    assert {(r.get("model", "smollm2"), r["method"], r["checkpointing"]) for r in checked} == {
+        (model, method, ckpt)
+        for model in ("smollm2", "llama-300m")
+        for method in ("aflora", "peft_lora")
+        for ckpt in (False, True)
+    }
     for record in checked:
-        assert predicted_peak(record) / record["steps_peak"] == pytest.approx(1.0, abs=0.15), record
+        measured, modelled = record["steps_peak"], predicted_peak(record)
+        assert 0 <= measured - modelled <= 256 * 2**20, record
