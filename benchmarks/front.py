@@ -417,14 +417,18 @@ def report(runs: Runs, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_only(text: str) -> list[str]:
+def parse_names(text: str, known: tuple[str, ...]) -> list[str]:
+    """`--only`'s comma-separated setting names, each one of `known`."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRIORITY]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(
-            f"{', '.join(unknown)}: not a setting of this script; one of {', '.join(PRIORITY)}"
-        )
+        known_names = ", ".join(known)
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not a setting of this script; one of {known_names}")
     return names
+
+
+def parse_only(text: str) -> list[str]:
+    return parse_names(text, PRIORITY)
 
 
 def main() -> int:

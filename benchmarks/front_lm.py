@@ -62,7 +62,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, best_lr, read_results, run_one, run_pool, verdict
-from front import _cell
+from front import _cell, parse_names
 
 from common import machine, offline_and_quiet
 
@@ -392,13 +392,7 @@ def report(runs: Runs, scale: dict[str, Any]) -> str:
 
 
 def parse_only(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PRIORITY]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"{', '.join(unknown)}: not a setting of this script; one of {', '.join(PRIORITY)}"
-        )
-    return names
+    return parse_names(text, PRIORITY)
 
 
 def main() -> int:
