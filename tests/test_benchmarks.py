@@ -52,6 +52,16 @@ def test_speed_smoke_prints_the_table(tmp_path: Path) -> None:
     assert timing["aflora_frozen"]["trainable"] < timing["aflora_before"]["trainable"]
 
 
+def test_speed_times_the_fused_node_against_the_separate_path_under_bf16_autocast(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    result = _run("speed.py", "--precision", "bf16", "--methods", "aflora_before,aflora_fused", "--json", str(out))
+    assert "the half-precision fix (separate low-rank path) costs x" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["settings"] == {"base_dtype": "fp32", "precision": "bf16"}
+    ratios = next(iter(data["shapes"].values()))["ratios"]
+    assert ratios["aflora_before_over_aflora_fused"] > 0
+
+
 def test_speed_quickstart_shape_steps_through_the_quickstarts_own_batches() -> None:
     sys.path.insert(0, str(BENCHMARKS))
     try:
