@@ -2,6 +2,7 @@
 
     python benchmarks/storage_learning.py                                  # fp32, bf16, nf4 x seeds 42, 1, 2
     python benchmarks/storage_learning.py --storages bf16 --seeds 1
+    python benchmarks/storage_learning.py --report                         # the table from the raw results
 
 Each run is `aflora train recipes/quickstart-lm.yaml` (SmolLM2-135M-Instruct, BBC News headlines, 60 steps,
 ROUGE-L on 100 held-out stories before training and after) with `--set seed=…` and the base stored as named:
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,15 +53,45 @@ def run(storage: str, seed: int) -> dict[str, Any]:
     return {"storage": storage, "seed": seed, "before": before, "after": after, "gain": gain, "interval": interval}
 
 
+def report(records: list[dict[str, Any]]) -> str:
+    """Markdown: each storage's runs by seed (ROUGE-L before → after, paired gain ± its 95 % interval) and the
+    mean gain ± std over its seeds."""
+    lines = [
+        "| base | seeds | ROUGE-L before → after, gain ± 95 % interval, per seed | mean gain ± std | minutes per run |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for storage in STORAGES:
+        runs = sorted((r for r in records if r["storage"] == storage), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        gains = [r["gain"] for r in runs]
+        spread = f" ± {statistics.stdev(gains):.4f}" if len(gains) > 1 else ""
+        per_seed = "; ".join(
+            f"seed {r['seed']}: {r['before']:.4f} → {r['after']:.4f}, {r['gain']:+.4f} ± {r['interval']:.4f}"
+            for r in runs
+        )
+        minutes = statistics.mean(r["seconds"] for r in runs) / 60
+        lines.append(
+            f"| {storage} | {len(runs)} | {per_seed} | {statistics.mean(gains):+.4f}{spread} | {minutes:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storages", default=",".join(STORAGES))
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only print the table from the results file")
     args = parser.parse_args(argv)
-    done = set()
-    if args.results.exists():
-        done = {(r["storage"], r["seed"]) for r in map(json.loads, args.results.read_text().splitlines())}
+    if args.report:
+        print(report(read(args.results)))
+        return 0
+    done = {(r["storage"], r["seed"]) for r in read(args.results)}
     for seed in (int(s) for s in args.seeds.split(",")):
         for storage in args.storages.split(","):
             if (storage, seed) in done:
