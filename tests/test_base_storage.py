@@ -204,6 +204,14 @@ def test_a_quantized_checkpoint_without_bitsandbytes_is_one_line(
     assert not (nf4_run / "m").exists()
 
 
+def test_inspect_says_how_the_base_was_stored(nf4_run: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(nf4_run / "last")], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "4-bit nf4 linear layers (bf16 compute, double quantization), the rest fp32" in result.output
+    report = json.loads(runner.invoke(app, ["inspect", str(nf4_run / "last"), "--json"]).output)
+    assert report["base_model"]["quantization"]["bits"] == 4
+
+
 def test_generate_runs_on_a_quantized_checkpoint(nf4_run: Path) -> None:
     result = runner.invoke(
         app, ["generate", str(nf4_run / "last"), "--prompt", "Review: a fine film", "--max-new-tokens", "3"]

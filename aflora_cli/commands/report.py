@@ -63,6 +63,20 @@ def _count(n: float) -> str:
     return f"{n:,.0f}" if float(n).is_integer() else f"{n:,.1f}"
 
 
+def _storage_text(base: dict[str, Any]) -> str:
+    """The base's storage as the manifest records it (checkpoints older than it: fp32)."""
+    quant = base.get("quantization")
+    if not quant:
+        return base.get("dtype", "fp32")
+    if quant["bits"] == 8:
+        return f"8-bit linear layers, the rest {base.get('dtype', 'fp32')}"
+    double = ", double quantization" if quant.get("double_quant") else ""
+    return (
+        f"4-bit {quant['type']} linear layers ({quant['compute_dtype']} compute{double}), "
+        f"the rest {base.get('dtype', 'fp32')}"
+    )
+
+
 def summary_table(report: dict[str, Any]) -> Table:
     table = Table(
         title=Text(f"checkpoint {report['checkpoint']}"), title_justify="left", show_header=False, box=box.SIMPLE
@@ -72,6 +86,7 @@ def summary_table(report: dict[str, Any]) -> Table:
     base = report["base_model"]
     revision = f" @ {base['revision']}" if base.get("revision") else ""
     table.add_row("base model", Text(f"{base['name_or_path']}{revision} ({base['fingerprint'][:19]}…)"))
+    table.add_row("base stored as", _storage_text(base))
     task = report["task"]
     if task["family"] == "classification":
         labels = f", labels {', '.join(task['label_names'])}" if task.get("label_names") else ""
