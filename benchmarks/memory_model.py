@@ -48,6 +48,18 @@ class Llama:
     vocab: int
     tied: bool
 
+    def config(self) -> dict[str, Any]:
+        """These sizes as `transformers.LlamaConfig` keyword arguments (memory.py builds its 300M model so)."""
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "tie_word_embeddings": self.tied,
+        }
+
     @property
     def kv(self) -> int:
         return self.hidden // self.heads * self.kv_heads
@@ -76,7 +88,7 @@ class Llama:
 MODELS = {
     "llama-7b": Llama(4096, 11008, 32, 32, 32, 32000, tied=False),
     "smollm2": Llama(576, 1536, 30, 9, 3, 49152, tied=True),
-    "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # memory.py builds it
+    "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # memory.py builds it from these sizes
 }
 # (rank, targets with A/B trainable at the start, targets with A/B frozen) per setting
 SETTINGS = {
