@@ -8,7 +8,10 @@
 Same tasks, model, scale and protocol as `at_scale.py` (whose functions this script imports): MiniLM on
 `movie_reviews` and `movie_reviews_rating`, the full training split, 536 optimizer steps, t_i / t_f = 20 % / 40 %;
 each setting's learning rate chosen from LR_GRID on the validation split with seed 0 (head rate = adapter rate),
-seeds 1 and 2 at the chosen value, test metric reported. New settings (SETTINGS):
+seeds 1 and 2 at the chosen value, test metric reported. A grid whose best value sits at its edge grows one
+LADDER step past that edge (and again, while the new step wins, until the ladder ends), so that no choice is a
+grid edge that was never looked past; this applies to at_scale.py's AFLoRA r=4 and LoRA r=8 too, whose extra
+runs go in this script's file. New settings (SETTINGS):
 
 - `lora_r1`, `lora_r2`: LoRA on all six linear types at rank 1 and 2 — rank 1 has about AFLoRA r=4's average
   trainable count, rank 2 about twice it;
@@ -16,9 +19,9 @@ seeds 1 and 2 at the chosen value, test metric reported. New settings (SETTINGS)
   them frozen by 60 % of training, after which only the head trains;
 - `aflora_r8`, `aflora_r16`: AFLoRA (paper policy: FFN PMs adaptive, attention PMs frozen) at rank 8 and 16;
 - `aflora_r4_attn_adaptive`: AFLoRA r=4 with the attention PMs adaptive too;
-- `aflora_head_lr`: AFLoRA r=4 at the adapter rate at_scale.py chose for it, with the head's rate from
-  HEAD_LR_STEPS x that value, chosen on validation with seed 0. The point at head rate = adapter rate is
-  at_scale.py's own run (not run again), and so are its seeds 1 and 2 if that point is chosen.
+- `aflora_head_lr`: AFLoRA r=4 at its chosen adapter rate, with the head's rate from HEAD_LR_STEPS x that
+  value, chosen on validation with seed 0. The point at head rate = adapter rate is AFLoRA r=4's own run (not
+  run again), and so are its seeds 1 and 2 if that point is chosen.
 
 Runs go in PRIORITY order, task by task (movie_reviews first): a setting's grid, then its seeds, then the next
 setting. Each finished run is one JSON line in `<out>/front.jsonl` (at_scale.py's fields, plus `head_lr` and
@@ -39,6 +42,7 @@ import functools
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,13 +79,12 @@ FAMILIES = (LORA, AFLORA, LORA_ADAPTIVE)  # the lines of the front, each by rank
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the front: its adapter section and where its runs come from."""
+    """One point of the front: its adapter section, and the line of the plot it belongs to."""
 
     label: str
     family: str | None  # one of FAMILIES, or None for a point of its own
     adapter: dict[str, Any]
-    source: str = "front"  # "at_scale": at_scale.py's runs, never run here
-    head_grid: bool = False  # the grid is over the head's rate, at at_scale.py's AFLoRA rate
+    head_grid: bool = False  # the grid is over the head's rate, at AFLoRA r=4's chosen adapter rate
 
     @property
     def rank(self) -> int:
@@ -91,19 +94,17 @@ class Setting:
 ADAPTIVE_ALL = {"attention": "adaptive", "ffn": "adaptive"}
 SETTINGS: dict[str, Setting] = {
     # at_scale.py's (its method names)
-    "aflora": Setting("AFLoRA r=4", AFLORA, {"method": "aflora", "rank": 4}, "at_scale"),
-    "lora": Setting("LoRA r=8", LORA, {"method": "lora", "rank": 8}, "at_scale"),
+    "aflora": Setting("AFLoRA r=4", AFLORA, {"method": "aflora", "rank": 4}),
+    "lora": Setting("LoRA r=8", LORA, {"method": "lora", "rank": 8}),
     "pm_trainable": Setting(
         "AFLoRA r=4, FFN PMs trainable throughout",
         None,
         {"method": "aflora", "rank": 4, "policy": {"ffn": "trainable"}},
-        "at_scale",
     ),
     "pm_frozen": Setting(
         "AFLoRA r=4, FFN PMs frozen throughout",
         None,
         {"method": "aflora", "rank": 4, "policy": {"ffn": "frozen"}},
-        "at_scale",
     ),
     # this script's
     "lora_r1": Setting("LoRA r=1", LORA, {"method": "lora", "rank": 1}),
@@ -123,6 +124,8 @@ SETTINGS: dict[str, Setting] = {
 }
 # The order the runs go in (the budget of one session covers only the first few).
 PRIORITY = (
+    "aflora",  # at_scale.py's two: only runs past their grid's edge, and seeds at a new choice
+    "lora",
     "lora_r1",
     "lora_adaptive_r8",
     "aflora_r8",
@@ -132,13 +135,31 @@ PRIORITY = (
     "aflora_r4_attn_adaptive",
     "aflora_head_lr",
 )
+LADDER = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # where a learning-rate grid may grow past LR_GRID's edges
+BORROWED = ("pm_trainable", "pm_frozen")  # at_scale.py's ablations: AFLoRA r=4's rate there, never a grid here
 HEAD_LR_STEPS = (0.1, 0.3, 1, 3)  # x at_scale.py's AFLoRA rate; the point at 1 is at_scale.py's run
 AFLORA_FAMILY = ("aflora", "aflora_r8", "aflora_r16", "aflora_r4_attn_adaptive", "aflora_head_lr")
 SEEDS = (GRID_SEED, *MORE_SEEDS)
-LR_GRID_SETTINGS = [n for n, s in SETTINGS.items() if s.source == "front" and not s.head_grid]
+LR_GRID_SETTINGS = [n for n, s in SETTINGS.items() if n not in BORROWED and not s.head_grid]
 
 Point = tuple[float, float]  # (adapter lr, head lr)
 Key = tuple[str, str, float, float, int]  # (task, setting, lr, head_lr, seed)
+
+
+def grown_grid(
+    start: tuple[float, ...], ladder: tuple[float, ...], validation: Callable[[float], float | None]
+) -> list[float]:
+    """`start`'s rates, plus one `ladder` step past the edge holding the best validation value (the smaller rate on
+    a tie), repeated while the new step is the best and the ladder goes on; stops at a rate not run yet."""
+    rates = list(start)
+    while None not in (scores := [validation(lr) for lr in rates]):
+        best = max(zip(rates, scores, strict=True), key=lambda pair: (pair[1], -pair[0]))[0]
+        step = 1 if best == rates[-1] else -1 if best == rates[0] else 0
+        beyond = ladder.index(best) + step
+        if step == 0 or not 0 <= beyond < len(ladder):
+            break
+        rates = sorted({*rates, ladder[beyond]})
+    return rates
 
 
 def _rate(value: float) -> float:
@@ -149,44 +170,63 @@ def _rate(value: float) -> float:
 class Runs:
     """The runs of both results files at one scale, by key, and what they imply: grids, choices, seeds."""
 
-    def __init__(self, front: list[dict[str, Any]], at_scale: list[dict[str, Any]], scale: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        front: list[dict[str, Any]],
+        at_scale: list[dict[str, Any]],
+        scale: dict[str, Any],
+        ladder: tuple[float, ...] = LADDER,
+    ) -> None:
         self.at_scale = [r for r in at_scale if r.get("scale") == scale]
+        self.ladder = ladder
         self.by_key: dict[Key, dict[str, Any]] = {}
         for r in self.at_scale:
             self.by_key[(r["task"], r["method"], r["lr"], r["lr"], r["seed"])] = r
-            if r["method"] == "aflora":  # also the head-rate grid's point at head rate = adapter rate
-                self.by_key[(r["task"], "aflora_head_lr", r["lr"], r["lr"], r["seed"])] = r
         for r in front:
             if r.get("scale") == scale:
                 self.by_key[(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"])] = r
+        for (task, method, lr, head_lr, seed), r in list(self.by_key.items()):
+            if method == "aflora" and head_lr == lr:  # also the head-rate grid's point at head rate = adapter rate
+                self.by_key[(task, "aflora_head_lr", lr, lr, seed)] = r
 
     @classmethod
-    def from_folder(cls, folder: Path, scale: dict[str, Any]) -> Runs:
-        return cls(read_results(folder / RESULTS_FILE), read_results(folder / AT_SCALE_FILE), scale)
+    def from_folder(cls, folder: Path, scale: dict[str, Any], ladder: tuple[float, ...] = LADDER) -> Runs:
+        return cls(read_results(folder / RESULTS_FILE), read_results(folder / AT_SCALE_FILE), scale, ladder)
 
     def grid(self, task: str, name: str) -> list[Point] | None:
-        """The setting's grid points; None while they are not known (the head grid waits for AFLoRA's rate)."""
+        """The setting's grid points so far; None while they are not known (the head grid waits for AFLoRA r=4's
+        rate) or for a setting that borrows at_scale.py's choice. A learning-rate grid starts as LR_GRID and,
+        once run, grows one ladder step past whichever edge holds the best validation value, until the best is
+        inside or the ladder ends."""
         setting = SETTINGS[name]
-        if setting.source == "at_scale":
-            return None
         if setting.head_grid:
-            lr = chosen_lr(self.at_scale, task, "aflora")
-            return None if lr is None else [(lr, _rate(lr * step)) for step in HEAD_LR_STEPS]
-        return [(lr, lr) for lr in LR_GRID]
+            anchor = self.chosen(task, "aflora")
+            return None if anchor is None else [(anchor[0], _rate(anchor[0] * step)) for step in HEAD_LR_STEPS]
+        if name in BORROWED:
+            return None
+        rates = grown_grid(LR_GRID, self.ladder, lambda lr: self._validation(task, name, (lr, lr)))
+        return [(lr, lr) for lr in rates]
+
+    def _validation(self, task: str, name: str, point: Point) -> float | None:
+        """Seed GRID_SEED's validation metric at the point; None if it has not run."""
+        run = self.by_key.get((task, name, *point, GRID_SEED))
+        return None if run is None else float(run["metrics"]["validation"][MAIN_METRIC[task]])
+
+    def _best(self, points: list[Point], task: str, name: str) -> Point | None:
+        """The point with the best validation metric for seed GRID_SEED (the smaller rates on a tie); None until
+        every point has run."""
+        scores = {p: self._validation(task, name, p) for p in points}
+        if any(score is None for score in scores.values()):
+            return None
+        return max(points, key=lambda p: (scores[p], -p[1], -p[0]))
 
     def chosen(self, task: str, name: str) -> Point | None:
         """The grid point with the best validation metric for seed GRID_SEED; None until the grid is complete."""
-        if SETTINGS[name].source == "at_scale":
+        if name in BORROWED:
             lr = chosen_lr(self.at_scale, task, name)
             return None if lr is None else (lr, lr)
         points = self.grid(task, name)
-        if points is None:
-            return None
-        runs = {p: self.by_key.get((task, name, *p, GRID_SEED)) for p in points}
-        if any(run is None for run in runs.values()):
-            return None
-        metric = MAIN_METRIC[task]
-        return max(points, key=lambda p: (runs[p]["metrics"]["validation"][metric], -p[1], -p[0]))
+        return None if points is None else self._best(points, task, name)
 
     def seeds(self, task: str, name: str) -> dict[int, dict[str, Any]]:
         """The runs at the chosen point, by seed."""
@@ -249,7 +289,7 @@ def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
     at_scale = read_results(out / AT_SCALE_FILE)
 
     def plan(records: list[dict[str, Any]]) -> list[Key]:
-        return Runs(records, at_scale, scale).plan(args.tasks, args.only)
+        return Runs(records, at_scale, scale, args.ladder).plan(args.tasks, args.only)
 
     train = functools.partial(_train, scale=scale)
     run_pool(out / RESULTS_FILE, plan, train, _describe, args.jobs, args.threads)
@@ -339,21 +379,24 @@ def report(runs: Runs, tasks: list[str]) -> str:
     """Markdown: the grids on validation, the front on test, and the paired verdicts at matched counts."""
     lines = [
         "Protocol of at_scale.py (536 optimizer steps, learning rate chosen on validation with seed "
-        f"{GRID_SEED} from {', '.join(f'{lr:g}' for lr in LR_GRID)}, head rate = adapter rate unless tuned, "
-        f"seeds {', '.join(map(str, SEEDS))} at the chosen value); its four settings are its own runs.",
+        f"{GRID_SEED} from {', '.join(f'{lr:g}' for lr in LR_GRID)} — a grid whose best value is at its edge "
+        f"grows one step past it, within {', '.join(f'{lr:g}' for lr in runs.ladder)}, until the best is inside — "
+        f"head rate = adapter rate unless tuned, seeds {', '.join(map(str, SEEDS))} at the chosen value); "
+        "at_scale.py's four settings are its own runs, plus the steps their grids grew here.",
         "",
     ]
     for task in tasks:
         metric = MAIN_METRIC[task]
         rows = summaries(runs, task)
         by_name = {s.name: s for s in rows}
-        lines += [f"#### {task}: learning-rate grids of the new settings (validation {metric}, seed {GRID_SEED})", ""]
-        lines += ["| setting | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | chosen |"]
-        lines += ["|---|" + "---:|" * (len(LR_GRID) + 1)]
+        shown = sorted({lr for name in LR_GRID_SETTINGS for lr, _ in by_name[name].grid or []})
+        lines += [f"#### {task}: learning-rate grids (validation {metric}, seed {GRID_SEED})", ""]
+        lines += ["| setting | " + " | ".join(f"lr {lr:g}" for lr in shown) + " | chosen |"]
+        lines += ["|---|" + "---:|" * (len(shown) + 1)]
         for name in LR_GRID_SETTINGS:
             summary = by_name[name]
             cells = []
-            for lr in LR_GRID:
+            for lr in shown:
                 run = runs.by_key.get((task, name, lr, lr, GRID_SEED))
                 cells.append("—" if run is None else f"{run['metrics']['validation'][metric]:.4f}")
             chosen = "—" if summary.chosen is None else f"{summary.chosen[0]:g}"
@@ -361,12 +404,10 @@ def report(runs: Runs, tasks: list[str]) -> str:
         head = by_name["aflora_head_lr"]
         lines.append("")
         if head.grid is None:
-            lines += ["Head-rate grid of AFLoRA r=4: waits for at_scale.py's AFLoRA grid on this task.", ""]
+            lines += ["Head-rate grid of AFLoRA r=4: waits for AFLoRA r=4's learning-rate grid on this task.", ""]
         else:
             lr = head.grid[0][0]
-            lines += [
-                f"AFLoRA r=4 at at_scale.py's rate {lr:g}, head-rate grid (validation {metric}, seed {GRID_SEED}):"
-            ]
+            lines += [f"AFLoRA r=4 at its chosen rate {lr:g}, head-rate grid (validation {metric}, seed {GRID_SEED}):"]
             lines += ["", "| setting | " + " | ".join(f"head lr {h:g}" for _, h in head.grid) + " | chosen |"]
             lines += ["|---|" + "---:|" * (len(head.grid) + 1)]
             cells = []
@@ -445,9 +486,10 @@ def main() -> int:
     if args.smoke:  # one task; the first setting unless --only names others
         args.tasks = args.tasks[:1]
     args.only = args.only or list(PRIORITY[:1] if args.smoke else PRIORITY)
+    args.ladder = LR_GRID if args.smoke else LADDER  # smoke runs check the script, not where a grid ends
     if not args.report:
         run_all(args, scale)
-    print(report(Runs.from_folder(Path(args.out), scale), args.tasks))
+    print(report(Runs.from_folder(Path(args.out), scale, args.ladder), args.tasks))
     return 0
 
 

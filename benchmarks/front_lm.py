@@ -32,7 +32,8 @@ Settings (SETTINGS: `adapter` / `freezing` overrides on the quickstart's, whose 
   of the steps); rank 2 would have 610,560.
 
 Protocol (at_scale.py's, whose functions this script imports): each setting's learning rate is chosen from LR_GRID
-on validation ROUGE-L with seed 0, then seeds 1 and 2 run at that value; the test ROUGE-L of the three seeds is
+on validation ROUGE-L with seed 0 — a grid whose best value is at its edge grows one LADDER step past it, until the
+best is inside (front.py's rule) — then seeds 1 and 2 run at that value; the test ROUGE-L of the three seeds is
 reported, and settings are compared by paired test differences per seed (at_scale.py's 95 % t-interval). Every run
 trains and is scored on the same rows (in its own seed's order): no subset is drawn at FULL scale, and `data.seed`
 is fixed anyway. Runs go in PRIORITY order: a setting's grid, then its seeds, then the next setting. Each finished
@@ -61,8 +62,8 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, best_lr, read_results, run_one, run_pool, verdict
-from front import _cell, parse_names
+from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, read_results, run_one, run_pool, verdict
+from front import _cell, grown_grid, parse_names
 
 from common import machine, offline_and_quiet
 
@@ -73,7 +74,8 @@ RESULTS_FILE = "front_lm.jsonl"
 TASK = "bbc_headlines"
 METRIC = "rougeL"
 MAIN_METRIC = {TASK: METRIC}
-LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+LR_GRID = (1e-3, 3e-3, 1e-2)  # where every grid starts
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # where a grid may grow past LR_GRID's edges
 SEEDS = (GRID_SEED, *MORE_SEEDS)
 DATA_SEED = 0  # draws the row subsets of smaller scales: the same rows for every run, so differences pair up
 
@@ -204,17 +206,33 @@ def build_recipe(name: str, lr: float, seed: int, scale: dict[str, Any], out: Pa
 class Runs:
     """The results file's runs of this task at one scale, by key, and what they imply: choices, seeds, plan."""
 
-    def __init__(self, records: list[dict[str, Any]], scale: dict[str, Any]) -> None:
+    def __init__(
+        self, records: list[dict[str, Any]], scale: dict[str, Any], ladder: tuple[float, ...] = LADDER
+    ) -> None:
         self.records = [r for r in records if r.get("task") == TASK and r.get("scale") == scale]
         self.by_key: dict[Key, dict[str, Any]] = {(r["method"], r["lr"], r["seed"]): r for r in self.records}
+        self.ladder = ladder
 
     @classmethod
-    def from_folder(cls, folder: Path, scale: dict[str, Any]) -> Runs:
-        return cls(read_results(folder / RESULTS_FILE), scale)
+    def from_folder(cls, folder: Path, scale: dict[str, Any], ladder: tuple[float, ...] = LADDER) -> Runs:
+        return cls(read_results(folder / RESULTS_FILE), scale, ladder)
+
+    def _validation(self, name: str, lr: float) -> float | None:
+        run = self.by_key.get((name, lr, GRID_SEED))
+        return None if run is None else float(run["metrics"]["validation"][METRIC])
+
+    def grid(self, name: str) -> list[float]:
+        """LR_GRID, grown past the edge holding the best validation ROUGE-L (front.grown_grid, front.py's rule)."""
+        return grown_grid(LR_GRID, self.ladder, lambda lr: self._validation(name, lr))
 
     def chosen(self, name: str) -> float | None:
-        """The grid value with the best validation ROUGE-L for seed GRID_SEED; None until the grid is complete."""
-        return best_lr(self.records, TASK, name, LR_GRID, MAIN_METRIC)
+        """The grid value with the best validation ROUGE-L for seed GRID_SEED (the smaller on a tie); None until
+        the grid is complete."""
+        rates = self.grid(name)
+        scores = [self._validation(name, lr) for lr in rates]
+        if None in scores:
+            return None
+        return max(zip(rates, scores, strict=True), key=lambda pair: (pair[1], -pair[0]))[0]
 
     def seeds(self, name: str) -> dict[int, dict[str, Any]]:
         """The runs at the chosen value, by seed."""
@@ -227,7 +245,7 @@ class Runs:
         for name in PRIORITY:
             if name not in names:
                 continue
-            planned += [(name, lr, GRID_SEED) for lr in LR_GRID]
+            planned += [(name, lr, GRID_SEED) for lr in self.grid(name)]
             lr = self.chosen(name)
             if lr is not None:
                 planned += [(name, lr, seed) for seed in MORE_SEEDS]
@@ -271,7 +289,7 @@ def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
     """Every outstanding run, `args.jobs` at a time; new runs are planned whenever one finishes."""
 
     def plan(records: list[dict[str, Any]]) -> list[Key]:
-        return Runs(records, scale).plan(args.only)
+        return Runs(records, scale, args.ladder).plan(args.only)
 
     train = functools.partial(_train, scale=scale)
     run_pool(Path(args.out) / RESULTS_FILE, plan, train, _describe, args.jobs, args.threads, MAIN_METRIC)
@@ -286,6 +304,7 @@ class Summary:
 
     name: str
     grid_done: int
+    grid_size: int
     chosen: float | None
     seeds: dict[int, dict[str, Any]]
     trainable: float | None = None  # mean of the runs' average trainable count
@@ -306,7 +325,7 @@ class Summary:
             return "complete"
         if self.chosen is not None:
             return f"incomplete: seeds {', '.join(map(str, sorted(self.seeds)))} of {len(SEEDS)}"
-        return f"incomplete: grid {self.grid_done} of {len(LR_GRID)}" if self.grid_done else "not run"
+        return f"incomplete: grid {self.grid_done} of {self.grid_size}" if self.grid_done else "not run"
 
     def values(self, split: str) -> list[float]:
         return [self.seeds[s]["metrics"][split][METRIC] for s in sorted(self.seeds)]
@@ -314,8 +333,9 @@ class Summary:
 
 def summarize(runs: Runs, name: str) -> Summary:
     """The counts and times are of the seeds at the chosen value, or of the grid runs before there is one."""
-    grid = [runs.by_key[(name, lr, GRID_SEED)] for lr in LR_GRID if (name, lr, GRID_SEED) in runs.by_key]
-    summary = Summary(name, len(grid), runs.chosen(name), runs.seeds(name))
+    rates = runs.grid(name)
+    grid = [runs.by_key[(name, lr, GRID_SEED)] for lr in rates if (name, lr, GRID_SEED) in runs.by_key]
+    summary = Summary(name, len(grid), len(rates), runs.chosen(name), runs.seeds(name))
     counted = list(summary.seeds.values()) or grid
     if counted:
         summary.trainable = statistics.mean(r["trainable_average"] for r in counted)
@@ -351,26 +371,30 @@ def report(runs: Runs, scale: dict[str, Any]) -> str:
     """Markdown: the grids on validation, the front on test, and the paired verdicts."""
     rows = summaries(runs)
     by_name = {s.name: s for s in rows}
+    shown = sorted({lr for name in PRIORITY for lr in runs.grid(name)})
     rows_note = "all rows" if scale["eval_rows"] is None else f"{scale['eval_rows']} rows each"
     lines = [
         f"{TASK} on {scale['model']}: {scale['max_steps']} optimizer steps at batch {scale['batch_size']}, max "
         f"length {scale['max_length']}, generation of up to {scale['max_new_tokens']} new tokens; validation and "
         f"test splits: {rows_note}. Learning rate chosen on validation {METRIC} with seed {GRID_SEED} from "
-        f"{', '.join(f'{lr:g}' for lr in LR_GRID)}; seeds {', '.join(map(str, SEEDS))} at the chosen value.",
+        f"{', '.join(f'{lr:g}' for lr in LR_GRID)} — a grid whose best value is at its edge grows one step past "
+        f"it, within {', '.join(f'{lr:g}' for lr in runs.ladder)}, until the best is inside; seeds "
+        f"{', '.join(map(str, SEEDS))} at the chosen value.",
         "",
         f"#### {TASK}: learning-rate grids (validation {METRIC}, seed {GRID_SEED})",
         "",
-        "| setting | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " | chosen |",
-        "|---|" + "---:|" * (len(LR_GRID) + 1),
+        "| setting | " + " | ".join(f"lr {lr:g}" for lr in shown) + " | chosen |",
+        "|---|" + "---:|" * (len(shown) + 1),
     ]
     for name in PRIORITY:
         cells = []
-        for lr in LR_GRID:
+        for lr in shown:
             run = runs.by_key.get((name, lr, GRID_SEED))
             cells.append("—" if run is None else f"{run['metrics']['validation'][METRIC]:.4f}")
         chosen = by_name[name].chosen
-        shown = "—" if chosen is None else f"{chosen:g}"
-        lines.append(f"| {SETTINGS[name].label} | " + " | ".join(cells) + f" | {shown} |")
+        lines.append(
+            f"| {SETTINGS[name].label} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |"
+        )
 
     lines += ["", f"#### {TASK}: the front (test {METRIC}, mean ± std over seeds at the chosen value)", ""]
     lines += ["| setting | lr | seeds | test | validation | avg trainable | final trainable | min per run | status |"]
@@ -407,11 +431,12 @@ def main() -> int:
     out = Path(args.out)
     scale = smoke_scale(out) if args.smoke else FULL
     args.only = args.only or list(PRIORITY[:1] if args.smoke else PRIORITY)  # smoke: the first unless --only
+    args.ladder = LR_GRID if args.smoke else LADDER  # smoke runs check the script, not where a grid ends
     if not args.report:
         if args.smoke:
             save_tiny_llama(Path(scale["model"]))
         run_all(args, scale)
-    print(report(Runs.from_folder(out, scale), scale))
+    print(report(Runs.from_folder(out, scale, args.ladder), scale))
     return 0
 
 

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from front import FULL, SMOKE, Runs, report  # noqa: E402
+from front import FULL, LR_GRID, SMOKE, Runs, report  # noqa: E402
 from plot_front import draw, front_data  # noqa: E402
 
 TASK = "movie_reviews"
@@ -54,10 +54,11 @@ def write_raw(folder: Path) -> Runs:
         return rec(method, lr, seed, val, test, trainable, head_lr=lr if head_lr is None else head_lr)
 
     front = [
-        # LoRA r=1: complete at 1e-2
+        # LoRA r=1: complete at 1e-2 (the grid's edge, so it grew to 3e-2, which did worse)
         new("lora_r1", 1e-3, 0, 0.78, 0.78, 41472),
         new("lora_r1", 3e-3, 0, 0.79, 0.79, 41472),
         new("lora_r1", 1e-2, 0, 0.80, 0.80, 41472),
+        new("lora_r1", 3e-2, 0, 0.70, 0.70, 41472),
         new("lora_r1", 1e-2, 1, 0.81, 0.82, 41472),
         new("lora_r1", 1e-2, 2, 0.80, 0.83, 41472),
         # AFLoRA r=8: grid done (3e-3), seed 2 missing
@@ -109,12 +110,43 @@ def test_plan_goes_in_priority_order_grid_then_seeds(tmp_path: Path) -> None:
     ]
 
 
+def test_a_grid_grows_one_ladder_step_past_the_edge_that_holds_its_best_until_the_best_is_inside() -> None:
+    def seed0(method: str, grid: dict[float, float]) -> list[dict[str, Any]]:
+        return [rec(method, lr, 0, val, val, 1000, head_lr=lr) for lr, val in grid.items()]
+
+    upper = seed0("aflora_r16", {1e-3: 0.70, 3e-3: 0.75, 1e-2: 0.80})
+    runs = Runs(upper, [], FULL)
+    assert runs.grid(TASK, "aflora_r16") == [(lr, lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2)]
+    assert runs.chosen(TASK, "aflora_r16") is None
+    assert runs.plan([TASK], ["aflora_r16"]) == [(TASK, "aflora_r16", 3e-2, 3e-2, 0)]
+    # the new step wins, but the ladder ends there: chosen, and the seeds run at it
+    runs = Runs(upper + seed0("aflora_r16", {3e-2: 0.82}), [], FULL)
+    assert runs.chosen(TASK, "aflora_r16") == (3e-2, 3e-2)
+    assert runs.plan([TASK], ["aflora_r16"]) == [(TASK, "aflora_r16", 3e-2, 3e-2, s) for s in (1, 2)]
+
+    lower = seed0("lora_adaptive_r4", {1e-3: 0.80, 3e-3: 0.75, 1e-2: 0.50})
+    assert Runs(lower, [], FULL).plan([TASK], ["lora_adaptive_r4"]) == [(TASK, "lora_adaptive_r4", 3e-4, 3e-4, 0)]
+    runs = Runs(lower + seed0("lora_adaptive_r4", {3e-4: 0.79}), [], FULL)
+    assert runs.chosen(TASK, "lora_adaptive_r4") == (1e-3, 1e-3)  # inside now: the grid stops growing
+    assert runs.grid(TASK, "lora_adaptive_r4") == [(lr, lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
+
+    # at_scale.py's AFLoRA r=4 grows too (its new run goes in front.jsonl), and the head-rate grid follows its
+    # choice; with the ladder at LR_GRID (the smoke scale) no grid grows
+    at_scale = [rec("aflora", lr, 0, val, val, 47000) for lr, val in {1e-3: 0.7, 3e-3: 0.75, 1e-2: 0.8}.items()]
+    assert Runs([], at_scale, FULL).plan([TASK], ["aflora", "aflora_head_lr"]) == [(TASK, "aflora", 3e-2, 3e-2, 0)]
+    grown = Runs([rec("aflora", 3e-2, 0, 0.81, 0.81, 47000, head_lr=3e-2)], at_scale, FULL)
+    assert grown.chosen(TASK, "aflora_head_lr") is None  # its grid: 3e-3, 9e-3, 3e-2 (done), 9e-2
+    assert grown.plan([TASK], ["aflora_head_lr"]) == [(TASK, "aflora_head_lr", 3e-2, h, 0) for h in (3e-3, 9e-3, 9e-2)]
+    assert Runs([], at_scale, FULL, ladder=LR_GRID).chosen(TASK, "aflora") == (1e-2, 1e-2)
+
+
 def test_report_numbers_from_a_small_raw_file(tmp_path: Path) -> None:
     text = report(write_raw(tmp_path), [TASK])
     rows = text.splitlines()
     # grids on validation
-    assert "| LoRA r=1 | 0.7800 | 0.7900 | 0.8000 | 0.01 |" in rows
-    assert "| LoRA r=8, every PM adaptive | 0.6000 | — | — | — |" in rows
+    assert "| lr 0.001 | lr 0.003 | lr 0.01 | lr 0.03 | chosen |" in text  # the grids' union of rates
+    assert "| LoRA r=1 | 0.7800 | 0.7900 | 0.8000 | 0.7000 | 0.01 |" in rows
+    assert "| LoRA r=8, every PM adaptive | 0.6000 | — | — | — | — |" in rows
     assert "| AFLoRA r=4, head rate tuned | 0.8100 | — | 0.8000 | — | — |" in rows
     # the front: sorted by average trainable count; incomplete settings say so
     front = [r for r in rows if r.startswith("| ") and r.endswith("|") and r.count("|") == 9][1:]
