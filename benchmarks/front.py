@@ -178,6 +178,7 @@ class Runs:
         ladder: tuple[float, ...] = LADDER,
     ) -> None:
         self.at_scale = [r for r in at_scale if r.get("scale") == scale]
+        self.front = [r for r in front if r.get("scale") == scale]
         self.ladder = ladder
         self.by_key: dict[Key, dict[str, Any]] = {}
         for r in self.at_scale:
@@ -454,8 +455,22 @@ def report(runs: Runs, tasks: list[str]) -> str:
             f"{metric} is judged): complete: {'; '.join(s.setting.label for s in complete) or 'none'}"
             + (f"; incomplete, not considered: {'; '.join(waiting)}." if waiting else ".")
         )
-        lines.append("")
+        lines += ["", cost_table(runs.front, task, RESULTS_FILE), ""]
     return "\n".join(lines)
+
+
+def cost_table(
+    records: list[dict[str, Any]],
+    task: str,
+    file: str,
+    seconds: str = "train_time_s",
+    label: str = "training CPU-hours (train time x torch threads)",
+) -> str:
+    """Markdown: how many runs of the task the results file holds and their CPU time (the records' `seconds`
+    field x torch threads; for train_time_s, model loading and evaluation are not counted)."""
+    mine = [r for r in records if r["task"] == task]
+    hours = sum(r[seconds] * r["machine"]["torch_threads"] for r in mine) / 3600
+    return f"| runs of {task} in {file} | {label} |\n|---:|---:|\n| {len(mine)} | {hours:.1f} |"
 
 
 def parse_names(text: str, known: tuple[str, ...]) -> list[str]:

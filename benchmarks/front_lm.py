@@ -63,7 +63,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, read_results, run_one, run_pool, verdict
-from front import _cell, grown_grid, parse_names
+from front import _cell, cost_table, grown_grid, parse_names
 
 from common import machine, offline_and_quiet
 
@@ -411,7 +411,7 @@ def report(runs: Runs, scale: dict[str, Any]) -> str:
     lines[-1] += "| verdict (95 % t-interval) |"
     lines += ["|---|---:|---|---:|---|"]
     lines += [_paired(name, by_name[better], by_name[worse]) for name, better, worse in COMPARISONS]
-    lines.append("")
+    lines += ["", cost_table(runs.records, TASK, RESULTS_FILE, "wall_s", "CPU-hours (whole run x torch threads)"), ""]
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ def rec(method: str, lr: float, seed: int, val: float, test: float, trainable: f
         "scale": FULL,
         "metrics": {"validation": {"accuracy": val}, "test": {"accuracy": test}},
         "trainable_average": trainable,
+        "train_time_s": 600.0,
+        "machine": {"torch_threads": 1},
         **extra,
     }
 
@@ -69,7 +71,7 @@ def write_raw(folder: Path) -> Runs:
         # LoRA r=8 with adaptive PMs: one grid run
         new("lora_adaptive_r8", 1e-3, 0, 0.60, 0.60, 120000),
         # head-rate grid at AFLoRA's 3e-3: 3e-4 here, 3e-3 is at_scale.py's run
-        new("aflora_head_lr", 3e-3, 0, 0.81, 0.80, 45000, head_lr=3e-4),
+        {**new("aflora_head_lr", 3e-3, 0, 0.81, 0.80, 45000, head_lr=3e-4), "machine": {"torch_threads": 2}},
         # a run of another scale counts for nothing
         {**new("lora_r2", 1e-3, 0, 0.9, 0.9, 82944), "scale": SMOKE},
     ]
@@ -169,6 +171,9 @@ def test_report_numbers_from_a_small_raw_file(tmp_path: Path) -> None:
         "| 47,000 vs 331,776 | -0.0400, +0.0000, -0.0400 | -0.0267 ± 0.0231 | within noise |"
     ) in rows
     assert "incomplete, not considered: AFLoRA r=8; AFLoRA r=16; AFLoRA r=4, attention PMs adaptive too; " in text
+    # front.jsonl's 12 runs of this scale: 11 x 600 s on one thread + 600 s on two = 7,800 CPU-seconds
+    assert "| runs of movie_reviews in front.jsonl | training CPU-hours (train time x torch threads) |" in rows
+    assert "| 12 | 2.2 |" in rows
 
 
 def test_incomplete_settings_are_never_judged(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ def rec(
         "trainable_average": trainable,
         "trainable_end": end,
         "wall_s": 1500.0,
+        "machine": {"torch_threads": 2},
         **extra,
     }
 
@@ -164,6 +165,9 @@ def test_report_numbers_from_a_small_raw_file(tmp_path: Path) -> None:
         "| AFLoRA, authors' GSM8K settings >= LoRA r=8 | 452,000 vs 2,442,240 | — | — | "
         "not judged: AFLoRA r=4, authors' GSM8K settings incomplete |"
     ) in rows
+    # 22 runs of this task and scale, 1,500 s each on two threads
+    assert "| runs of bbc_headlines in front_lm.jsonl | CPU-hours (whole run x torch threads) |" in rows
+    assert "| 22 | 18.3 |" in rows
 
 
 def test_a_setting_without_every_seed_is_shown_incomplete_and_never_judged(tmp_path: Path) -> None:
