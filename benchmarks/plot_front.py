@@ -3,6 +3,7 @@
     python benchmarks/plot_front.py                                   # docs/pareto-movie-reviews.png
     python benchmarks/plot_front.py --task movie_reviews_rating       # docs/pareto-movie-reviews-rating.png
     python benchmarks/plot_front.py --lm                              # docs/pareto-lm.png (front_lm.py)
+    python benchmarks/plot_front.py --lm --task movie_reviews_words   # docs/pareto-lm-movie-reviews-words.png
 
 Reads `front.jsonl` and `at_scale.jsonl` from `--results` (runs of the full scale only) through front.py's
 own summaries. Each setting is a point at its chosen learning rate: test metric mean ± std over seeds against
@@ -12,8 +13,8 @@ AFLoRA with attention PMs adaptive, AFLoRA with a tuned head rate) are points of
 grid is done but whose seeds are not is drawn hollow, without error bar or line (seed 0 alone); settings
 without a chosen value are not drawn.
 
-`--lm` draws part 2 the same way from `front_lm.jsonl` (SmolLM2 on bbc_headlines, test ROUGE-L): LoRA is one
-line by rank, each AFLoRA setting a point of its own.
+`--lm` draws part 2 the same way from `front_lm.jsonl` (SmolLM2; bbc_headlines, test ROUGE-L, unless `--task`
+names its other task): LoRA is one line by rank, each AFLoRA setting a point of its own.
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def front_data(runs: Runs, task: str) -> dict[str, Any]:
     return {"task": task, "metric": MAIN_METRIC[task], "title": title, "lines": lines, "singles": singles}
 
 
-def lm_front_data(runs: front_lm.Runs, scale: dict[str, Any] = front_lm.FULL) -> dict[str, Any]:
-    """front_data for front_lm.py's runs: the LoRA line by rank, each AFLoRA setting a point of its own."""
+def lm_front_data(runs: front_lm.Runs, task: str = "bbc_headlines") -> dict[str, Any]:
+    """front_data for front_lm.py's runs on one task: the LoRA line by rank, each AFLoRA setting a point of its own."""
+    metric = front_lm.MAIN_METRIC[task]
     lines, singles = _place(
-        [(s.setting.family, _point(s, front_lm.METRIC)) for s in front_lm.summaries(runs)], (front_lm.LORA,)
+        [(s.setting.family, _point(s, metric)) for s in front_lm.summaries(runs, task)], (front_lm.LORA,)
     )
-    title = f"{front_lm.TASK}: SmolLM2-135M-Instruct, {scale['max_steps']} steps, each setting at its own best lr"
-    return {"task": front_lm.TASK, "metric": front_lm.METRIC, "title": title, "lines": lines, "singles": singles}
+    steps = runs.scales[task]["max_steps"]
+    title = f"{front_lm.TASKS[task].title}: SmolLM2-135M-Instruct, {steps} steps, each setting at its own best lr"
+    return {"task": task, "metric": metric, "title": title, "lines": lines, "singles": singles}
 
 
 def draw(data: dict[str, Any], path: Path) -> None:
@@ -144,17 +147,25 @@ def draw(data: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="movie_reviews", choices=TASKS)
+    parser.add_argument(
+        "--task", choices=[*TASKS, *front_lm.TASKS], help="default: movie_reviews, or with --lm bbc_headlines"
+    )
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the raw files")
-    parser.add_argument("--lm", action="store_true", help="front_lm.py's front (SmolLM2, bbc_headlines) instead")
-    parser.add_argument("--out", help="image path (default: docs/pareto-<task>.png, or docs/pareto-lm.png)")
+    parser.add_argument("--lm", action="store_true", help="front_lm.py's front (SmolLM2) instead")
+    parser.add_argument(
+        "--out", help="image path (default: docs/pareto-[lm-]<task>.png, docs/pareto-lm.png for bbc_headlines)"
+    )
     args = parser.parse_args()
-    name = "lm" if args.lm else args.task.replace("_", "-")
-    out = Path(args.out) if args.out else ROOT / "docs" / f"pareto-{name}.png"
+    tasks = front_lm.TASKS if args.lm else TASKS
+    task = args.task or next(iter(tasks))
+    if task not in tasks:
+        parser.error(f"--task {task}: not a task of {'front_lm.py' if args.lm else 'front.py'}; one of {list(tasks)}")
+    name = ("lm" if task == "bbc_headlines" else f"lm-{task}") if args.lm else task
+    out = Path(args.out) if args.out else ROOT / "docs" / f"pareto-{name.replace('_', '-')}.png"
     if args.lm:
-        data = lm_front_data(front_lm.Runs.from_folder(Path(args.results), front_lm.FULL))
+        data = lm_front_data(front_lm.Runs.from_folder(Path(args.results)), task)
     else:
-        data = front_data(Runs.from_folder(Path(args.results), FULL), args.task)
+        data = front_data(Runs.from_folder(Path(args.results), FULL), task)
     draw(data, out)
     drawn = [p["label"] for points in data["lines"].values() for p in points] + [p["label"] for p in data["singles"]]
     print(f"{out}: {len(drawn)} settings ({', '.join(drawn)})")

@@ -19,8 +19,11 @@ from aflora_cli.recipe import parse_recipe
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from front_lm import FULL, LORA, PRIORITY, QUICKSTART, RESULTS_FILE, TASK, Runs, build_recipe, report  # noqa: E402
+from front_lm import FULL, LORA, PRIORITY, QUICKSTART, RESULTS_FILE, SCALES, Runs, build_recipe, report  # noqa: E402
 from plot_front import draw, lm_front_data  # noqa: E402
+
+TASK = "bbc_headlines"
+WORDS = "movie_reviews_words"
 
 
 def rec(
@@ -84,7 +87,7 @@ def write_raw(folder: Path, records: list[dict[str, Any]] | None = None) -> Path
 
 def test_recipes_are_the_lm_quickstart_at_full_scale_with_each_settings_overrides(tmp_path: Path) -> None:
     quickstart = yaml.safe_load(QUICKSTART.read_text())
-    recipes = {name: parse_recipe(build_recipe(name, 3e-3, 2, FULL, tmp_path / name), name) for name in PRIORITY}
+    recipes = {n: parse_recipe(build_recipe(TASK, n, 3e-3, 2, FULL, tmp_path / n), n) for n in PRIORITY}
     for recipe in recipes.values():
         assert recipe.model.name_or_path == quickstart["model"]["name_or_path"]
         assert recipe.seed == 2 and recipe.training.lr == 3e-3 and recipe.training.head_lr is None
@@ -120,25 +123,61 @@ def test_recipes_are_the_lm_quickstart_at_full_scale_with_each_settings_override
         assert resolve_policy(lora) == {"attention": "trainable", "ffn": "trainable"}
 
 
+def test_the_sentiment_word_task_is_the_shipped_movie_reviews_as_prompt_response_files_scored_by_exact_match(
+    tmp_path: Path,
+) -> None:
+    raw = build_recipe(WORDS, "lora_r1", 3e-3, 2, SCALES[WORDS], tmp_path / "run")
+    recipe = parse_recipe(raw, "lora_r1")
+    d = recipe.data
+    assert (d.task, d.format, d.metric, d.prompt_template) == (
+        "custom",
+        "prompt_response",
+        "exact_match",
+        "Review: {prompt}\nSentiment:",
+    )
+    assert d.max_train_samples is None and d.max_eval_samples is None and d.eval_splits is None
+    assert recipe.eval.max_new_tokens == 3 and recipe.training.max_steps == 300 and recipe.adapter.rank == 1
+    shipped = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
+    for split in ("train", "validation", "test"):
+        path = Path(getattr(d, f"{split}_file"))
+        assert path.parent == tmp_path / "run" / "data"
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        table = (shipped / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]
+        assert len(rows) == len(table) == (8568 if split == "train" else 1000)
+        for row, line in zip(rows, table, strict=True):
+            sentence, label, _rating = line.split("\t")
+            assert row == {"prompt": sentence, "response": ("negative", "positive")[int(label)]}
+
+
 def test_plan_goes_in_priority_order_grid_then_seeds(tmp_path: Path) -> None:
-    assert Runs([], FULL).plan(list(PRIORITY)) == [(name, lr, 0) for name in PRIORITY for lr in (1e-3, 3e-3, 1e-2)]
+    first_grids = [(task, name, lr, 0) for task in (TASK, WORDS) for name in PRIORITY for lr in (1e-3, 3e-3, 1e-2)]
+    assert Runs([]).plan([TASK, WORDS], list(PRIORITY)) == first_grids  # task by task, in the order asked
     records = [r for r in raw_records() if (r["method"], r["seed"]) not in (("aflora_r4", 2), ("lora_r8", 1))]
-    runs = Runs.from_folder(write_raw(tmp_path, records), FULL)
-    assert runs.plan(list(PRIORITY)) == [
-        ("aflora_r4", 1e-2, 2),
-        ("lora_r8", 1e-3, 1),
-        ("aflora_gsm8k", 1e-2, 0),  # the other scale's and task's runs do not count
+    runs = Runs.from_folder(write_raw(tmp_path, records))
+    assert runs.plan([TASK], list(PRIORITY)) == [
+        (TASK, "aflora_r4", 1e-2, 2),
+        (TASK, "lora_r8", 1e-3, 1),
+        (TASK, "aflora_gsm8k", 1e-2, 0),  # the other scale's and task's runs do not count
     ]
-    assert runs.plan(["lora_r1", "lora_r8"]) == [("lora_r8", 1e-3, 1)]
+    assert runs.plan([TASK], ["lora_r1", "lora_r8"]) == [(TASK, "lora_r8", 1e-3, 1)]
     # a best value at the grid's edge grows the grid one step past it before any seed runs
-    grown = Runs([*records, rec("aflora_gsm8k", 1e-2, 0, 0.30, 0.30, 452000, 92760)], FULL)
-    assert grown.grid("aflora_gsm8k") == [1e-3, 3e-3, 1e-2, 3e-2] and grown.chosen("aflora_gsm8k") is None
-    assert grown.plan(["aflora_gsm8k"]) == [("aflora_gsm8k", 3e-2, 0)]
-    assert Runs(records, FULL, ladder=(1e-3, 3e-3, 1e-2)).grid("lora_r1") == [1e-3, 3e-3, 1e-2]  # smoke: no growth
+    grown = Runs([*records, rec("aflora_gsm8k", 1e-2, 0, 0.30, 0.30, 452000, 92760)])
+    assert grown.grid(TASK, "aflora_gsm8k") == [1e-3, 3e-3, 1e-2, 3e-2] and grown.chosen(TASK, "aflora_gsm8k") is None
+    assert grown.plan([TASK], ["aflora_gsm8k"]) == [(TASK, "aflora_gsm8k", 3e-2, 0)]
+    assert Runs(records, ladder=(1e-3, 3e-3, 1e-2)).grid(TASK, "lora_r1") == [1e-3, 3e-3, 1e-2]  # smoke: no growth
+
+    # the other task's runs count at its own scale (3 new tokens), and only there
+    def as_words(r: dict[str, Any]) -> dict[str, Any]:
+        metrics = {split: {"exact_match": m["rougeL"]} for split, m in r["metrics"].items()}
+        return {**r, "task": WORDS, "metrics": metrics}
+
+    words = [{**as_words(r), "scale": SCALES[WORDS]} for r in raw_records()[:6]]
+    assert Runs(words).chosen(WORDS, "aflora_r4") == 1e-2 and Runs(words).chosen(TASK, "aflora_r4") is None
+    assert Runs([as_words(r) for r in raw_records()[:6]]).chosen(WORDS, "aflora_r4") is None  # bbc's scale
 
 
 def test_report_numbers_from_a_small_raw_file(tmp_path: Path) -> None:
-    text = report(Runs.from_folder(write_raw(tmp_path), FULL), FULL)
+    text = report(Runs.from_folder(write_raw(tmp_path)), [TASK])
     rows = text.splitlines()
     assert "| setting | lr 0.0003 | lr 0.001 | lr 0.003 | lr 0.01 | lr 0.03 | lr 0.1 | chosen |" in rows
     assert "| AFLoRA r=4 | — | 0.2000 | 0.2500 | 0.2800 | 0.2200 | — | 0.01 |" in rows
@@ -172,7 +211,7 @@ def test_report_numbers_from_a_small_raw_file(tmp_path: Path) -> None:
 
 def test_a_setting_without_every_seed_is_shown_incomplete_and_never_judged(tmp_path: Path) -> None:
     records = [r for r in raw_records() if (r["method"], r["seed"]) != ("lora_r1", 1)]
-    text = report(Runs.from_folder(write_raw(tmp_path, records), FULL), FULL)
+    text = report(Runs.from_folder(write_raw(tmp_path, records)), [TASK])
     assert "| LoRA r=1 | 0.03 | 2 | 0.3100 ± 0.0283 | 0.2750 ± 0.0071 | 305,280 | 305,280 | 25.0 | " in text
     assert "| incomplete: seeds 0, 2 of 3 |" in text
     assert "| 384,000 vs 305,280 | — | — | not judged: LoRA r=1 incomplete |" in text
@@ -181,7 +220,7 @@ def test_a_setting_without_every_seed_is_shown_incomplete_and_never_judged(tmp_p
 
 def test_plot_draws_lora_by_rank_and_aflora_points_from_partial_results(tmp_path: Path) -> None:
     records = [r for r in raw_records() if (r["method"], r["seed"]) != ("aflora_r4", 2)]
-    data = lm_front_data(Runs.from_folder(write_raw(tmp_path, records), FULL))
+    data = lm_front_data(Runs.from_folder(write_raw(tmp_path, records)))
     assert [(p["rank"], p["complete"], p["trainable"]) for p in data["lines"][LORA]] == [
         (1, True, 305280),
         (8, True, 2442240),
@@ -193,16 +232,33 @@ def test_plot_draws_lora_by_rank_and_aflora_points_from_partial_results(tmp_path
     ]
     draw(data, tmp_path / "pareto-lm.png")
     assert (tmp_path / "pareto-lm.png").read_bytes()[:4] == b"\x89PNG"
-    empty = lm_front_data(Runs([], FULL))
+    empty = lm_front_data(Runs([]), WORDS)
     assert empty["lines"][LORA] == [] and empty["singles"] == []
     draw(empty, tmp_path / "empty.png")  # nothing finished yet: still an image
     assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_smoke_run_of_the_sentiment_word_task_scores_exact_match(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(BENCHMARKS / "front_lm.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"]
+    command += ["--only", "lora_r1", "--tasks", WORDS]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    assert [(r["task"], r["phase"]) for r in records] == [(WORDS, "grid")] * 3 + [(WORDS, "seeds")] * 2
+    for r in records:
+        assert r["scale"]["max_new_tokens"] == 2 and r["steps"] == 4
+        for split in ("validation", "test"):
+            assert 0 <= r["metrics"][split]["exact_match"] <= 1 and "rougeL" not in r["metrics"][split]
+    complete = [line for line in result.stdout.splitlines() if line.endswith("| complete |")]
+    assert len(complete) == 1 and complete[0].startswith("| LoRA r=1 |")
+    assert f"#### {WORDS}: the front (test exact_match" in result.stdout and TASK not in result.stdout
+
+
 def test_smoke_run_writes_one_line_per_run_with_the_fields_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(BENCHMARKS / "front_lm.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"]
-    command += ["--only", "aflora_gsm8k,lora_r1"]
+    command += ["--only", "aflora_gsm8k,lora_r1", "--tasks", TASK]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
