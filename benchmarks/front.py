@@ -137,7 +137,7 @@ PRIORITY = (
 )
 LADDER = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # where a learning-rate grid may grow past LR_GRID's edges
 BORROWED = ("pm_trainable", "pm_frozen")  # at_scale.py's ablations: AFLoRA r=4's rate there, never a grid here
-HEAD_LR_STEPS = (0.1, 0.3, 1, 3)  # x at_scale.py's AFLoRA rate; the point at 1 is at_scale.py's run
+HEAD_LR_STEPS = (0.1, 0.3, 1, 3)  # x AFLoRA r=4's chosen rate; the point at 1 is AFLoRA r=4's own run
 AFLORA_FAMILY = ("aflora", "aflora_r8", "aflora_r16", "aflora_r4_attn_adaptive", "aflora_head_lr")
 SEEDS = (GRID_SEED, *MORE_SEEDS)
 LR_GRID_SETTINGS = [n for n, s in SETTINGS.items() if n not in BORROWED and not s.head_grid]
@@ -183,9 +183,8 @@ class Runs:
         self.by_key: dict[Key, dict[str, Any]] = {}
         for r in self.at_scale:
             self.by_key[(r["task"], r["method"], r["lr"], r["lr"], r["seed"])] = r
-        for r in front:
-            if r.get("scale") == scale:
-                self.by_key[(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"])] = r
+        for r in self.front:
+            self.by_key[(r["task"], r["method"], r["lr"], r["head_lr"], r["seed"])] = r
         for (task, method, lr, head_lr, seed), r in list(self.by_key.items()):
             if method == "aflora" and head_lr == lr:  # also the head-rate grid's point at head rate = adapter rate
                 self.by_key[(task, "aflora_head_lr", lr, lr, seed)] = r
