@@ -238,13 +238,17 @@ def test_plot_draws_lora_by_rank_and_aflora_points_from_partial_results(tmp_path
     assert (tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_smoke_run_of_the_sentiment_word_task_scores_exact_match(tmp_path: Path) -> None:
+def smoke(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """front_lm.py --smoke into `out` with these arguments; its output and the results file's records."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(BENCHMARKS / "front_lm.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"]
-    command += ["--only", "lora_r1", "--tasks", WORDS]
+    command = [sys.executable, str(BENCHMARKS / "front_lm.py"), "--smoke", "--out", str(out), "--threads", "1", *args]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    return result, [json.loads(line) for line in (out / RESULTS_FILE).read_text().splitlines()]
+
+
+def test_smoke_run_of_the_sentiment_word_task_scores_exact_match(tmp_path: Path) -> None:
+    result, records = smoke(tmp_path, "--only", "lora_r1", "--tasks", WORDS)
     assert [(r["task"], r["phase"]) for r in records] == [(WORDS, "grid")] * 3 + [(WORDS, "seeds")] * 2
     for r in records:
         assert r["scale"]["max_new_tokens"] == 2 and r["steps"] == 4
@@ -256,12 +260,7 @@ def test_smoke_run_of_the_sentiment_word_task_scores_exact_match(tmp_path: Path)
 
 
 def test_smoke_run_writes_one_line_per_run_with_the_fields_and_resumes(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(BENCHMARKS / "front_lm.py"), "--smoke", "--out", str(tmp_path), "--threads", "1"]
-    command += ["--only", "aflora_gsm8k,lora_r1", "--tasks", TASK]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / RESULTS_FILE).read_text().splitlines()]
+    result, records = smoke(tmp_path, "--only", "aflora_gsm8k,lora_r1", "--tasks", TASK)
     # PRIORITY order whatever --only's: LoRA r=1's grid and seeds, then the GSM8K setting's
     order: list[tuple[str, str, int]] = []
     for name in ("lora_r1", "aflora_gsm8k"):
@@ -291,7 +290,6 @@ def test_smoke_run_writes_one_line_per_run_with_the_fields_and_resumes(tmp_path:
     complete = [line for line in result.stdout.splitlines() if line.endswith("| complete |")]
     assert [line.split(" | ")[0] for line in complete] == ["| LoRA r=1", "| AFLoRA r=4, authors' GSM8K settings"]
 
-    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert len((tmp_path / RESULTS_FILE).read_text().splitlines()) == len(records)  # nothing ran again
+    again, records_again = smoke(tmp_path, "--only", "aflora_gsm8k,lora_r1", "--tasks", TASK)
+    assert records_again == records  # nothing ran again
     assert again.stdout == result.stdout.split("\n", len(records))[-1]  # only the report, the same one
