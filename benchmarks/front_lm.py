@@ -74,7 +74,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, read_results, run_one, run_pool, verdict
+from at_scale import GRID_SEED, MORE_SEEDS, _mean_std, best_lr, read_results, run_one, run_pool, verdict
 from front import _cell, cost_table, grown_grid, parse_names
 
 from common import machine, offline_and_quiet
@@ -291,13 +291,9 @@ class Runs:
         return grown_grid(LR_GRID, self.ladder, lambda lr: self._validation(task, name, lr))
 
     def chosen(self, task: str, name: str) -> float | None:
-        """The grid value with the best validation metric for seed GRID_SEED (the smaller on a tie); None until
-        the grid is complete."""
-        rates = self.grid(task, name)
-        scores = [self._validation(task, name, lr) for lr in rates]
-        if None in scores:
-            return None
-        return max(zip(rates, scores, strict=True), key=lambda pair: (pair[1], -pair[0]))[0]
+        """The grid value with the best validation metric for seed GRID_SEED (at_scale.best_lr's rule: the smaller
+        on a tie); None until the grid is complete."""
+        return best_lr(self.records, task, name, tuple(self.grid(task, name)), MAIN_METRIC)
 
     def seeds(self, task: str, name: str) -> dict[int, dict[str, Any]]:
         """The runs at the chosen value, by seed."""
