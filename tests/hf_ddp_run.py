@@ -44,6 +44,10 @@ def main(model_dir: str, out: Path) -> None:
         "lora": projections,
     }
     torch.save(record, out / f"rank{os.environ['RANK']}.pt")
+    # The Trainer leaves its gloo group open; tearing it down at interpreter exit can abort a rank
+    # ("terminate called without an active exception"), so close it while both ranks are alive.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
