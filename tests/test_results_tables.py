@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import front
+import front_lm
 import storage_learning
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -26,6 +27,13 @@ def test_the_front_tables_match_front_jsonl() -> None:
     runs = front.Runs.from_folder(BENCHMARKS / "results", front.FULL)
     report = front.report(runs, ["movie_reviews"])
     assert len(_table_rows(report)) > 10
+    assert _missing(report) == []
+
+
+def test_the_lm_front_tables_match_front_lm_jsonl() -> None:
+    runs = front_lm.Runs.from_folder(BENCHMARKS / "results")
+    report = front_lm.report(runs, list(front_lm.TASKS))
+    assert len(runs.records) >= 2
     assert _missing(report) == []
 
 
