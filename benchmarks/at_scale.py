@@ -35,11 +35,14 @@ import functools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -223,7 +226,17 @@ def commit() -> str:
         return "unknown"
 
 
-def _set_threads(threads: int | None) -> None:
+def _exit_with_parent() -> None:
+    """Block until the process that started this one ends, then end this one: a benchmark stopped by a signal
+    must not leave its workers training runs that nobody will record."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+
+def _start_worker(threads: int | None) -> None:
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     offline_and_quiet()
     if threads:
         import torch
@@ -268,7 +281,7 @@ def run_pool(
     finished = 0
     try:
         with concurrent.futures.ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)
+            jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)
         ) as pool:
             while True:
                 ready = [r for r in plan(read_results(results)) if r not in running.values()]

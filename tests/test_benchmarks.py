@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +140,38 @@ def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
         )
         assert chosen == {best["lr"]}  # the extra seeds repeat the value seed 0 chose on validation
     assert "AFLoRA >= LoRA (Table 1)" in result.stdout
+
+
+def test_stopping_a_benchmark_stops_its_workers(tmp_path: Path) -> None:
+    pid_file, results = tmp_path / "worker.pid", tmp_path / "results.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "orphan_pool_run.py"), str(pid_file), str(results)], env=env
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() or not pid_file.read_text():
+            assert parent.poll() is None and time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker):
+            assert time.monotonic() < deadline, f"worker {worker} outlived its stopped parent"
+            time.sleep(0.2)
+    finally:
+        parent.kill()
+    assert not results.exists() or not results.read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs; a zombie (ended, not yet reaped by whoever adopted it) does not."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
 
 
 def test_at_scale_plans_seeds_first_and_ablations_without_a_grid_at_aflora_value() -> None:
