@@ -144,7 +144,7 @@ def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
 
 def test_stopping_a_benchmark_stops_its_workers(tmp_path: Path) -> None:
     pid_file, results = tmp_path / "worker.pid", tmp_path / "results.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}  # the stopped pool leaves its work folder
     parent = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "orphan_pool_run.py"), str(pid_file), str(results)], env=env
     )
