@@ -6,14 +6,16 @@ base model, the data, the optimisation and evaluation settings around them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aflora_cli.engine.config import AdapterConfig, BaseDtype, FreezingConfig, QuantizationConfig
-from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
+
+if TYPE_CHECKING:  # storage imports torch; reading a recipe must not (`aflora train --dry-run`, `inspect`)
+    from aflora_cli.engine.storage import BaseStorage
 
 
 class _Section(BaseModel):
@@ -24,16 +26,22 @@ class ModelConfig(_Section):
     """The base model: a hub id, a local directory, a `.gguf` file, or `package:<module>/<file>` (a model file
     inside an installed Python package). `gguf_file` names a GGUF file inside a hub repo or directory; GGUF
     weights are dequantised to fp32 on load. `dtype` is what the frozen base's weights are stored in, and
-    `quantization` stores its linear layers in 4 or 8 bits (bitsandbytes); adapters and head stay fp32."""
+    `quantization` stores its linear layers in 4 or 8 bits (bitsandbytes); adapters and head stay fp32.
+    `trust_remote_code` lets a model folder's own Python code run, `allow_bin_weights` lets its weights load
+    from pickled `.bin` files: both stay off unless you trust where the model came from."""
 
     name_or_path: str
     revision: str | None = None
     gguf_file: str | None = None
     dtype: BaseDtype = "fp32"
     quantization: QuantizationConfig | None = None
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
 
     def storage(self) -> BaseStorage:
-        return BaseStorage(self.dtype, self.quantization)
+        from aflora_cli.engine.storage import BaseStorage
+
+        return BaseStorage(self.dtype, self.quantization, self.trust_remote_code, self.allow_bin_weights)
 
 
 class DataConfig(_Section):

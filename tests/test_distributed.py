@@ -96,7 +96,7 @@ def test_trainer_callback_under_two_processes_freezes_alike_on_every_rank(tmp_pa
     out = tmp_path / "run"
     _torchrun(2, [str(Path(__file__).with_name("hf_ddp_run.py")), str(model_dir), str(out)])
 
-    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     # scores come from the gradients DDP has averaged: every rank freezes the same PMs at the same steps
     assert ranks[0]["freeze_log"] == ranks[1]["freeze_log"]

@@ -132,7 +132,7 @@ def test_resume_continues_the_freeze_log(kind: str, tmp_path: Path) -> None:
     run, _ = RUNS[kind]()
     checkpoint = resume_copy(run, tmp_path / "resumed", SAVE_EVERY)
     if kind == "trainer":  # as a checkpoint of an older version: its freezer file holds no schedule
-        state = torch.load(checkpoint / FREEZER_FILE, weights_only=False)
+        state = torch.load(checkpoint / FREEZER_FILE, weights_only=True)
         torch.save({key: value for key, value in state.items() if key != "schedule"}, checkpoint / FREEZER_FILE)
         resumed = classifier_trainer(tmp_path / "resumed")
     else:
@@ -152,7 +152,7 @@ def test_resume_with_another_step_count_is_refused_in_one_line(tmp_path: Path) -
     the schedule in that file, are checked against their manifest)."""
     run, _ = _classifier_run()
     checkpoint = resume_copy(run, tmp_path / "longer", SAVE_EVERY)
-    state = torch.load(checkpoint / FREEZER_FILE, weights_only=False)
+    state = torch.load(checkpoint / FREEZER_FILE, weights_only=True)
     for old in (False, True):
         if old:
             assert state["schedule"] == {"total_steps": STEPS, "t_i": 2, "t_f": 4}

@@ -38,16 +38,24 @@ class Base:
     model_dir: Path
     fingerprint: str
     tokenizer: PreTrainedTokenizerBase
+    trust_remote_code: bool = False
 
     def config(self) -> Any:
-        return base_model.load_or_fail(lambda: AutoConfig.from_pretrained(self.model_dir), self.model_dir, "config")
+        return base_model.load_or_fail(
+            lambda: AutoConfig.from_pretrained(self.model_dir, trust_remote_code=self.trust_remote_code),
+            self.model_dir,
+            "config",
+        )
 
 
 def load_base(recipe: Recipe) -> Base:
     """Locate the recipe's base model (converting a GGUF on first use) and load its tokenizer."""
     model = recipe.model
-    model_dir, found = base_model.locate_model(model.name_or_path, model.revision, model.gguf_file)
-    return Base(model_dir, found, base_model.load_tokenizer(model_dir))
+    model_dir, found = base_model.locate_model(
+        model.name_or_path, model.revision, model.gguf_file, model.allow_bin_weights
+    )
+    tokenizer = base_model.load_tokenizer(model_dir, model.trust_remote_code)
+    return Base(model_dir, found, tokenizer, model.trust_remote_code)
 
 
 def task_for(recipe: Recipe, base: Base) -> Task:

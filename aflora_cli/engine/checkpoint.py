@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from torch import nn
 
 from aflora_cli.engine.inject import adapter_modules
 from aflora_cli.engine.manifest import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
-from aflora_cli.errors import AfloraError
+from aflora_cli.errors import AfloraError, first_line
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "lambda_d", "lambda_b")
 
@@ -101,6 +102,27 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
         raise AfloraError(f"{file}: damaged weights file ({err})") from None
+
+
+def read_state(file: Path) -> dict[str, Any]:
+    """A training-state file (`torch.save` of tensors, numbers, strings and containers), read with torch's
+    weights-only loader: checkpoints travel, and a full unpickle would run whatever their author put in them.
+    Every state file aflora writes holds only those types, so anything else means the file was altered."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global:" not in str(err):  # not a pickle of any kind: a damaged or foreign file
+            raise AfloraError(f"{file}: damaged training-state file (not a torch.save file)") from None
+        found = str(err).split("Unsupported global:", 1)[1].strip().splitlines()[0].rstrip(".")[:120]
+        raise AfloraError(
+            f"{file}: holds an object aflora does not load ({found}); unpickling it could run code its author "
+            "put there, and aflora never writes one: use a checkpoint from a source you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise AfloraError(f"{file}: damaged training-state file ({first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise AfloraError(f"{file}: damaged training-state file (a {type(state).__name__}, expected a mapping)")
+    return state
 
 
 def load_weights_into(model: nn.Module, tensors: dict[str, torch.Tensor], head_names: list[str], source: Path) -> None:

@@ -1,4 +1,6 @@
-"""How the frozen base model is stored: fp32, bf16 or fp16 weights, or 4-/8-bit through bitsandbytes.
+"""How the frozen base model is stored: fp32, bf16 or fp16 weights, or 4-/8-bit through bitsandbytes; and which
+of its files may be trusted: its own Python code (`trust_remote_code`) and pickled `.bin` weights are refused
+unless the recipe allows them.
 
 The adapters, any task head and all optimizer state stay fp32 whatever the base is (as PEFT keeps them);
 `engine/layer.py` keeps the adapter path in fp32 beside a half-precision or quantized base layer.
@@ -6,7 +8,10 @@ The adapters, any task head and all optimizer state stay fp32 whatever the base 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +29,13 @@ QUANT_EXTRA = "pip install 'aflora[quant]'"
 
 @dataclass(frozen=True)
 class BaseStorage:
-    """The dtype the base's weights are stored in, and its quantization (None: not quantized)."""
+    """The dtype the base's weights are stored in, its quantization (None: not quantized), and whether its own
+    code may run and its weights may come from pickled `.bin` files."""
 
     dtype: BaseDtype = "fp32"
     quantization: QuantizationConfig | None = None
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
 
     def check(self, device: torch.device) -> None:
         """Refuse what cannot run here, before anything is loaded."""
@@ -49,19 +57,25 @@ class BaseStorage:
     def pretrained_kwargs(self, device: torch.device) -> dict[str, Any]:
         """Keyword arguments of `from_pretrained` that load the base this way (a quantized base is placed on
         `device` while it loads: bitsandbytes models cannot be moved afterwards)."""
-        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[self.dtype]}
+        kwargs: dict[str, Any] = {"dtype": TORCH_DTYPES[self.dtype], "trust_remote_code": self.trust_remote_code}
+        if not self.allow_bin_weights:
+            kwargs["use_safetensors"] = True
         quant = self.quantization
         if quant is not None:
             from transformers import BitsAndBytesConfig
 
+            with quiet_loggers("bitsandbytes", "kernels"):
+                import bitsandbytes  # noqa: F401 (imported here, so that its import-time warnings stay quiet)
+
             if quant.bits == 8:
                 config = BitsAndBytesConfig(load_in_8bit=True)
             else:
+                assert quant.compute_dtype is not None  # QuantizationConfig fills in every 4-bit default
                 config = BitsAndBytesConfig(
                     load_in_4bit=True,
-                    bnb_4bit_quant_type=quant.type or "nf4",
-                    bnb_4bit_use_double_quant=True if quant.double_quant is None else quant.double_quant,
-                    bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype or "bf16"],
+                    bnb_4bit_quant_type=quant.type,
+                    bnb_4bit_use_double_quant=quant.double_quant,
+                    bnb_4bit_compute_dtype=TORCH_DTYPES[quant.compute_dtype],
                 )
             kwargs |= {"quantization_config": config, "device_map": {"": device}}
         return kwargs
@@ -72,6 +86,23 @@ class BaseStorage:
             "dtype": self.dtype,
             "quantization": None if self.quantization is None else self.quantization.model_dump(mode="json"),
         }
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers while the block runs. Importing bitsandbytes on a CPU with AVX512-BF16
+    looks for an optional kernel on the hub and logs two warnings when offline or without it (through the
+    `kernels` package); the slow path it falls back to is the one we use, and a one-line refusal must stay one
+    line: our output stays ours."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def is_quantized(model: nn.Module) -> bool:

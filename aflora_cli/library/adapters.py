@@ -152,10 +152,16 @@ def describe_run(
     name = base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         raise AfloraError("the model does not say where it was loaded from; pass base_model=")
-    model_dir, fingerprint = base_model_files.locate_model(str(name))
+    # the user loaded this model already: the files they chose to trust are trusted again when `aflora eval`
+    # or `merge` rebuilds it
+    model_dir, fingerprint = base_model_files.locate_model(str(name), allow_bin=True)
+    trusted = {
+        "allow_bin_weights": not any(model_dir.glob("*.safetensors")),
+        "trust_remote_code": type(model).__module__.startswith("transformers_modules"),  # a class of the model's code
+    }
     raw = {
         "output_dir": ".",
-        "model": {"name_or_path": str(name), **storage_of(model).describe()},
+        "model": {"name_or_path": str(name), **storage_of(model).describe(), **trusted},
         "data": data.model_dump(mode="json", exclude_defaults=True) if isinstance(data, DataConfig) else data,
         **adapters.config.model_dump(mode="json"),
         **recipe_keys,

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerContro
 from transformers.training_args import ParallelMode
 
 from aflora_cli.adapted.model_card import write_card
-from aflora_cli.engine.checkpoint import write_checkpoint_files
+from aflora_cli.engine.checkpoint import read_state, write_checkpoint_files
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
 from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest
 from aflora_cli.errors import AfloraError
@@ -173,7 +173,7 @@ class AfloraCallback(TrainerCallback):
                 f"AfloraCallback: resuming at step {state.global_step}, but {file} is missing; resume from a "
                 "checkpoint in the Trainer's output_dir that AfloraCallback saved"
             )
-        saved = torch.load(file, map_location="cpu", weights_only=False)
+        saved = read_state(file)
         self._check_schedule(saved.get(SCHEDULE_KEY) or _manifest_schedule(folder), folder)
         try:
             self.freezer.load_state_dict(saved)

@@ -440,8 +440,10 @@ def load_classifier(
     """The base model with a new sequence-classification (or regression) head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    stored = storage or BaseStorage()
+
     def load() -> nn.Module:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=stored.trust_remote_code)
         config.num_labels = num_labels
         config.problem_type = "regression" if problem == "regression" else "single_label_classification"
         if label_names:
@@ -449,7 +451,6 @@ def load_classifier(
             config.label2id = {name: i for i, name in enumerate(label_names)}
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = pad_token_id
-        stored = storage or BaseStorage()
         model: nn.Module = stored.from_pretrained(AutoModelForSequenceClassification, model_dir, device, config=config)
         return model
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
 from aflora_cli.adapted.model_card import checkpoint_card
-from aflora_cli.engine.checkpoint import load_weights_into, read_weights, save_checkpoint
+from aflora_cli.engine.checkpoint import load_weights_into, read_state, read_weights, save_checkpoint
 from aflora_cli.engine.config import resolve_duration
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import adaptive_matrices
@@ -228,7 +228,7 @@ class Trainer:
     def _load_weights_and_freezer(self) -> None:
         last = self.output_dir / "last"
         load_weights_into(self.model, read_weights(last), self.adapted.head_names, last)
-        self.state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=False)
+        self.state = read_state(last / STATE_FILE)
         processes = len(self.state["rng"])
         if processes != self.group.world_size:
             raise AfloraError(
