@@ -106,12 +106,13 @@ def train(
     ] = False,
 ) -> None:
     """Fine-tune from a recipe and write checkpoints to its output_dir."""
-    _quiet_libraries()
     from aflora_cli.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, set_)  # a bad recipe is refused before torch and transformers load
+    _quiet_libraries()
     from aflora_cli.training.progress import TrainingProgress, compare_with_start, format_metrics
     from aflora_cli.training.trainer import Trainer
 
-    recipe = load_recipe(recipe_path, set_)
     trainer = Trainer(recipe, resume=resume)
     trainer.prepare()
     try:

@@ -1,6 +1,6 @@
 """`aflora train` as a whole process against a plain PEFT LoRA loop doing the same work, timed alternately.
 
-    python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--set KEY=VALUE ...] [--json FILE]
+    python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--lean] [--set KEY=VALUE ...] [--json FILE]
 
 A: `aflora train recipes/quickstart.yaml` stopped at `--steps` optimizer steps (MiniLM, 3,000 movie-review
    rows, batch 32, max length 64; it evaluates the validation and test splits at the end of epoch 1 and of
@@ -9,6 +9,9 @@ B: this file run with `--peft-loop`: a short script as a PEFT user writes it —
    rows (the same subset, passed in a file), PEFT LoRA r = 8 on the same six linear types plus the trained
    head, AdamW with the same learning rates, warmup and linear decay, batch 32 in a seeded shuffled order, the
    same steps; at the same steps it scores the same two splits (accuracy, eval batch 64) and saves the adapter.
+`--lean`: the same against a lean loop. A evaluates and saves only at the run's end (`eval_every` and
+`save_every` past it) on `max_eval_samples: 512` of each split; B scores the same 512 + 512 rows once at
+the end and saves nothing.
 `--set` overrides a key of A's recipe (e.g. `eval.sort_by_length=true`); B stays as it is.
 Each pair runs A then B, or B then A (alternating), as whole processes from `python` to exit; the result is
 the median of the per-pair ratios A / B. Issue 11's target: <= 0.85 on 2 cores. Run on a quiet machine.
@@ -74,6 +77,8 @@ def peft_loop(plan: dict[str, Any]) -> None:
     splits = {}
     for split in ("validation", "test"):
         split_texts, split_labels = _read(split)
+        chosen = plan["eval_rows"][split] or range(len(split_texts))
+        split_texts, split_labels = [split_texts[i] for i in chosen], [split_labels[i] for i in chosen]
         splits[split] = (tokenizer(split_texts, truncation=True, max_length=plan["max_length"]), split_labels)
     collate = DataCollatorWithPadding(tokenizer)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
@@ -109,9 +114,10 @@ def peft_loop(plan: dict[str, Any]) -> None:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if step % per_epoch == 0 or step == plan["steps"]:
+            if step == plan["steps"] or (step % per_epoch == 0 and not plan["lean"]):
                 evaluate()
-                model.save_pretrained(plan["output_dir"])
+                if not plan["lean"]:
+                    model.save_pretrained(plan["output_dir"])
             if step == plan["steps"]:
                 break
 
@@ -119,8 +125,16 @@ def peft_loop(plan: dict[str, Any]) -> None:
 # ---- the comparison ---------------------------------------------------------------------------------------
 
 
-def make_plan(steps: int, folder: Path) -> dict[str, Any]:
-    """A's settings as B needs them: the same row subset, steps, batch, length and learning rates."""
+LEAN_EVAL_ROWS = 512
+LEAN_OVERRIDES = [
+    "training.eval_every=1000000",
+    "training.save_every=1000000",
+    f"data.max_eval_samples={LEAN_EVAL_ROWS}",
+]
+
+
+def make_plan(steps: int, folder: Path, lean: bool) -> dict[str, Any]:
+    """A's settings as B needs them: the same row subsets, steps, batch, length and learning rates."""
     sys.path.insert(0, str(ROOT))
     from aflora_cli.engine.base_model import model_dir
     from aflora_cli.tasks.tables import subset_rows
@@ -134,6 +148,11 @@ def make_plan(steps: int, folder: Path) -> dict[str, Any]:
         "model_dir": str(model_dir(recipe["model"]["name_or_path"])),
         "targets": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
         "train_rows": rows if rows is not None else list(range(len(texts))),
+        "lean": lean,
+        "eval_rows": {  # the rows `max_eval_samples` draws in A (data.seed is unset: the run's seed)
+            split: subset_rows(len(_read(split)[0]), LEAN_EVAL_ROWS, recipe["seed"]) if lean else None
+            for split in ("validation", "test")
+        },
         "steps": steps,
         "batch_size": training["batch_size"],
         "max_length": training["max_length"],
@@ -154,6 +173,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lean", action="store_true", help="evaluate 512 rows per split once at the end")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="write the measurements here")
     parser.add_argument("--peft-loop", metavar="PLAN", help=argparse.SUPPRESS)  # B's own process
@@ -169,11 +189,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         plan_file = folder / "plan.json"
-        plan_file.write_text(json.dumps(make_plan(args.steps, folder)))
+        plan_file.write_text(json.dumps(make_plan(args.steps, folder, args.lean)))
+        overrides = [*(LEAN_OVERRIDES if args.lean else []), *args.overrides]
         for number in range(args.pairs):
             aflora = [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), "--set", f"output_dir={tmp}/a{number}"]
             aflora += ["--set", f"training.max_steps={args.steps}"]
-            for override in args.overrides:
+            for override in overrides:
                 aflora += ["--set", override]
             peft = [sys.executable, str(Path(__file__).resolve()), "--peft-loop", str(plan_file)]
             if number % 2 == 0:
@@ -189,7 +210,8 @@ def main() -> int:
 
         result = {
             "steps": args.steps,
-            "overrides": args.overrides,
+            "lean": args.lean,
+            "overrides": overrides,
             "pairs": pairs,
             "median_ratio": ratio,
             "machine": machine(),

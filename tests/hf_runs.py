@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from aflora_cli import AfloraCallback, AfloraConfig, add_adapters, model_dir
-from aflora_cli.engine.freezing import frozen_target
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.schedule import frozen_target
 from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
 from runs import MINILM
 

@@ -301,3 +301,41 @@ def test_add_adapters_on_a_bf16_model_keeps_the_adapters_fp32(tmp_path: Path) ->
     ids = torch.tensor([[5, 6, 7, 8]])
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(layer.lambda_b.grad is not None and layer.lambda_b.grad.dtype == torch.float32 for layer in layers)
+
+
+def test_a_four_bit_setting_records_the_defaults_it_used() -> None:
+    """`quantization: {bits: 4}` alone is stored with nf4, double quantization and bf16 compute filled in, so a
+    checkpoint says what was used; an older manifest that recorded them as null still reads the same."""
+    from aflora_cli.commands.report import _storage_text
+
+    raw = {"output_dir": "x", "model": {"name_or_path": "m", "quantization": {"bits": 4}}, "data": {"task": "sst2"}}
+    recipe = parse_recipe(raw, "r.yaml")
+    assert recipe.model_dump(mode="json")["model"]["quantization"] == NF4
+    assert recipe.model.storage().describe()["quantization"] == NF4
+    old = {"bits": 4, "type": "nf4", "double_quant": None, "compute_dtype": None}
+    text = "4-bit nf4 linear layers (bf16 compute, double quantization), the rest fp32"
+    assert _storage_text({"dtype": "fp32", "quantization": old}) == text
+    eight = parse_recipe({**raw, "model": {"name_or_path": "m", "quantization": {"bits": 8}}}, "r.yaml")
+    assert eight.model_dump(mode="json")["model"]["quantization"] == {
+        "bits": 8,
+        "type": None,
+        "double_quant": None,
+        "compute_dtype": None,
+    }
+
+
+def test_bitsandbytes_import_warnings_stay_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    """What bitsandbytes and the `kernels` package log while bitsandbytes is imported (on CPUs with AVX512-BF16,
+    offline: a publisher-trust notice and a failed kernel lookup) is not printed; errors still are, and the
+    loggers are as they were afterwards."""
+    import logging
+
+    from aflora_cli.engine.storage import quiet_loggers
+
+    lookup, ops = logging.getLogger("kernels._internals.hf_hub"), logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with quiet_loggers("bitsandbytes", "kernels"):
+        lookup.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'")
+        ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community")
+        ops.error("a real error")
+    ops.warning("after the import")
+    assert [record.getMessage() for record in caplog.records] == ["a real error", "after the import"]

@@ -233,7 +233,7 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
     from aflora_cli.recipe import DataConfig
     from aflora_cli.tasks.classification import load_task_data
 
-    plan = make_plan(120, tmp_path)
+    plan = make_plan(120, tmp_path, lean=True)
     recipe = yaml.safe_load(RECIPE.read_text())
     tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
     data = load_task_data(DataConfig(**recipe["data"]), tokenizer, plan["max_length"], recipe["seed"], ["train"])
@@ -243,3 +243,9 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
     assert data.train["input_ids"] == ours["input_ids"]
     assert data.train["labels"] == [labels[i] for i in plan["train_rows"]]
     assert (plan["steps"], plan["batch_size"], plan["lr"]) == (120, recipe["training"]["batch_size"], 2e-2)
+    # --lean: B scores the 512 rows of each split that A's `max_eval_samples: 512` keeps
+    lean = DataConfig(**{**recipe["data"], "max_eval_samples": 512})
+    held_out = load_task_data(lean, tokenizer, plan["max_length"], recipe["seed"], ["validation", "test"])
+    for split, rows in plan["eval_rows"].items():
+        split_labels = _read(split)[1]
+        assert len(rows) == 512 and held_out.evaluation[split]["labels"] == [split_labels[i] for i in rows]

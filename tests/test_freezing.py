@@ -9,14 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from aflora_cli.engine.freezing import (
-    Freezer,
-    freeze_fraction,
-    frozen_target,
-    release_from_optimizer,
-    sensitivity,
-)
+from aflora_cli.engine.freezing import Freezer, release_from_optimizer, sensitivity
 from aflora_cli.engine.layer import AdapterLinear
+from aflora_cli.engine.schedule import freeze_fraction, frozen_target
 
 B1, B2 = 0.85, 0.95
 

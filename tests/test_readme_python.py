@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 
 from aflora_cli.commands.inspection import inspect_checkpoint
-from aflora_cli.engine.freezing import frozen_target
+from aflora_cli.engine.schedule import frozen_target
 
 SECTION = "## Use from Python"
 

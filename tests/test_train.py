@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aflora_cli.engine.freezing import freeze_fraction
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.schedule import freeze_fraction
 from aflora_cli.training.trainer import METRICS_FILE, epoch_batches, plan_schedule
 from runs import quick_recipe, recipe_of, run
 
@@ -190,7 +190,7 @@ def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_pat
         "resume with the same training data and number of processes",
     )
     write_jsonl(train, review_rows("train", 8))
-    state = torch.load(last / STATE_FILE, weights_only=False)
+    state = torch.load(last / STATE_FILE, weights_only=True)
     torch.save({**state, "rng": state["rng"] * 2}, last / STATE_FILE)  # as if saved by two processes
     assert_user_error(resume(), f"{last}: the run was trained on 2 process(es), this one has 1; resume with 2")
     assert (tmp_path / "run" / METRICS_FILE).read_bytes() == metrics and (last / WEIGHTS_FILE).read_bytes() == weights

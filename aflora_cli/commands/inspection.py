@@ -7,13 +7,12 @@ it froze, and the per-layer freezing heat map of the paper's Fig. 5. Rendering l
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-
-from aflora_cli.adapted.loading import read_checkpoint_manifest
+from aflora_cli.adapted.reading import read_checkpoint_manifest
 from aflora_cli.engine.manifest import MATRICES, WEIGHTS_FILE
 from aflora_cli.errors import AfloraError
 
@@ -21,12 +20,18 @@ _NUMBER = re.compile(r"^\d+$")
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from the weights file's header (no tensor data is read)."""
+    """Tensor shapes from the weights file's header, no tensor data read. The header is read by hand (8 bytes of
+    little-endian length, then JSON; the safetensors format's whole header): the safetensors reader would import
+    numpy or torch for it, a second of `aflora inspect`'s start-up."""
     file = path / WEIGHTS_FILE
     try:
-        with safe_open(str(file), framework="numpy") as handle:  # only the header is read; no torch needed
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not iterable)
-    except (SafetensorError, OSError, ValueError) as err:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= file.stat().st_size - 8:
+                raise ValueError(f"header length {length} does not fit a file of {file.stat().st_size} bytes")
+            header = json.loads(handle.read(length))
+        return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         raise AfloraError(f"{file}: damaged weights file ({err})") from None
 
 

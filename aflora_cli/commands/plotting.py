@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aflora_cli.commands.inspection import weight_shapes
-from aflora_cli.engine.freezing import frozen_target
 from aflora_cli.engine.manifest import MATRICES
+from aflora_cli.engine.schedule import frozen_target
 from aflora_cli.errors import AfloraError
 
 if TYPE_CHECKING:

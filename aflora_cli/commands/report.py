@@ -11,6 +11,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from aflora_cli.engine.config import QuantizationConfig
+
 if TYPE_CHECKING:
     from aflora_cli.commands.scoring import EvalResult
 
@@ -64,17 +66,16 @@ def _count(n: float) -> str:
 
 
 def _storage_text(base: dict[str, Any]) -> str:
-    """The base's storage as the manifest records it (checkpoints older than it: fp32)."""
-    quant = base.get("quantization")
-    if not quant:
+    """The base's storage as the manifest records it (checkpoints older than it: fp32), 4-bit defaults filled in
+    as they were used (older checkpoints recorded unset keys as null)."""
+    if not base.get("quantization"):
         return base.get("dtype", "fp32")
-    if quant["bits"] == 8:
+    quant = QuantizationConfig.model_validate(base["quantization"])
+    if quant.bits == 8:
         return f"8-bit linear layers, the rest {base.get('dtype', 'fp32')}"
-    double = ", double quantization" if quant.get("double_quant") else ""
-    return (
-        f"4-bit {quant['type']} linear layers ({quant['compute_dtype']} compute{double}), "
-        f"the rest {base.get('dtype', 'fp32')}"
-    )
+    double = ", double quantization" if quant.double_quant else ""
+    rest = base.get("dtype", "fp32")
+    return f"4-bit {quant.type} linear layers ({quant.compute_dtype} compute{double}), the rest {rest}"
 
 
 def summary_table(report: dict[str, Any]) -> Table:

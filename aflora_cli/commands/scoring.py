@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from aflora_cli.adapted.loading import load_checkpoint, open_checkpoint, read_checkpoint_manifest
+from aflora_cli.adapted.loading import load_checkpoint, open_checkpoint
+from aflora_cli.adapted.reading import read_checkpoint_manifest
 from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.tasks import Prediction, Progress, Row

@@ -7,7 +7,7 @@ API) holds one of each, so the engine depends on nothing above it.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -85,13 +85,22 @@ class QuantizationConfig(_Settings):
     """A base stored in 4 or 8 bits through bitsandbytes (QLoRA-style); the adapters stay fp32 beside it.
 
     4-bit only: `type` (nf4 or fp4; default nf4), `double_quant` (quantize the quantization constants too;
-    default true) and `compute_dtype` (what the 4-bit matmul runs in; default bf16).
+    default true) and `compute_dtype` (what the 4-bit matmul runs in; default bf16). A 4-bit setting is stored
+    with its defaults filled in, so a checkpoint says what was used (and is rebuilt so if a default changes).
     """
 
     bits: Literal[4, 8]
     type: Literal["nf4", "fp4"] | None = None
     double_quant: bool | None = None
     compute_dtype: BaseDtype | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _four_bit_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bits") == 4:
+            defaults = {"type": "nf4", "double_quant": True, "compute_dtype": "bf16"}
+            return {**data, **{key: value for key, value in defaults.items() if data.get(key) is None}}
+        return data
 
     @model_validator(mode="after")
     def _four_bit_keys(self) -> QuantizationConfig:

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from aflora_cli.engine.config import FreezingConfig
+from aflora_cli.engine.schedule import frozen_target
 
 Score = Literal["grad", "weight_grad", "grad_over_weight"]
-
-
-def freeze_fraction(step: int, total_steps: int, t_i: int, t_f: int, power: float = 3) -> float:
-    """r(t) of Eq. 5: 0 before t_i, a ramp to 1 at T - t_f (cubic in the paper; `power` 2 in the authors'
-    GSM8K code), 1 after."""
-    if step < t_i:
-        return 0.0
-    end = total_steps - t_f
-    if step >= end:
-        return 1.0
-    return 1.0 - (1.0 - (step - t_i) / (end - t_i)) ** power
-
-
-def frozen_target(step: int, total_steps: int, t_i: int, t_f: int, units: int, power: float = 3) -> int:
-    """How many of `units` freezable units are frozen at `step`: floor(r(t)·N)."""
-    return math.floor(freeze_fraction(step, total_steps, t_i, t_f, power) * units)
 
 
 def sensitivity(grad: torch.Tensor, weight: torch.Tensor, score: Score) -> torch.Tensor:

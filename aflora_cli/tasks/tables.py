@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow
-import pyarrow.parquet
 
 from aflora_cli.errors import AfloraError
 
@@ -151,7 +149,10 @@ def _records_to_columns(records: list[Any], path: Path) -> Columns:
 
 
 def _read_parquet(path: Path) -> Columns:
-    """A parquet table, values as Python objects."""
+    """A parquet table, values as Python objects (pyarrow imported here: most runs read no parquet file)."""
+    import pyarrow
+    import pyarrow.parquet
+
     try:
         return pyarrow.parquet.read_table(path).to_pydict()
     except pyarrow.ArrowException as err:
