@@ -57,7 +57,20 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
 
 
-app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
+# Each command's help ends by naming its section of the documentation (docs/ in the repository; `mkdocs serve`
+# builds it into a site)
+DOCS = "docs/commands.md"
+app = typer.Typer(
+    cls=_Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    epilog=f"Docs: {DOCS} (every command), docs/getting-started.md, docs/recipes-reference.md (every recipe key).",
+)
+
+
+def _docs(command: str) -> str:
+    return f"Docs: {DOCS}#{command}"
 
 
 @app.callback()
@@ -95,7 +108,7 @@ def user_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@app.command()
+@app.command(epilog=_docs("train"))
 @user_errors
 def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe")],
@@ -164,7 +177,7 @@ def _print_plan(trainer: Any) -> None:
     )
 
 
-@app.command("eval")
+@app.command("eval", epilog=_docs("eval"))
 @user_errors
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
@@ -195,7 +208,7 @@ def eval_command(
         render_eval(console, result)
 
 
-@app.command()
+@app.command(epilog=_docs("generate"))
 @user_errors
 def generate(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory of a text task")],
@@ -239,7 +252,7 @@ class _DType(str, Enum):
     fp16 = "fp16"
 
 
-@app.command()
+@app.command(epilog=_docs("merge"))
 @user_errors
 def merge(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],
@@ -307,7 +320,7 @@ def merge(
             )
 
 
-@app.command("inspect")
+@app.command("inspect", epilog=_docs("inspect"))
 @user_errors
 def inspect_command(
     checkpoint: Annotated[Path, typer.Argument(metavar="CKPT", help="checkpoint directory (e.g. runs/x/best)")],

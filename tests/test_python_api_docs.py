@@ -1,5 +1,6 @@
-"""The README's "Use from Python" scripts run as written (Trainer on MiniLM, TRL SFTTrainer on SmolLM2), the
-commands take the checkpoints they leave, and two runs of the Trainer script leave the same checkpoint."""
+"""The "Use from Python" scripts of docs/python-api.md run as written (Trainer on MiniLM, TRL SFTTrainer on
+SmolLM2), the commands take the checkpoints they leave, and two runs of the Trainer script leave the same
+checkpoint."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import atexit
 import functools
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,28 +16,25 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from doc_examples import example, run_shell
 
 from aflora_cli.commands.inspection import inspect_checkpoint
 from aflora_cli.engine.schedule import frozen_target
 
-SECTION = "## Use from Python"
+SCRIPTS = ("python-trainer", "python-trl")
 
 
 def _scripts() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index(SECTION) :]
-    section = section[: section.index("\n## ", len(SECTION))]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    return [example(name).text for name in SCRIPTS]
 
 
-def test_the_section_has_a_trainer_and_an_sft_script() -> None:
+def test_the_page_has_a_trainer_and_an_sft_script() -> None:
     scripts = _scripts()
-    assert len(scripts) == 2
     assert "Trainer(" in scripts[0] and "SFTTrainer(" in scripts[1]
 
 
 def _run_script(number: int, folder: Path) -> Path:
-    """Run the README's script `number` as written, in `folder`; the folder back."""
+    """Run the page's script `number` as written, in `folder`; the folder back."""
     script = folder / "script.py"
     script.write_text(_scripts()[number], encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -83,3 +80,15 @@ def test_the_trainer_script_run_twice_writes_the_same_checkpoint(tmp_path: Path)
     assert {"adapter_model.safetensors", "adapter_config.json", "aflora_freezer.pt", "model.safetensors"} <= set(names)
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_the_commands_take_the_trainer_scripts_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's commands on the Trainer's `checkpoint-40`, run in the script's folder; `aflora merge`'s output goes
+    beside the run (no substitution)."""
+    folder = _ran(0)
+    monkeypatch.chdir(folder)
+    inspected, evaluated, merged = run_shell(example("trainer-checkpoint-commands").text, [])
+    assert "checkpoint-40" in inspected or "40" in inspected
+    assert "accuracy" in evaluated and "merged-reviews" in merged
+    assert (folder / "run.png").read_bytes().startswith(b"\x89PNG")
+    assert (folder / "merged-reviews" / "config.json").is_file()
