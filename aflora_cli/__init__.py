@@ -1,6 +1,6 @@
 """aflora: Adaptive Freezing of Low-Rank Adaptation (Liu, Kundu et al., 2024), as a command-line tool and a library.
 
-From Python (see README, "Use from Python"):
+From Python (see docs/python-api.md):
 
     from aflora_cli import AfloraCallback, AfloraConfig, add_adapters
 
