@@ -14,7 +14,7 @@ import torch
 
 from aflora_cli.adapted.building import AdaptedModel, Base, build_adapted, load_base
 from aflora_cli.engine.checkpoint import load_weights_into, read_weights
-from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest
+from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest, verify_checksums
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, parse_recipe
 from aflora_cli.tasks import Task, task_from_manifest
@@ -54,6 +54,7 @@ def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     if not (path / WEIGHTS_FILE).is_file():
         raise AfloraError(f"{path}: not a complete checkpoint ({WEIGHTS_FILE} is missing)")
+    verify_checksums(path, manifest)
     for key, types in (
         ("base_model.name_or_path", str),
         ("base_model.fingerprint", str),
