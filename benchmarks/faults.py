@@ -45,8 +45,8 @@ def command(output_dir: Path, *extra: str, resume: bool = False) -> list[str]:
 
 
 class Harness:
-    def __init__(self, work: Path, seed: int) -> None:
-        self.work, self.rng = work, random.Random(seed)
+    def __init__(self, work: Path, seed: int, timeout: float) -> None:
+        self.work, self.rng, self.timeout = work, random.Random(seed), timeout
         self.tried: Counter[str] = Counter()
         self.survived: Counter[str] = Counter()
         self.failures: list[dict[str, Any]] = []
@@ -71,7 +71,11 @@ class Harness:
         )
 
     def finish(self, process: subprocess.Popen[str]) -> tuple[int, str]:
-        _, stderr = process.communicate(timeout=1800)
+        try:
+            _, stderr = process.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
         if "Traceback" in stderr:
             self.tracebacks += 1
         return process.returncode, stderr
@@ -265,10 +269,11 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--terms", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one launch may take")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="aflora-faults-"))
-    harness = Harness(work, args.seed)
+    harness = Harness(work, args.seed, args.timeout)
     began = time.monotonic()
 
     def dump() -> None:
