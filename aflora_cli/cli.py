@@ -124,7 +124,7 @@ def train(
     recipe = load_recipe(recipe_path, set_)  # a bad recipe is refused before torch and transformers load
     _quiet_libraries()
     from aflora_cli.training.progress import TrainingProgress, compare_with_start, format_metrics
-    from aflora_cli.training.trainer import Trainer
+    from aflora_cli.training.trainer import Trainer, TrainingStopped
 
     trainer = Trainer(recipe, resume=resume)
     trainer.prepare()
@@ -136,6 +136,15 @@ def train(
             trainer.on_event = progress
             try:
                 final = trainer.train()
+            except TrainingStopped as stop:
+                if trainer.group.is_main:
+                    errors.print(
+                        f"{stop}: `aflora train {recipe_path} --resume` continues from {recipe.output_dir}/last",
+                        highlight=False,
+                        markup=False,
+                        soft_wrap=True,
+                    )
+                raise typer.Exit(stop.exit_code) from None
             except KeyboardInterrupt:
                 errors.print(
                     f"interrupted: `aflora train {recipe_path} --resume` continues from {recipe.output_dir}/last"

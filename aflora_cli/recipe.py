@@ -109,6 +109,8 @@ class TrainingConfig(_Section):
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)
     log_every: int = Field(default=10, gt=0)
+    # a run whose steps are non-finite this many times in a row has diverged: it stops (None: never)
+    max_nonfinite_steps: int | None = Field(default=5, gt=0)
 
 
 class EvalConfig(_Section):

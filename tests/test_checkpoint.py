@@ -143,7 +143,7 @@ def test_atomic_directory_keeps_old_checkpoint_when_body_raises(tmp_path):
     def failing(_):
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(AfloraError, match=r"could not write the checkpoint .*ckpt: disk full; .* still holds the prev"):
         save_checkpoint(ckpt, model, head, {"n": 3}, extra=failing)
     assert read_manifest(ckpt)["n"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

@@ -151,3 +151,21 @@ def test_two_processes_train_over_a_half_precision_or_4bit_base(tmp_path: Path, 
     assert lambda_b and all(weights[2][name].abs().sum() > 0 for name in lambda_b)  # Λb left zero: it trained
     for name, tensor in weights[1].items():
         torch.testing.assert_close(weights[2][name], tensor, rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """Only rank 1 gets the SIGTERM: the stop flag all-reduced at every step stops both ranks after step 3, with
+    `last` saved there; `--resume` on two processes then runs to the end."""
+    model_dir = _tiny_bert_dir(tmp_path / "tiny-bert")
+    raw = quick_recipe(
+        tmp_path / "run",
+        model={"name_or_path": str(model_dir)},
+        data={"max_train_samples": 32, "max_eval_samples": 8},
+        training={"max_steps": 8, "batch_size": 4, "save_every": 6},
+    )
+    recipe = write_recipe(tmp_path / "run.yaml", raw)
+    _torchrun(2, [str(Path(__file__).with_name("ddp_stop_run.py")), str(recipe), str(tmp_path)])
+    assert [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["3", "3"]
+    assert json.loads((tmp_path / "run" / "last" / MANIFEST_FILE).read_text())["step"] == 3
+    _torchrun(2, ["-m", "aflora_cli", "train", str(recipe), "--resume"])
+    assert json.loads((tmp_path / "run" / "last" / MANIFEST_FILE).read_text())["step"] == 8

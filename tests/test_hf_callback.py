@@ -134,6 +134,8 @@ def test_resume_continues_the_freeze_log(kind: str, tmp_path: Path) -> None:
     if kind == "trainer":  # as a checkpoint of an older version: its freezer file holds no schedule
         state = torch.load(checkpoint / FREEZER_FILE, weights_only=True)
         torch.save({key: value for key, value in state.items() if key != "schedule"}, checkpoint / FREEZER_FILE)
+        older = {key: value for key, value in manifest(checkpoint).items() if key != "checksums"}  # nor checksums
+        (checkpoint / "adapter_config.json").write_text(json.dumps(older), encoding="utf-8")
         resumed = classifier_trainer(tmp_path / "resumed")
     else:
         resumed = sft_trainer(tmp_path / "resumed", Path(manifest(checkpoint)["recipe"]["data"]["train_file"]))
@@ -144,6 +146,35 @@ def test_resume_continues_the_freeze_log(kind: str, tmp_path: Path) -> None:
     first, second = weights(run / f"checkpoint-{STEPS}"), weights(tmp_path / "resumed" / f"checkpoint-{STEPS}")
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_saves_and_stops_the_trainer_at_the_step_and_resuming_continues_alike(tmp_path: Path) -> None:
+    """A SIGTERM during step 3: AfloraCallback asks the Trainer to save checkpoint-3 and stop; resuming from it
+    ends with the freeze log of the uninterrupted run."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class TermAtStep3(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    callback = AfloraCallback(CONFIG, data=REVIEWS_DATA, max_length=32)
+    stopped = classifier_trainer(tmp_path / "run", callbacks=[TermAtStep3(), callback])
+    stopped.train()
+    assert stopped.state.global_step == 3 and callback.stopped_by == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert manifest(checkpoint)["step"] == 3 and (checkpoint / FREEZER_FILE).is_file()
+    resumed = classifier_trainer(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    whole, _ = _classifier_run()
+    assert (
+        manifest(tmp_path / "run" / f"checkpoint-{STEPS}")["freeze_log"]
+        == manifest(whole / f"checkpoint-{STEPS}")["freeze_log"]
+    )
 
 
 def test_resume_with_another_step_count_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -157,6 +188,8 @@ def test_resume_with_another_step_count_is_refused_in_one_line(tmp_path: Path) -
         if old:
             assert state["schedule"] == {"total_steps": STEPS, "t_i": 2, "t_f": 4}
             torch.save({key: value for key, value in state.items() if key != "schedule"}, checkpoint / FREEZER_FILE)
+        older = {key: value for key, value in manifest(checkpoint).items() if key != "checksums"}  # nor checksums
+        (checkpoint / "adapter_config.json").write_text(json.dumps(older), encoding="utf-8")
         trainer = classifier_trainer(tmp_path / "longer", max_steps=STEPS + 8)
         with pytest.raises(AfloraError) as raised:
             trainer.train(resume_from_checkpoint=str(checkpoint))

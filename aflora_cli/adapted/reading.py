@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest
+from aflora_cli.engine.manifest import MANIFEST_FILE, MATRICES, WEIGHTS_FILE, read_manifest, verify_checksums
 from aflora_cli.errors import AfloraError
 
 _MISSING = object()
@@ -34,6 +34,7 @@ def read_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     if not (path / WEIGHTS_FILE).is_file():
         raise AfloraError(f"{path}: not a complete checkpoint ({WEIGHTS_FILE} is missing)")
+    verify_checksums(path, manifest)
     for key, types in (
         ("base_model.name_or_path", str),
         ("base_model.fingerprint", str),

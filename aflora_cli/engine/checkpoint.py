@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from aflora_cli.engine.durable import fsync_path, fsync_tree, pid_alive, uninterrupted, write_text_durably
+from aflora_cli.engine.faults import fault_point
 from aflora_cli.engine.inject import adapter_modules
-from aflora_cli.engine.manifest import FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE
+from aflora_cli.engine.manifest import CHECKSUMS_KEY, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, checksums_of
 from aflora_cli.errors import AfloraError, first_line
 
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "lambda_d", "lambda_b")
@@ -39,25 +42,83 @@ def adapter_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Te
 
 @contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to fill; on success it replaces `final` in one rename."""
+    """Yield a temporary sibling of `final` to fill; on success it replaces `final`.
+
+    Kill-safe at every instant: the filled folder is fsynced, then `final` is renamed to `.<name>.old-…` and
+    the new folder renamed into place (both renames held back from Ctrl-C/SIGTERM, the folder fsynced). A kill
+    between the two renames leaves the complete predecessor, which `find_checkpoint` and `restore` find.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint gets the usual permissions
     try:
         yield tmp
+        fault_point("fsync")
+        fsync_tree(tmp)
         old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
+        with uninterrupted():
+            try:
+                if final.exists():
+                    old = final.parent / f".{final.name}.old-{os.getpid()}-{time.time_ns()}"
+                    final.rename(old)
+                    fault_point("moved_old")
+                tmp.rename(final)
+                fsync_path(final.parent)
+            except BaseException:
+                if old is not None and not final.exists():
+                    old.rename(final)  # put the previous folder back
+                raise
+            fault_point("renamed")
+        _remove_leftovers(final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _siblings(final: Path, kind: str) -> list[Path]:
+    """`.<name>.old-…` (kind "old") or `.<name>.tmp-…` (kind "tmp") folders beside `final`."""
+    return sorted(p for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir())
+
+
+def _writer_pid(folder: Path) -> int | None:
+    """The pid in a leftover's name `.<name>.<kind>-<pid>-…` (None for names of older versions)."""
+    field = folder.name.rsplit(".", 1)[-1].split("-")
+    return int(field[1]) if len(field) > 2 and field[1].isdigit() else None
+
+
+def _remove_leftovers(final: Path) -> None:
+    """With `final` in place, its predecessors are obsolete, and so are half-written folders of dead writers."""
+    for folder in _siblings(final, "old"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in _siblings(final, "tmp"):
+        pid = _writer_pid(folder)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def find_checkpoint(final: Path) -> Path | None:
+    """`final` if it holds a complete checkpoint; else its newest complete predecessor `.<name>.old-…` (left by a
+    kill between the two renames of a save); else None."""
+    final = Path(final)
+    if (final / MANIFEST_FILE).is_file():
+        return final
+    olds = [p for p in _siblings(final, "old") if (p / MANIFEST_FILE).is_file()]
+    return max(olds, key=lambda p: p.name.rsplit("-", 1)[-1].zfill(24), default=None)
+
+
+def restore(final: Path) -> Path | None:
+    """Put a predecessor found by `find_checkpoint` back in `final`'s place (only the one writer of the folder
+    may: hold its lock); returns the checkpoint, or None if there is none."""
+    found = find_checkpoint(final)
+    if found is not None and found != final and not final.exists():
+        with uninterrupted():
+            found.rename(final)
+            fsync_path(final.parent)
+        found = final
+    return found
 
 
 def save_checkpoint(
@@ -67,9 +128,14 @@ def save_checkpoint(
     manifest: dict[str, Any],
     extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write weights and manifest (and whatever `extra` writes into the folder) as one atomic directory."""
-    with atomic_directory(path) as tmp:
-        write_checkpoint_files(tmp, model, head_names, manifest, extra)
+    """Write weights and manifest (and whatever `extra` writes into the folder) as one atomic directory; a full
+    or read-only disk is one clear error, the previous checkpoint left as it was."""
+    try:
+        with atomic_directory(path) as tmp:
+            write_checkpoint_files(tmp, model, head_names, manifest, extra)
+    except OSError as err:
+        kept = f"{path} still holds the previous checkpoint" if path.is_dir() else "nothing was written"
+        raise AfloraError(f"could not write the checkpoint {path}: {err.strerror or err}; {kept}") from None
 
 
 def write_checkpoint_files(
@@ -80,17 +146,20 @@ def write_checkpoint_files(
     extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Write the checkpoint's files into an existing folder (a Trainer's checkpoint, say): each file under a
-    temporary name renamed into place, the manifest last, so a folder with a manifest is always complete."""
+    temporary name, flushed and renamed into place, the manifest last with the checksum of each weights/state
+    file, so a folder with a manifest is always complete and a damaged file is found."""
     folder = Path(folder)
     weights = folder / f".{WEIGHTS_FILE}.tmp"
+    fault_point("weights")
     save_file(adapter_state(model, head_names), str(weights), metadata={"format": "pt"})
+    fsync_path(weights)
     weights.replace(folder / WEIGHTS_FILE)
     if extra is not None:
+        fault_point("extra")
         extra(folder)
-    text = json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2) + "\n"
-    written = folder / f".{MANIFEST_FILE}.tmp"
-    written.write_text(text, encoding="utf-8")
-    written.replace(folder / MANIFEST_FILE)
+    fault_point("manifest")
+    record = {"format_version": FORMAT_VERSION, **manifest, CHECKSUMS_KEY: checksums_of(folder)}
+    write_text_durably(folder / MANIFEST_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,9 @@ The Trainer owns the loop; the callback hooks three of its events:
   neither);
 - `on_pre_optimizer_step`: the gradients are final there — accumulated, DDP-averaged and clipped — so it
   folds them into the scores, freezes the PMs Eq. 5 asks for and frees their optimizer state;
+- `on_step_end`: after a SIGTERM, SIGINT or SIGUSR1 (on any rank), asks the Trainer to save and stop through
+  its own `control.should_save` / `control.should_training_stop` (`stopped_by` then names the signal; a second
+  SIGINT aborts at once);
 - `on_save`: writes the adapter checkpoint (safetensors, manifest with freeze log and counts, freezer state)
   into the Trainer's `checkpoint-N` folder, so `aflora inspect / merge / eval` take that folder.
 
@@ -16,6 +19,7 @@ optimizer state the Trainer saves then loads into the fresh optimizer it builds 
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,9 @@ from transformers.training_args import ParallelMode
 
 from aflora_cli.adapted.model_card import write_card
 from aflora_cli.engine.checkpoint import read_state, write_checkpoint_files
+from aflora_cli.engine.durable import STOP_SIGNALS, fsync_path
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
-from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest
+from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest, verify_checksums
 from aflora_cli.errors import AfloraError
 from aflora_cli.library.adapters import (
     Adapters,
@@ -68,6 +73,8 @@ class AfloraCallback(TrainerCallback):
         self.base_model = base_model
         self.max_length = max_length
         self.adapters: Adapters | None = None
+        self.stopped_by: int | None = None  # the signal that stopped training (exit with 128 + it, say)
+        self._previous_handlers: dict[int, Any] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
     def on_init_end(
@@ -117,6 +124,42 @@ class AfloraCallback(TrainerCallback):
             raise AfloraError(f"AfloraCallback: {err}") from None
         if state.global_step > 0:
             self._restore(args, state, optimizer)
+        self._catch_stop_signals()
+
+    # ---- stopping on a signal ----------------------------------------------------------------------
+    def _catch_stop_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGUSR1 stop training after the current step (main thread only)."""
+        self.stopped_by = None
+        try:
+            for signum in STOP_SIGNALS:
+                self._previous_handlers.setdefault(signum, signal.signal(signum, self._on_stop_signal))
+        except ValueError:  # not the main thread: signals keep their handlers
+            pass
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        if self.stopped_by is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        self.stopped_by = self.stopped_by or signum
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        """Every rank asks whether any rank got a stop signal, so all save and stop at the same step."""
+        flag = self.stopped_by or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            box = torch.tensor([flag], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+            flag = int(box.item())
+        if flag:
+            self.stopped_by = flag
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self._previous_handlers = {}
 
     @property
     def freezer(self) -> Freezer | None:
@@ -173,6 +216,8 @@ class AfloraCallback(TrainerCallback):
                 f"AfloraCallback: resuming at step {state.global_step}, but {file} is missing; resume from a "
                 "checkpoint in the Trainer's output_dir that AfloraCallback saved"
             )
+        if (folder / MANIFEST_FILE).is_file():
+            verify_checksums(folder, read_manifest(folder))
         saved = read_state(file)
         self._check_schedule(saved.get(SCHEDULE_KEY) or _manifest_schedule(folder), folder)
         try:
@@ -240,6 +285,7 @@ class AfloraCallback(TrainerCallback):
         def save_freezer(into: Path) -> None:
             partial = into / f".{FREEZER_FILE}.tmp"
             torch.save({**freezer.state_dict(), SCHEDULE_KEY: self._schedule()}, partial)
+            fsync_path(partial)
             partial.replace(into / FREEZER_FILE)
             write_card(into, manifest)
 

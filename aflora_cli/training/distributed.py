@@ -38,6 +38,14 @@ class ProcessGroup:
         dist.all_gather_object(out, obj)
         return out
 
+    def max_int(self, value: int) -> int:
+        """The largest of every rank's `value` (one tiny all-reduce; `value` alone when not distributed)."""
+        if not self.distributed:
+            return value
+        box = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)
+        return int(box.item())
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.distributed:

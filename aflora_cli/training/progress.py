@@ -65,6 +65,11 @@ class TrainingProgress:
             self.console.print(
                 f"step {record['step']} (epoch {record['epoch']:.2f}) — {format_metrics(record['eval'])}"
             )
+        elif kind == "stopping":
+            again = "; Ctrl-C again aborts at once" if record["signal"] == "SIGINT" else ""
+            self.console.print(
+                f"[yellow]{record['signal']}: finishing step {record['step'] + 1} and saving last, then stopping{again}"
+            )
         elif kind == "save" and record["best"]:
             self.console.print(f"[green]step {record['step']}: new best checkpoint")
 

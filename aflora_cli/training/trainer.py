@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,22 +18,45 @@ from torch.utils.data import DataLoader
 
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
 from aflora_cli.adapted.model_card import checkpoint_card
-from aflora_cli.engine.checkpoint import load_weights_into, read_state, read_weights, save_checkpoint
+from aflora_cli.engine.checkpoint import (
+    find_checkpoint,
+    load_weights_into,
+    read_state,
+    read_weights,
+    restore,
+    save_checkpoint,
+)
 from aflora_cli.engine.config import resolve_duration
+from aflora_cli.engine.durable import STOP_SIGNALS, write_text_durably
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import adaptive_matrices
-from aflora_cli.engine.manifest import STATE_FILE, read_manifest
+from aflora_cli.engine.manifest import STATE_FILE, read_manifest, verify_checksums
 from aflora_cli.engine.params import count_trainable
 from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
 from aflora_cli.training import distributed
+from aflora_cli.training.output_lock import OutputLock
 from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
 from aflora_cli.training.tracking import RunInfo, RunTrackers, open_trackers, require, run_name
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop by a signal and stopped after a whole optimizer step, with `last` saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (143 SIGTERM, 130 SIGINT,
+        138 SIGUSR1 on Linux)."""
+        return 128 + self.signum
 
 
 @dataclass(frozen=True)
@@ -113,15 +139,27 @@ class Trainer:
         self.predictions: dict[str, list[Prediction]] = {}
         self.start_predictions: dict[str, list[Prediction]] = {}
         self.tracker: RunTrackers | None = None
+        self.lock = OutputLock(self.output_dir)
+        self.resume_from = self.output_dir / "last"  # or its predecessor, if a kill left only that
+        self.stop_signal: int | None = None  # set by SIGTERM/SIGINT/SIGUSR1: stop after the current step
+        self.saved_step = -1  # the step `last` was last written at
+        self.nonfinite_steps = 0  # non-finite optimizer steps in a row
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _check_output_dir(self) -> dict[str, Any] | None:
         """The manifest of the run to resume, or None for a fresh run into a free output_dir."""
         last = self.output_dir / "last"
         if self.resume:
-            if not last.is_dir():
+            if self.lock.held:  # the one writer puts back what a kill between two renames left aside
+                restore(self.output_dir / "best")
+            found = restore(last) if self.lock.held else find_checkpoint(last)
+            if found is None:
+                if (self.output_dir / METRICS_FILE).exists():
+                    return None  # a run stopped before its first checkpoint: it starts over (see prepare)
                 raise AfloraError(f"output_dir {self.output_dir}: no checkpoint to resume ({last} is missing)")
+            self.resume_from = last = found
             manifest = read_manifest(last)
+            verify_checksums(last, manifest)
             # read the saved recipe through today's schema: keys added since then take their defaults
             saved = parse_recipe(manifest["recipe"], f"{last}/adapter_config.json (recipe)").model_dump(mode="json")
             current = self.recipe.model_dump(mode="json")
@@ -143,13 +181,24 @@ class Trainer:
 
     def prepare(self) -> None:
         """Load model and data, inject adapters, build freezer, optimizer and schedule (and resume state)."""
+        try:
+            self._prepare()
+        except BaseException:
+            self.lock.release()  # a run refused or failed while starting leaves output_dir to the next one
+            raise
+
+    def _prepare(self) -> None:
         recipe = self.recipe
         if recipe.device == "cuda" and not torch.cuda.is_available():
             raise AfloraError("device: cuda was asked for, but torch sees no CUDA device; use auto or cpu")
         if recipe.precision == "fp16" and (recipe.device == "cpu" or not torch.cuda.is_available()):
             raise AfloraError("precision: fp16 needs CUDA; use fp32 or bf16 on the CPU")
         storage = recipe.model.storage()
+        if self._is_writer() and self.output_dir.is_dir():
+            self.lock.acquire()  # before anything in output_dir is read or changed
         resumed = self._check_output_dir()
+        if self.resume and resumed is None and self.group_rank() == 0:
+            (self.output_dir / METRICS_FILE).unlink(missing_ok=True)  # never checkpointed: start over
         # on every rank and before any loading, so a missing package fails at once and everywhere alike
         trackers = recipe.logging.trackers()
         require(trackers, from_tensorboard_key=recipe.logging.tensorboard)
@@ -225,9 +274,22 @@ class Trainer:
             "training data and number of processes, or start a new run in another output_dir"
         )
 
+    @staticmethod
+    def group_rank() -> int:
+        """This process's rank as the launcher set it (known before the process group is joined)."""
+        return int(os.environ.get("RANK", "0"))
+
+    def _is_writer(self) -> bool:
+        """Only rank 0 writes output_dir, and so only it holds the lock."""
+        return self.group_rank() == 0 and not self.lock.held
+
     def _load_weights_and_freezer(self) -> None:
-        last = self.output_dir / "last"
+        last = self.resume_from
+        if not last.is_dir():  # rank 0 put a predecessor back in place meanwhile
+            last = self.output_dir / "last"
         load_weights_into(self.model, read_weights(last), self.adapted.head_names, last)
+        if not (last / STATE_FILE).is_file():
+            raise AfloraError(f"{last}: {STATE_FILE} is missing (it holds what --resume needs: optimizer, RNG, step)")
         self.state = read_state(last / STATE_FILE)
         processes = len(self.state["rng"])
         if processes != self.group.world_size:
@@ -239,7 +301,7 @@ class Trainer:
 
     def _load_training_state(self) -> None:
         state = self.state
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         self.best = state["best"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -255,12 +317,44 @@ class Trainer:
         path = self.output_dir / METRICS_FILE
         if self.group.is_main and path.exists():
             lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [line for line in lines if _record_step(line) <= self.step]
+            write_text_durably(path, "".join(line + "\n" for line in kept))
 
     # ---- the loop --------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run from the current step to T; returns the final evaluation."""
+        """Run from the current step to T; returns the final evaluation. A SIGTERM, SIGINT or SIGUSR1 stops it
+        after the current optimizer step with `last` saved (TrainingStopped); a second SIGINT aborts at once."""
+        if self._is_writer():
+            self.lock.acquire()
+        with self._stop_signals():
+            return self._train()
+
+    @contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Catch the stop signals while training (main thread only: elsewhere they keep their handlers)."""
+        try:
+            previous = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
+        except ValueError:  # not the main thread
+            previous = {}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        if self.stop_signal is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once (`last` stays whole: saves are atomic)
+            return
+        self.stop_signal = signum
+        self._emit("stopping", {"step": self.step, "signal": signal.Signals(signum).name})
+
+    def _stop_requested(self) -> int:
+        """The signal any rank was sent (0: none); every rank asks at every step, so all stop at the same one."""
+        return self.group.max_int(self.stop_signal or 0)
+
+    def _train(self) -> dict[str, Any]:
         sched = self.schedule
         accum = self.recipe.training.gradient_accumulation
         collate = self.task.collate(self.adapted.tokenizer)
@@ -306,6 +400,7 @@ class Trainer:
                     **outcome,
                     **self._counts(),
                 }
+                self._check_divergence(outcome)
                 if not outcome["finite"]:
                     self._log(
                         {
@@ -324,8 +419,28 @@ class Trainer:
                     )
                 self._emit("step", record)
                 final = self._cadence(epoch_end=position == sched.steps_per_epoch - 1) or final
+                signum = self._stop_requested()
+                if signum and self.step < sched.total_steps:
+                    if self.saved_step != self.step:
+                        self._save(None, save_last=True)
+                    self._close_trackers()
+                    raise TrainingStopped(signum, self.step)
         self._close_trackers()
         return final
+
+    def _check_divergence(self, outcome: dict[str, Any]) -> None:
+        """Stop a run whose steps keep coming out non-finite: skipping them would only pretend to train."""
+        limit = self.recipe.training.max_nonfinite_steps
+        self.nonfinite_steps = 0 if outcome["finite"] else self.nonfinite_steps + 1
+        if limit is not None and self.nonfinite_steps >= limit:
+            raise AfloraError(self._diverged(f"{limit} non-finite steps in a row", outcome["lr"]))
+
+    def _diverged(self, what: str, lr: float) -> str:
+        held = f"{self.output_dir / 'last'} holds step {self.saved_step}" if self.saved_step >= 0 else "nothing saved"
+        return (
+            f"training diverged at step {self.step} (lr {lr:.3g}): {what}; {held}, the last finite state; "
+            "lower training.lr (or raise training.warmup_ratio) and start again"
+        )
 
     def _counts(self) -> dict[str, int]:
         without, with_head = self.start_counts
@@ -396,8 +511,13 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self.group.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            with (self.output_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            path = self.output_dir / METRICS_FILE
+            try:
+                with path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as err:
+                held = f"; {self.output_dir / 'last'} holds step {self.saved_step}" if self.saved_step >= 0 else ""
+                raise AfloraError(f"could not write {path}: {err.strerror or err}{held}") from None
             if self.tracker is not None:  # here, so the trackers and metrics.jsonl always hold the same values
                 self.tracker.log(record)
 
@@ -416,7 +536,12 @@ class Trainer:
         )
 
     def _save(self, results: dict[str, Any] | None, save_last: bool) -> None:
-        """Write `last` (with everything to resume) and, when the main metric improved, `best`."""
+        """Write `last` (with everything to resume) and, when the main metric improved, `best`; never a
+        non-finite state."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.steps.trainable):
+            raise AfloraError(
+                self._diverged("the trainable weights are not finite", float(self.scheduler.get_last_lr()[0]))
+            )
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         rngs = self.group.gather_objects(rng)
         if self.group.is_main:
@@ -445,6 +570,8 @@ class Trainer:
                 )
             self._emit("save", {"step": self.step, "best": improved, "last": save_last})
         self.group.barrier()
+        if save_last:
+            self.saved_step = self.step
 
     def _improved(self, results: dict[str, Any] | None) -> bool:
         if not results or not results["eval"]:
@@ -466,4 +593,13 @@ class Trainer:
     def close(self) -> None:
         """End the trackers' runs (an interrupted run keeps what it logged) and leave the process group."""
         self._close_trackers()
+        self.lock.release()
         distributed.teardown()
+
+
+def _record_step(line: str) -> int:
+    """The step of a metrics.jsonl line; a line a kill cut short counts as after every checkpoint."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62

@@ -1,0 +1,319 @@
+"""Faults tried / survived: `aflora train` on a shortened quickstart under SIGKILLs at random instants (some inside
+a save, through the AFLORA_FAULT hook), SIGTERMs, ENOSPC/EACCES at each write of a save, corrupt files, two
+writers at once and a forced divergence. After each fault the run is resumed to its end and compared with an
+uninterrupted run: bit-identical adapter weights, the same freeze log, the same metrics.jsonl. A fault is
+survived when nothing is lost (or it is refused in one line, exit 2) and no process printed a traceback.
+
+    nice -n 10 python benchmarks/faults.py --out benchmarks/results/faults.json [--kills 50 --terms 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+# the quickstart, shortened to fit many runs: 24 steps of 32 rows, saves every 4, evaluations every 8
+SHORT = [
+    "device=cpu",
+    "data.max_train_samples=768",
+    "data.max_eval_samples=64",
+    "training.max_steps=24",
+    "training.save_every=4",
+    "training.eval_every=8",
+    "training.log_every=1",
+]
+SAVE_POINTS = ("weights", "extra", "manifest", "fsync", "moved_old", "renamed")
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def command(output_dir: Path, *extra: str, resume: bool = False) -> list[str]:
+    sets = [f"--set={item}" for item in [*SHORT, f"output_dir={output_dir}", *extra]]
+    return [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), *sets, *(["--resume"] if resume else [])]
+
+
+class Harness:
+    def __init__(self, work: Path, seed: int, timeout: float) -> None:
+        self.work, self.rng, self.timeout = work, random.Random(seed), timeout
+        self.tried: Counter[str] = Counter()
+        self.survived: Counter[str] = Counter()
+        self.failures: list[dict[str, Any]] = []
+        self.launches = 0
+        self.tracebacks = 0
+
+    # ---- processes ------------------------------------------------------------------------------
+    def start(self, output_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen[str]:
+        resume = (
+            (output_dir / "metrics.jsonl").exists()
+            or any(output_dir.glob("last"))
+            or any(output_dir.glob(".last.old-*"))
+        )
+        env = {**ENV, **({"AFLORA_FAULT": fault} if fault else {})}
+        self.launches += 1
+        return subprocess.Popen(
+            command(output_dir, *extra, resume=resume),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def finish(self, process: subprocess.Popen[str]) -> tuple[int, str]:
+        try:
+            _, stderr = process.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+        if "Traceback" in stderr:
+            self.tracebacks += 1
+        return process.returncode, stderr
+
+    def run_to_end(self, output_dir: Path) -> tuple[int, str]:
+        return self.finish(self.start(output_dir))
+
+    # ---- comparison -----------------------------------------------------------------------------
+    def same_as_reference(self, output_dir: Path) -> str | None:
+        """None if the run ended exactly like the uninterrupted one, else what differs."""
+        from safetensors.torch import load_file
+
+        last = output_dir / "last"
+        if not (last / "adapter_config.json").is_file():
+            return "no last checkpoint"
+        got, ref = load_file(str(last / "adapter_model.safetensors")), self.reference_weights
+        if got.keys() != ref.keys() or any(not got[k].equal(ref[k]) for k in ref):
+            return "adapter weights differ"
+        manifest = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
+        if manifest["freeze_log"] != self.reference_manifest["freeze_log"]:
+            return "freeze log differs"
+        if (output_dir / "metrics.jsonl").read_text(encoding="utf-8") != self.reference_metrics:
+            return "metrics.jsonl differs"
+        return None
+
+    def record(self, kind: str, output_dir: Path, ok: bool, detail: str = "") -> None:
+        """Count one fault of `kind`; survived if `ok` and the run, resumed to its end, equals the reference."""
+        self.tried[kind] += 1
+        if ok:
+            code, stderr = self.run_to_end(output_dir)
+            differs = self.same_as_reference(output_dir) if code == 0 else f"resume exited {code}: {stderr[-300:]}"
+            if differs is None:
+                self.survived[kind] += 1
+                shutil.rmtree(output_dir, ignore_errors=True)
+                return
+            detail = f"{detail} {differs}".strip()
+        self.failures.append({"kind": kind, "output_dir": str(output_dir), "detail": detail})
+        print(f"  FAILED {kind}: {detail}", flush=True)
+
+    def fresh(self, name: str) -> Path:
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    # ---- the faults -----------------------------------------------------------------------------
+    def reference(self) -> None:
+        out = self.fresh("reference")
+        began = time.monotonic()
+        code, stderr = self.run_to_end(out)
+        assert code == 0, stderr
+        self.duration = time.monotonic() - began
+        from safetensors.torch import load_file
+
+        self.reference_weights = load_file(str(out / "last" / "adapter_model.safetensors"))
+        self.reference_manifest = json.loads((out / "last" / "adapter_config.json").read_text(encoding="utf-8"))
+        self.reference_metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
+        print(f"reference run: {self.duration:.0f} s", flush=True)
+
+    def sigkills(self, count: int, per_run: int = 5) -> None:
+        """Chains of SIGKILLs: each launch (fresh or resumed) is killed at a random instant, a third of them inside
+        a save through the hook; after `per_run` kills (or when a launch got to the end first) the run is resumed to
+        its end and compared. Only launches that were really killed count."""
+        done, chain = 0, 0
+        while done < count:
+            out = self.fresh(f"kill-{chain}")
+            chain += 1
+            kills, ok, detail = 0, True, ""
+            while kills < min(per_run, count - done):
+                if self.rng.random() < 1 / 3:
+                    fault = f"{self.rng.choice(SAVE_POINTS)}#{self.rng.randint(1, 4)}:kill"
+                    code, stderr = self.finish(self.start(out, fault=fault))
+                else:
+                    process = self.start(out)
+                    deadline = time.monotonic() + self.rng.uniform(0.5, self.duration)
+                    while process.poll() is None and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    process.send_signal(signal.SIGKILL)
+                    code, stderr = self.finish(process)
+                if code == -signal.SIGKILL:
+                    kills += 1
+                elif code == 0:
+                    break  # the run reached its end before the kill
+                else:
+                    ok, detail = False, f"launch exited {code}: {stderr[-300:]}"
+                    break
+            if kills == 0 and ok:
+                continue
+            self.tried["sigkill"] += kills - 1  # the chain's last kill is counted by `record`
+            before = self.survived["sigkill"]
+            self.record("sigkill", out, ok, detail)
+            if self.survived["sigkill"] > before:
+                self.survived["sigkill"] += kills - 1
+            done += max(kills, 1)
+            print(f"sigkill: {self.survived['sigkill']}/{self.tried['sigkill']}", flush=True)
+
+    def sigterms(self, count: int) -> None:
+        for i in range(count):
+            out = self.fresh(f"term-{i}")
+            process = self.start(out)
+            metrics = out / "metrics.jsonl"
+            wanted = self.rng.randint(1, 20)
+            while process.poll() is None and not (metrics.exists() and metrics.read_text().count('"loss"') >= wanted):
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            code, stderr = self.finish(process)
+            line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+            ok = code == 0 or (code == 143 and line.startswith("stopped by SIGTERM at step") and "--resume" in line)
+            if code == 143:
+                step = json.loads((out / "last" / "adapter_config.json").read_text())["step"]
+                ok = ok and f"at step {step}:" in line
+            self.record("sigterm", out, ok, f"exit {code}: {line}")
+            print(f"sigterm: {self.survived['sigterm']}/{self.tried['sigterm']}", flush=True)
+
+    def disk_errors(self) -> None:
+        """ENOSPC and EACCES at each write point of the second save: one line, exit 2, `last` intact."""
+        for action in ("enospc", "eacces"):
+            for point in SAVE_POINTS[:-1]:
+                out = self.fresh(f"{action}-{point}")
+                code, stderr = self.finish(self.start(out, fault=f"{point}#2:{action}"))
+                lines = stderr.strip().splitlines()
+                ok = code == 2 and len(lines) == 1 and lines[0].startswith("error: could not write the checkpoint")
+                self.record(action, out, ok, f"exit {code}: {stderr[-200:]}")
+        print(f"disk: {dict(self.survived)}", flush=True)
+
+    def corrupt_files(self) -> None:
+        """Each kind of damage to each weights/state file of `last`: `--resume` refuses in one line naming the
+        file; with the file put back, the run resumes to its end."""
+        out = self.fresh("corrupt")
+        process = self.start(out)
+        while process.poll() is None and not (out / "last").is_dir():
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        self.finish(process)
+        for name in ("adapter_model.safetensors", "training_state.pt"):
+            for damage in ("truncated", "empty", "one bit flipped"):
+                file = out / "last" / name
+                good = file.read_bytes()
+                bad = bytearray(good[: len(good) // 2] if damage == "truncated" else b"" if damage == "empty" else good)
+                if damage == "one bit flipped":
+                    bad[self.rng.randrange(len(bad))] ^= 1 << self.rng.randrange(8)
+                file.write_bytes(bytes(bad))
+                code, stderr = self.finish(self.start(out))
+                lines = stderr.strip().splitlines()
+                ok = code == 2 and len(lines) == 1 and str(file) in lines[0]
+                file.write_bytes(good)
+                kind = "corrupt file"
+                self.tried[kind] += 1
+                if ok:
+                    self.survived[kind] += 1
+                else:
+                    self.failures.append({"kind": kind, "detail": f"{name} {damage}: exit {code}: {stderr[-300:]}"})
+        self.record("corrupt file (resumed after)", out, True)
+        print(f"corrupt: {self.survived['corrupt file']}/{self.tried['corrupt file']}", flush=True)
+
+    def two_writers(self, count: int = 2) -> None:
+        for i in range(count):
+            out = self.fresh(f"two-{i}")
+            first = self.start(out)
+            while first.poll() is None and not (out / "metrics.jsonl").exists():
+                time.sleep(0.05)
+            code, stderr = self.finish(self.start(out))
+            lines = stderr.strip().splitlines()
+            refused = code == 2 and len(lines) == 1 and "is in use by another aflora train" in lines[0]
+            first_code, _ = self.finish(first)
+            ok = refused and first_code == 0
+            self.record("two writers", out, ok, f"second exit {code}: {stderr[-200:]}; first exit {first_code}")
+
+    def divergence(self) -> None:
+        """lr 1e30: the weights overflow within a few steps; the run must stop in one line, `last` finite."""
+        out = self.fresh("diverged")
+        code, stderr = self.finish(self.start(out, "training.lr=1e30", "training.head_lr=1e30"))
+        lines = stderr.strip().splitlines()
+        ok = code == 2 and len(lines) == 1 and lines[0].startswith("error: training diverged at step")
+        if ok and (out / "last").is_dir():
+            from safetensors.torch import load_file
+
+            ok = all(
+                bool(t.isfinite().all()) for t in load_file(str(out / "last" / "adapter_model.safetensors")).values()
+            )
+        self.tried["divergence"] += 1
+        if ok:
+            self.survived["divergence"] += 1
+        else:
+            self.failures.append({"kind": "divergence", "detail": f"exit {code}: {stderr[-300:]}"})
+        print(f"divergence: {lines[-1] if lines else ''}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the counts as JSON here")
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--terms", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one launch may take")
+    parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="aflora-faults-"))
+    harness = Harness(work, args.seed, args.timeout)
+    began = time.monotonic()
+
+    def dump() -> None:
+        """The counts so far (written after every phase, so a sweep cut short still leaves its figures)."""
+        result = {
+            "command": "nice -n 10 python benchmarks/faults.py " + " ".join(sys.argv[1:]),
+            "run": "recipes/quickstart.yaml with " + " ".join(f"--set {s}" for s in SHORT),
+            "tried": dict(harness.tried),
+            "survived": dict(harness.survived),
+            "total_tried": sum(harness.tried.values()),
+            "total_survived": sum(harness.survived.values()),
+            "launches": harness.launches,
+            "tracebacks": harness.tracebacks,
+            "failures": harness.failures,
+            "reference_run_seconds": round(harness.duration, 1),
+            "wall_seconds": round(time.monotonic() - began, 1),
+            "complete": done,
+        }
+        print(json.dumps({k: v for k, v in result.items() if k != "failures"}), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    done = False
+    harness.reference()
+    for phase in (
+        harness.divergence,
+        harness.two_writers,
+        harness.disk_errors,
+        harness.corrupt_files,
+        lambda: harness.sigterms(args.terms),
+        lambda: harness.sigkills(args.kills),
+    ):
+        phase()
+        dump()
+    done = True
+    dump()
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
