@@ -23,7 +23,8 @@ class Summary:
     """One setting: its grid, its chosen rate and its seeds there."""
 
     name: str
-    grid: dict[float | None, float | None]  # rate -> selection score of the first seed (None: not run)
+    grid: list[float | None]  # the rates the choice is made among (so far)
+    scores: dict[float | None, float]  # the first seed's selection score by rate: the grid's and any other run
     chosen: Choice | None  # None until the grid is complete
     seeds: dict[int, dict[str, Any]] = field(default_factory=dict)
     expected_seeds: int = 0
@@ -45,7 +46,7 @@ class Summary:
             return "complete"
         if self.chosen is not None:
             return f"seeds {len(self.seeds)} of {self.expected_seeds}"
-        done = sum(score is not None for score in self.grid.values())
+        done = sum(lr in self.scores for lr in self.grid)
         return f"grid {done} of {len(self.grid)}" if done else "not run"
 
 
@@ -53,8 +54,11 @@ def summarize(sweep: Sweep, progress: Progress) -> list[Summary]:
     spec = sweep.spec
     rows = []
     for name in spec.settings:
-        grid = {lr: progress.score(Run(name, lr, spec.seeds[0])) for lr in progress.grid(name)}
-        rows.append(Summary(name, grid, progress.chosen(name), progress.seeds(name), len(spec.seeds)))
+        ran = [run for run in progress.by_run if run.setting == name and run.seed == spec.seeds[0]]
+        scores = {run.lr: score for run in ran if (score := progress.score(run)) is not None}
+        rows.append(
+            Summary(name, progress.grid(name), scores, progress.chosen(name), progress.seeds(name), len(spec.seeds))
+        )
     return rows
 
 
@@ -87,11 +91,11 @@ def _rate(choice: Choice | None) -> str:
 
 
 def grid_table(sweep: Sweep, rows: list[Summary]) -> Table:
-    rates = sorted({lr for row in rows for lr in row.grid if lr is not None})
+    rates = sorted({lr for row in rows for lr in [*row.grid, *row.scores] if lr is not None})
     headers = ["setting", *(f"lr {lr:g}" for lr in rates), "chosen"]
     body = []
     for row in rows:
-        cells = ["—" if row.grid.get(lr) is None else f"{row.grid[lr]:.4f}" for lr in rates]
+        cells = [f"{row.scores[lr]:.4f}" if lr in row.scores else "—" for lr in rates]
         body.append([row.name, *cells, _rate(row.chosen)])
     return headers, body
 
