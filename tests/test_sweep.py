@@ -277,3 +277,18 @@ def test_commands_read_back_to_the_same_recipe(tmp_path: Path) -> None:
     recipe = parse_recipe(base, "read back")
     assert recipe.adapter.policy == {"ffn": "trainable"} and recipe.seed == 1 and recipe.training.head_lr == 1e-3
     assert recipe.output_dir == str(tmp_path / "sweep" / "runs" / "lora_r1" / "lr0.001-seed1")
+
+
+def test_a_metric_or_split_the_runs_do_not_have_is_one_line(tmp_path: Path) -> None:
+    from aflora_cli.errors import AfloraError
+
+    sweep = load_sweep(write_spec(tmp_path, spec(tmp_path / "sweep", reported_split="dev"), base_recipe(Path("/m"))))
+    progress = Progress(sweep, [_record(sweep, "lora_r1", 1e-2, 0, 0.7, 0.8)])
+    with pytest.raises(
+        AfloraError, match=r"reported_split: run lora_r1 lr 0.01 seed 0 has no 'accuracy' on split 'dev'"
+    ):
+        summarize(sweep, progress)
+    raw = spec(tmp_path / "sweep", selection={"split": "validation", "metric": "f1"})
+    sweep = load_sweep(write_spec(tmp_path, raw, base_recipe(Path("/m"))))
+    with pytest.raises(AfloraError, match=r"selection: run lora_r1 lr 0.01 seed 0 has no 'f1' on split 'validation'"):
+        Progress(sweep, [_record(sweep, "lora_r1", 1e-2, 0, 0.7, 0.8)]).plan()

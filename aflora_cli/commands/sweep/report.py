@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aflora_cli.commands.sweep.plan import Choice, Progress, Run
+from aflora_cli.commands.sweep.plan import Choice, Progress
 from aflora_cli.commands.sweep.spec import Sweep
 from aflora_cli.commands.sweep.stats import Paired, mean_std, paired
 from aflora_cli.errors import AfloraError
@@ -52,6 +52,13 @@ class Summary:
 
 def summarize(sweep: Sweep, progress: Progress) -> list[Summary]:
     spec = sweep.spec
+    for run, record in progress.by_run.items():
+        if spec.selection.metric not in record["metrics"].get(spec.reported_split, {}):
+            have = {split: sorted(values) for split, values in record["metrics"].items()}
+            raise AfloraError(
+                f"{sweep.path}: reported_split: run {run.describe()} has no {spec.selection.metric!r} on split "
+                f"{spec.reported_split!r}; it has {have}"
+            )
     rows = []
     for name in spec.settings:
         ran = [run for run in progress.by_run if run.setting == name and run.seed == spec.seeds[0]]
