@@ -59,8 +59,10 @@ def train_arguments(sweep: Sweep, run: Run, resume: bool = False) -> list[str]:
 
 
 def shell_command(sweep: Sweep, run: Run) -> str:
-    """The run's command for a scheduler's job script: `aflora train ...`, quoted for a POSIX shell."""
-    return shlex.join(["aflora", *train_arguments(sweep, run)])
+    """The run's command for a scheduler's job script: `aflora train ...`, quoted for a POSIX shell; with
+    `--resume` when the run has a checkpoint to continue."""
+    resume = (run.folder(sweep) / "last").is_dir()
+    return shlex.join(["aflora", *train_arguments(sweep, run, resume)])
 
 
 def _end_with_parent() -> None:
