@@ -120,7 +120,7 @@ def _start(sweep: Sweep, run: Run, slot: int, env: dict[str, str], gpus: list[st
 
 
 def worker_env(jobs: int, gpus: list[str]) -> dict[str, str]:
-    """The environment of every run: its share of the CPU's threads, and no questions to the user."""
+    """The environment of every run: its share of the CPU's threads (torch reads OMP_NUM_THREADS at start)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

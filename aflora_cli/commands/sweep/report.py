@@ -239,7 +239,7 @@ def draw_front(sweep: Sweep, rows: list[Summary], paths: list[Path]) -> list[Pat
         baseline = point["name"] == spec.baseline
         axes.errorbar(
             point["trainable"], point["mean"], yerr=point["std"], fmt="s" if baseline else "o", capsize=4,
-            color="black" if baseline else None, label=f"{point['name']} ({point['seeds']} seeds)",
+            color="black" if baseline else None,
         )  # fmt: skip
         axes.annotate(point["name"], (point["trainable"], point["mean"]), textcoords="offset points", xytext=(6, 4))
     axes.set_xscale("log")
@@ -247,7 +247,6 @@ def draw_front(sweep: Sweep, rows: list[Summary], paths: list[Path]) -> list[Pat
     axes.set_ylabel(f"{spec.reported_split} {spec.selection.metric} (mean ± std over seeds)")
     axes.set_title(f"{sweep.path.name}: {spec.selection.metric} against trainable parameters")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small")
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
