@@ -97,7 +97,7 @@ class Sweep:
         self.spec = spec
         self.path = path
         self.base = base
-        self.recipe_path = (path.parent / spec.recipe).resolve()
+        self.recipe_path = path.parent / spec.recipe  # as given: relative to where the sweep runs, like output_dir
         self.output_dir = Path(spec.output_dir)
         self.results_file = self.output_dir / "results.jsonl"
 
