@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import at_scale
 import front
 import front_lm
 import legacy_results
@@ -28,6 +29,13 @@ def _table_rows(report: str) -> list[str]:
 def _missing(report: str) -> list[str]:
     results = (BENCHMARKS / "RESULTS.md").read_text(encoding="utf-8")
     return [row for row in _table_rows(report) if row not in results]
+
+
+def test_the_at_scale_tables_match_at_scale_jsonl() -> None:
+    """at_scale.py's claims, with the sweep's statistics (its mean ± std and 95 % t-interval verdicts)."""
+    report = at_scale.report(at_scale.read_results(BENCHMARKS / "results" / "at_scale.jsonl"), list(at_scale.TASKS))
+    assert len(_table_rows(report)) > 20
+    assert _missing(report) == []
 
 
 def test_the_front_tables_match_front_jsonl() -> None:
