@@ -154,7 +154,7 @@ def markdown(headers: list[str], body: list[list[str]]) -> str:
 
 
 def _numeric(cell: str) -> bool:
-    return cell == "—" or cell[:1].isdigit() or cell[:1] in "+-"
+    return cell == "—" or cell[:1].isdigit() or (cell[:1] != "" and cell[:1] in "+-")
 
 
 def report_markdown(sweep: Sweep, rows: list[Summary]) -> str:
