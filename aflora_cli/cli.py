@@ -359,3 +359,31 @@ def inspect_command(
         (errors if json_out else console).print(
             f"wrote the figure to {written}", highlight=False, markup=False, soft_wrap=True
         )
+
+
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    spec: Annotated[Path, typer.Argument(metavar="SPEC", help="YAML sweep spec (see docs/sweep.md)")],
+    jobs: Annotated[int, typer.Option(help="runs side by side; the CPU's threads are divided between them")] = 1,
+    gpus: Annotated[
+        str | None, typer.Option(metavar="0,1,...", help="one of these GPUs per run (CUDA_VISIBLE_DEVICES)")
+    ] = None,
+    print_commands: Annotated[
+        bool, typer.Option("--print-commands", help="print the `aflora train` command of every run ready now")
+    ] = False,
+    report_only: Annotated[bool, typer.Option("--report", help="only report the results written so far")] = False,
+) -> None:
+    """Compare settings at their own best learning rate over seeds: train every run a spec implies, then report
+    the metric against trainable parameters with paired differences against a baseline."""
+    from aflora_cli.commands.sweep.command import sweep
+
+    devices = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    sweep(
+        spec,
+        jobs=max(jobs, len(devices)) if devices and jobs == 1 else jobs,
+        gpus=devices,
+        print_commands=print_commands,
+        report_only=report_only,
+        console=console,
+    )

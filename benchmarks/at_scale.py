@@ -33,7 +33,6 @@ import concurrent.futures
 import copy
 import functools
 import json
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aflora_cli.commands.sweep.stats import mean_std as _mean_std
+from aflora_cli.commands.sweep.stats import verdict
 from common import MINILM, machine, offline_and_quiet
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +77,6 @@ CLAIMS = (
     ("PMs trainable >= PMs frozen throughout (Table 2)", "pm_trainable", "pm_frozen"),
     ("adaptive >= PMs frozen throughout (Table 2)", "aflora", "pm_frozen"),
 )
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def build_recipe(task: str, method: str, lr: float, seed: int, scale: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -323,25 +323,6 @@ def run_all(args: argparse.Namespace, scale: dict[str, Any]) -> None:
 
 
 # ---- the report ------------------------------------------------------------------------------------
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def verdict(differences: list[float]) -> str:
-    """'holds', 'does not hold' or 'within noise', from a 95 % t-interval of the mean paired difference."""
-    if len(differences) < 2:
-        return "too few seeds"
-    mean, std = _mean_std(differences)
-    half = T_975.get(len(differences) - 1, 1.96) * std / math.sqrt(len(differences))
-    if mean - half > 0:
-        return "holds"
-    if mean + half < 0:
-        return "does not hold"
-    return "within noise"
 
 
 def report(records: list[dict[str, Any]], tasks: list[str]) -> str:

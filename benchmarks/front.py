@@ -42,7 +42,6 @@ import functools
 import shutil
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ from at_scale import (
 )
 from at_scale import RESULTS_FILE as AT_SCALE_FILE
 
+from aflora_cli.commands.sweep.plan import grown_grid
 from common import machine
 
 HERE = Path(__file__).resolve().parent
@@ -144,22 +144,6 @@ LR_GRID_SETTINGS = [n for n, s in SETTINGS.items() if n not in BORROWED and not 
 
 Point = tuple[float, float]  # (adapter lr, head lr)
 Key = tuple[str, str, float, float, int]  # (task, setting, lr, head_lr, seed)
-
-
-def grown_grid(
-    start: tuple[float, ...], ladder: tuple[float, ...], validation: Callable[[float], float | None]
-) -> list[float]:
-    """`start`'s rates, plus one `ladder` step past the edge holding the best validation value (the smaller rate on
-    a tie), repeated while the new step is the best and the ladder goes on; stops at a rate not run yet."""
-    rates = list(start)
-    while None not in (scores := [validation(lr) for lr in rates]):
-        best = max(zip(rates, scores, strict=True), key=lambda pair: (pair[1], -pair[0]))[0]
-        step = 1 if best == rates[-1] else -1 if best == rates[0] else 0
-        beyond = ladder.index(best) + step
-        if step == 0 or not 0 <= beyond < len(ladder):
-            break
-        rates = sorted({*rates, ladder[beyond]})
-    return rates
 
 
 def _rate(value: float) -> float:

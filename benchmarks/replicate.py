@@ -23,7 +23,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from aflora_cli.commands.sweep.stats import mean_std as _mean_std
 from common import MINILM, machine, offline_and_quiet, write_bbc_splits
 
 HERE = Path(__file__).resolve().parent
@@ -363,12 +363,6 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 
 # ---- report ----------------------------------------------------------------------------------------
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _cell(text: str) -> str:
