@@ -153,3 +153,17 @@ def test_cache_dir_is_configurable(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "aflora" / "encoded"
     assert json.dumps(str(cache_dir()))
+
+
+def test_the_benchmark_file_is_alpaca_layout_rows(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import data_prep
+
+    path = tmp_path / "alpaca.jsonl"
+    data_prep.build(9, path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 9 and all(set(row) == {"instruction", "input", "output"} for row in rows)
+    assert [row["input"] == "" for row in rows] == [i % 3 == 0 for i in range(9)]
+    assert all(row["output"].startswith("The review is ") and " Rating: " in row["output"] for row in rows)

