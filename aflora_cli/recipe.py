@@ -105,6 +105,7 @@ class TrainingConfig(_Section):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = False
     group_by_length: bool = False
+    packing: bool = False
     eval_on_start: bool = False
     eval_every: int | None = Field(default=None, gt=0)
     save_every: int | None = Field(default=None, gt=0)

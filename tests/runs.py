@@ -23,7 +23,7 @@ def quick_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]
         "model": {"name_or_path": MINILM},
         "data": {"task": "movie_reviews", "max_train_samples": 64, "max_eval_samples": 32},
         "adapter": {"method": "aflora", "rank": 4},
-        "freezing": {"t_i": 2, "t_f": 2},
+        "freezing": {"t_i": "25%", "t_f": "25%"},  # T = 8 or 10: t_i = t_f = 2; a ramp at any T
         "training": {"max_steps": 10, "batch_size": 8, "max_length": 32, "lr": 4e-3, "log_every": 1},
     }
     for name, values in sections.items():

@@ -5,6 +5,7 @@ safetensors and without their own code unless the recipe allows otherwise."""
 from __future__ import annotations
 
 import builtins
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 
 from aflora_cli.cli import app
 from aflora_cli.engine.checkpoint import read_state
-from aflora_cli.engine.manifest import FREEZER_FILE, STATE_FILE
+from aflora_cli.engine.manifest import CHECKSUMS_KEY, FREEZER_FILE, MANIFEST_FILE, STATE_FILE, file_checksum
 from aflora_cli.errors import AfloraError
 from runs import quick_recipe, run, write_recipe
 from trained_checkpoints import assert_user_error
@@ -33,12 +34,19 @@ class Payload:
 
 
 def plant(file: Path, marker: Path, *, whole: bool) -> None:
-    """Replace the state file by the payload alone, or hide the payload inside the state it held."""
+    """Replace the state file by the payload alone, or hide the payload inside the state it held; as an attacker
+    would, record the planted file's checksum in the checkpoint's manifest, so that only the loader stands in
+    the way."""
     if whole:
         torch.save(Payload(marker), file)
-        return
-    state = torch.load(file, weights_only=True)
-    torch.save({**state, "note": {"from": [Payload(marker)]}}, file)
+    else:
+        state = torch.load(file, weights_only=True)
+        torch.save({**state, "note": {"from": [Payload(marker)]}}, file)
+    manifest_file = file.parent / MANIFEST_FILE
+    if manifest_file.is_file():
+        manifest = json.loads(manifest_file.read_text())
+        manifest[CHECKSUMS_KEY] = {**manifest.get(CHECKSUMS_KEY, {}), file.name: file_checksum(file)}
+        manifest_file.write_text(json.dumps(manifest))
 
 
 def test_the_payload_runs_when_unpickled_in_full(tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_pat
     write_jsonl(train, review_rows("train", 16))
     assert_user_error(
         resume(),
-        f"{last}: the run was laid out for T = 4 steps (2 per epoch, t_i = 2, t_f = 2)",
+        f"{last}: the run was laid out for T = 4 steps (2 per epoch, t_i = 1, t_f = 1)",
         "this one for T = 8 steps (4 per epoch",
         "16 training rows on 1 process(es)",
         "resume with the same training data and number of processes",
@@ -199,7 +199,7 @@ def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_pat
 def test_nonfinite_step_is_skipped_and_not_scored(tmp_path: Path) -> None:
     from aflora_cli.training.trainer import Trainer
 
-    raw = quick_recipe(tmp_path / "run", training={"max_steps": 4}, freezing={"t_i": 10, "t_f": 0})
+    raw = quick_recipe(tmp_path / "run", training={"max_steps": 4}, freezing={"t_i": 3, "t_f": 0})
     trainer = Trainer(recipe_of(raw))
     trainer.prepare()
     calls = {"n": 0}

@@ -84,7 +84,7 @@ def lm_recipe(output_dir: Path, kind: str, files: dict[str, Path], **sections: d
             **{key: str(path) for key, path in files.items()},
         },
         "adapter": {"method": "aflora", "rank": 4},
-        "freezing": {"t_i": 2, "t_f": 2},
+        "freezing": {"t_i": "25%", "t_f": "25%"},  # T = 8 or 10: t_i = t_f = 2; a ramp at any T
         "training": {"max_steps": 8, "batch_size": 4, "max_length": 128, "lr": 1e-2, "log_every": 1},
         "eval": {"max_new_tokens": 4},
     }

@@ -133,6 +133,22 @@ def final_metric(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return {"split": split, "name": name, "value": values[name]}
 
 
+def freezing_note(rows: list[dict[str, Any]], freezing: dict[str, Any], step: int) -> str | None:
+    """A plain sentence when the checkpoint has adaptive PMs and none of them froze; else None."""
+    adaptive = [row for row in rows if row["policy"] == "adaptive"]
+    if not adaptive or any(row["frozen_at_step"] is not None for row in adaptive):
+        return None
+    total, t_i, t_f = freezing["total_steps"], freezing["t_i"], freezing["t_f"]
+    layout = f"t_i = {t_i}, T - t_f = {total - t_f} of T = {total}"
+    if step < total:
+        return f"no adaptive PM has frozen yet at step {step} ({layout})"
+    why = "t_i >= T, so the ramp never started" if t_i >= total else "the ramp froze none of them"
+    return (
+        f"this run froze no adaptive PM ({layout}: {why}); it trained as LoRA with scaling vectors, every "
+        "adaptive PM trainable to the end"
+    )
+
+
 def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
     """Everything `aflora inspect` shows, as plain data; reads only the checkpoint directory."""
     path = Path(path)
@@ -166,5 +182,6 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
         "final_metric": final_metric(manifest),
         "trainable_params": manifest["trainable_params"],
         "matrices": by_freezing_step(rows),
+        "freezing_note": freezing_note(rows, freezing, manifest["step"]),
         "heatmap": heatmap(rows),
     }

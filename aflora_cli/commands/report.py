@@ -53,6 +53,8 @@ def render_inspect(console: Console, report: dict[str, Any]) -> None:
     """Summary, freeze timeline, trainable-parameter curve and per-layer heat map."""
     console.print(summary_table(report))
     console.print(timeline_table(report))
+    if report.get("freezing_note"):
+        console.print(report["freezing_note"], highlight=False, markup=False)
     for line in fixed_policy_lines(report):
         console.print(line, highlight=False, markup=False)
     console.print(curve_table(report))

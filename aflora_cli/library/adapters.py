@@ -21,7 +21,7 @@ from aflora_cli.adapted.loading import load_checkpoint as read_back
 from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine import base_model as base_model_files
 from aflora_cli.engine.checkpoint import save_checkpoint
-from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_duration
+from aflora_cli.engine.config import AdapterConfig, FreezingConfig, resolve_schedule
 from aflora_cli.engine.freezing import Freezer
 from aflora_cli.engine.inject import Target, adaptive_matrices, fold_adapters, inject_adapters, unfreeze_head
 from aflora_cli.engine.params import count_trainable
@@ -36,7 +36,8 @@ ATTRIBUTE = "aflora_adapters"  # where add_adapters leaves its record on the mod
 
 class AfloraConfig(BaseModel):
     """Which adapters to add and how they freeze: the `adapter` and `freezing` sections of a recipe, with the
-    same keys and defaults (method aflora, r = 4, FFN PMs adaptive, attention PMs frozen; t_i 1 epoch, t_f 70 %).
+    same keys and defaults (method aflora, r = 4, FFN PMs adaptive, attention PMs frozen; t_i and t_f auto: the
+    paper's 1 epoch and 70 % where they leave a ramp, else 20 % and 40 %).
 
     `AfloraConfig(adapter={"rank": 8}, freezing={"t_i": "20%", "t_f": "40%"})`
     """
@@ -76,17 +77,19 @@ class Adapters:
     layout: RunLayout | None = None
     owner: Any = None  # (callback, the Trainer's state) of the AfloraCallback that drives this model's freezing
 
-    def start_freezing(self, model: nn.Module, *, total_steps: int, steps_per_epoch: int) -> Freezer:
+    def start_freezing(
+        self, model: nn.Module, *, total_steps: int, steps_per_epoch: int, steps: tuple[int, int] | None = None
+    ) -> Freezer:
         """The freezer of this model's adaptive PMs, its schedule laid over `total_steps` optimizer steps
-        (`steps_per_epoch` turns t_i / t_f given in epochs into steps); kept here for `save_adapters`.
+        (`steps_per_epoch` turns t_i / t_f given in epochs into steps; `steps`, if given, are t_i and t_f in
+        steps instead of the config's); kept here for `save_adapters`.
 
         In your own loop, after `backward()` (and any clipping) and before `optimizer.step()` of step t = 0, 1, …:
         `freezer.update_scores(t)`, then `frozen = freezer.apply_schedule(t)` and
         `release_from_optimizer(optimizer, frozen)`.
         """
         cfg = self.config.freezing
-        t_i = resolve_duration(cfg.t_i, steps_per_epoch, total_steps)
-        t_f = resolve_duration(cfg.t_f, steps_per_epoch, total_steps)
+        t_i, t_f = steps or resolve_schedule(cfg, steps_per_epoch, total_steps)
         matrices = adaptive_matrices(model, self.targets)
         self.freezer = Freezer.from_config(matrices, cfg, total_steps=total_steps, t_i=t_i, t_f=t_f)
         self.layout = RunLayout(total_steps, steps_per_epoch, t_i, t_f)

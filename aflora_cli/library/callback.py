@@ -30,6 +30,7 @@ from transformers.training_args import ParallelMode
 
 from aflora_cli.adapted.model_card import write_card
 from aflora_cli.engine.checkpoint import read_state, write_checkpoint_files
+from aflora_cli.engine.config import AUTO, check_ramp
 from aflora_cli.engine.durable import STOP_SIGNALS, fsync_path
 from aflora_cli.engine.freezing import Freezer, release_optimizer_state
 from aflora_cli.engine.manifest import FREEZER_FILE, MANIFEST_FILE, read_manifest, verify_checksums
@@ -123,8 +124,25 @@ class AfloraCallback(TrainerCallback):
         except AfloraError as err:
             raise AfloraError(f"AfloraCallback: {err}") from None
         if state.global_step > 0:
-            self._restore(args, state, optimizer)
+            self._restore(args, state, model, optimizer)
+        else:  # a resumed run keeps the schedule it was started on (checked in `_restore`)
+            self._check_ramp(args, total, per_epoch)
         self._catch_stop_signals()
+
+    def _check_ramp(self, args: TrainingArguments, total: int, per_epoch: int) -> None:
+        """Adaptive PMs need a ramp of Eq. 5 to freeze on: refused in one line, in the Trainer's words, otherwise."""
+        freezer = self.freezer
+        if freezer is None or not freezer.num_units:
+            return
+        total_is = (
+            "max_steps"
+            if args.max_steps > 0
+            else f"num_train_epochs = {args.num_train_epochs:g} x {per_epoch} steps per epoch"
+        )
+        try:
+            check_ramp(self.config.freezing, freezer.t_i, freezer.t_f, total, total_is=total_is, key="freezing")
+        except AfloraError as err:
+            raise AfloraError(f"AfloraCallback: {err}") from None
 
     # ---- stopping on a signal ----------------------------------------------------------------------
     def _catch_stop_signals(self) -> None:
@@ -206,7 +224,9 @@ class AfloraCallback(TrainerCallback):
         adapters.owner = (self, state)
         return adapters
 
-    def _restore(self, args: TrainingArguments, state: TrainerState, optimizer: torch.optim.Optimizer) -> None:
+    def _restore(
+        self, args: TrainingArguments, state: TrainerState, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
         """Resuming at step N: the freezer as it was in <output_dir>/checkpoint-N, frozen PMs frozen again."""
         assert self.freezer is not None and self.adapters is not None
         folder = Path(str(args.output_dir)) / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -219,13 +239,31 @@ class AfloraCallback(TrainerCallback):
         if (folder / MANIFEST_FILE).is_file():
             verify_checksums(folder, read_manifest(folder))
         saved = read_state(file)
-        self._check_schedule(saved.get(SCHEDULE_KEY) or _manifest_schedule(folder), folder)
+        schedule = saved.get(SCHEDULE_KEY) or _manifest_schedule(folder)
+        self._continue_auto(schedule, model)
+        self._check_schedule(schedule, folder)
         try:
             self.freezer.load_state_dict(saved)
         except ValueError as err:
             raise AfloraError(f"{file}: {err}") from None
         frozen = [self.freezer.matrices[name] for name, step in self.freezer.freeze_log.items() if step is not None]
         release_optimizer_state(optimizer, frozen)
+
+    def _continue_auto(self, saved: dict[str, Any] | None, model: nn.Module) -> None:
+        """t_i and t_f left `auto` continue the checkpoint's schedule when T is the same: a run saved before `auto`
+        existed (on the old defaults, 1 epoch and 70 %) then resumes on the very schedule it started with."""
+        cfg, layout = self.config.freezing, self.adapters.layout if self.adapters is not None else None
+        if saved is None or layout is None or AUTO not in (cfg.t_i, cfg.t_f):
+            return
+        if saved.get("total_steps") != layout.total_steps:
+            return  # another T: `_check_schedule` refuses it
+        t_i = saved.get("t_i") if cfg.t_i == AUTO else layout.t_i
+        t_f = saved.get("t_f") if cfg.t_f == AUTO else layout.t_f
+        if isinstance(t_i, int) and isinstance(t_f, int) and (t_i, t_f) != (layout.t_i, layout.t_f):
+            assert self.adapters is not None
+            self.adapters.start_freezing(
+                model, total_steps=layout.total_steps, steps_per_epoch=layout.steps_per_epoch, steps=(t_i, t_f)
+            )
 
     def _schedule(self) -> dict[str, int]:
         """The schedule the freezer is laid out for: T, t_i and t_f in optimizer steps."""

@@ -158,6 +158,13 @@ class Task(ABC):
     def collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
         """Turns encoded rows into a padded training batch that the model's forward takes (loss included)."""
 
+    def packed_collate(self, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Row]], dict[str, torch.Tensor]]:
+        """Like `collate`, with the rows packed end to end (`training.packing`); refused where it cannot work."""
+        raise AfloraError(
+            f"training.packing: only causal-LM text tasks can pack rows; this task trains a {self.family} model "
+            f"({self.auto_class})"
+        )
+
     def lengths(self, rows: Sequence[Row]) -> list[int]:
         """Token count of each encoded row, for batches grouped by length."""
         return [len(row["input_ids"]) for row in rows]

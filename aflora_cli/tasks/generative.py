@@ -10,13 +10,15 @@ batched) and scores it with the task's metric (`text_metrics.py`).
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -26,13 +28,22 @@ from aflora_cli.engine.storage import BaseStorage
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe
 from aflora_cli.tasks import Prediction, Progress, Row, Task, TaskData
+from aflora_cli.tasks.encoded_cache import (
+    EncodedRows,
+    cache_key,
+    file_digest,
+    read_cached,
+    tokenizer_digest,
+    write_cached,
+)
 from aflora_cli.tasks.generation import GenerationSettings, generate
 from aflora_cli.tasks.text_data import (
     TextRow,
     TextSpec,
-    load_rows,
+    file_row_chunks,
     resolve_spec,
-    rows_from_file,
+    row_chunks,
+    split_file,
     split_source,
     user_row,
 )
@@ -106,17 +117,19 @@ class TextTask(Task):
                 raise AfloraError(
                     f"split {split!r}: not a split of task {self.name!r}; available: {', '.join(available)}"
                 )
-        encoded: dict[str, list[Row]] = {}
+        encoded: dict[str, Sequence[Row]] = {}
         skipped: dict[str, int] = {}
         why_skipped: dict[str, str] = {}
+        cfg = self.recipe.data
         for split in splits if splits is not None else available:
-            rows = load_rows(self.spec, self.recipe.data, split, self.data_seed)
             # the train split is scored only when it is asked for by name (`aflora eval --split train`)
             scored = split != "train" or splits is not None
-            source = split_source(self.spec, self.recipe.data, split)
-            if scored:
-                self.check_references(rows, source)
-            encoded[split], prompt_lengths = self._encode_all(rows, tokenizer, source, scored)
+            source = split_source(self.spec, cfg, split)
+            file = split_file(cfg, split)
+            limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+            chunks = functools.partial(row_chunks, self.spec, cfg, split, self.data_seed)
+            subset = {"limit": limit, "seed": self.data_seed} if limit is not None else None
+            encoded[split], prompt_lengths = self._prepare(chunks, tokenizer, source, scored, file, subset)
             skipped[split] = len(prompt_lengths)
             if prompt_lengths:
                 why_skipped[split] = self._why_skipped(prompt_lengths, source)
@@ -124,12 +137,57 @@ class TextTask(Task):
 
     def load_file(self, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Sequence[Row]:
         self.check_tokenizer(tokenizer)
-        rows = rows_from_file(self.spec, path)
-        self.check_references(rows, str(path))
-        encoded, skipped = self._encode_all(rows, tokenizer, str(path), scored=True)
+        chunks = functools.partial(file_row_chunks, self.spec, path)
+        encoded, skipped = self._prepare(chunks, tokenizer, str(path), True, str(path), None)
         if not encoded:
             raise AfloraError(f"{path}: no row fits within the length limits ({self._why_skipped(skipped, str(path))})")
         return encoded
+
+    def _prepare(
+        self,
+        chunks: Callable[[], Iterator[list[TextRow]]],
+        tokenizer: PreTrainedTokenizerBase,
+        source: str,
+        scored: bool,
+        file: str | None,
+        subset: dict[str, int] | None,
+    ) -> tuple[EncodedRows, list[int]]:
+        """A split's encoded rows and the prompt lengths of the rows left out: from the cache when the split is a
+        local file encoded before with the same settings, else read, checked and encoded chunk by chunk (then
+        cached)."""
+        key = self._cache_key(file, tokenizer, scored, subset) if file is not None else None
+        if key is not None and (cached := read_cached(key)) is not None:
+            return cached
+        tables, skipped = [], []
+        for rows in chunks():
+            if scored:
+                self.check_references(rows, source)
+            kept, lengths = self._encode_all(rows, tokenizer, source, scored)
+            tables.append(EncodedRows.from_rows(kept, text_columns=scored).table)
+            skipped += lengths
+        encoded = EncodedRows(pyarrow.concat_tables(tables))
+        del tables
+        if key is not None:
+            write_cached(key, encoded, skipped)
+        return encoded, skipped
+
+    def _cache_key(
+        self, file: str, tokenizer: PreTrainedTokenizerBase, scored: bool, subset: dict[str, int] | None
+    ) -> str:
+        """Everything that changes a split's encoded rows (see `encoded_cache`)."""
+        training = self.recipe.training
+        limits = (training.max_length, training.max_source_length, training.max_target_length)
+        return cache_key(
+            {
+                "file": file_digest(file),
+                "tokenizer": tokenizer_digest(tokenizer),
+                "family": self.family,
+                "spec": {**self.spec.to_dict(), "eval_splits": None},
+                "limits": limits,
+                "scored": scored,
+                "subset": subset,
+            }
+        )
 
     def check_references(self, rows: Sequence[TextRow], source: str) -> None:
         """Every reference must be one the metric can read (a GSM8K `#### N`, a number), checked when the data is
@@ -140,17 +198,26 @@ class TextTask(Task):
             except AfloraError as err:
                 raise AfloraError(f"{row.where or f'{source}: row {number}'}: {err}") from None
 
+    def encode_many(
+        self, rows: Sequence[TextRow], tokenizer: PreTrainedTokenizerBase, wheres: Sequence[str]
+    ) -> list[tuple[Row | None, int]]:
+        """Each row encoded (None when it is left out) with its prompt length; families that can, batch it."""
+        out: list[tuple[Row | None, int]] = []
+        for row, where in zip(rows, wheres, strict=True):
+            encoded = self.encode(row, tokenizer, where)
+            out.append((encoded, self.prompt_length(row, tokenizer, where) if encoded is None else 0))
+        return out
+
     def _encode_all(
         self, rows: list[TextRow], tokenizer: PreTrainedTokenizerBase, source: str, scored: bool
     ) -> tuple[list[Row], list[int]]:
         """Encode rows; those that cannot keep a response token are not kept, and the prompt length of each is
         returned. A scored row keeps its full source text and its reference."""
+        wheres = [row.where or f"{source}: row {number}" for number, row in enumerate(rows, start=1)]
         out, skipped = [], []
-        for number, row in enumerate(rows, start=1):
-            where = row.where or f"{source}: row {number}"
-            encoded = self.encode(row, tokenizer, where)
+        for row, (encoded, prompt_length) in zip(rows, self.encode_many(rows, tokenizer, wheres), strict=True):
             if encoded is None:
-                skipped.append(self.prompt_length(row, tokenizer, where))
+                skipped.append(prompt_length)
                 continue
             if scored:
                 encoded["source"] = row.prompt if row.messages is None else _conversation(row.messages[:-1])
@@ -161,6 +228,9 @@ class TextTask(Task):
     def prompt_length(self, row: TextRow, tokenizer: PreTrainedTokenizerBase, where: str) -> int:
         """How many tokens the row's prompt takes in training (for rows `encode` skips)."""
         return len(self.prompt_ids(row, tokenizer))
+
+    def lengths(self, rows: Sequence[Row]) -> list[int]:
+        return rows.lengths() if isinstance(rows, EncodedRows) else super().lengths(rows)
 
     def _why_skipped(self, prompt_lengths: list[int], source: str) -> str:
         """One line with the numbers: how many rows were skipped, their prompt lengths, the limit that keeps them."""

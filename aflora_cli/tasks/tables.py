@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,14 +115,7 @@ def _read_delimited(path: Path, delimiter: str) -> Columns:
 
 def _read_jsonl(path: Path) -> Columns:
     """One JSON object per line; blank lines are skipped."""
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise AfloraError(f"{path}: line {number}: invalid JSON ({err.msg})") from None
-    return _records_to_columns(records, path)
+    return _records_to_columns(list(_jsonl_records(path)), path)
 
 
 def _read_json(path: Path) -> Columns:
@@ -166,6 +159,99 @@ _READERS: dict[str, Callable[[Path], Columns]] = {
     ".json": _read_json,
     ".parquet": _read_parquet,
 }
+
+
+def stream_records(path: str | Path, chunk_rows: int = 10_000) -> Iterator[list[dict[str, Any]]]:
+    """A local file's rows as lists of up to `chunk_rows` objects, read as they are needed: a large jsonl, csv,
+    tsv or parquet file is never held whole (a .json list is, being one document). Errors as `read_table`'s."""
+    path = Path(path)
+    if not path.is_file():
+        raise AfloraError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise AfloraError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(_READERS)}")
+    if suffix == ".parquet":
+        return _parquet_chunks(path, chunk_rows)
+    if suffix == ".json":
+        columns = read_table(path)
+        names = list(columns)
+        count = len(columns[names[0]]) if names else 0
+        whole = [{name: columns[name][i] for name in names} for i in range(count)]
+        return iter([whole[i : i + chunk_rows] for i in range(0, count, chunk_rows)] or [[]])
+    if suffix == ".jsonl":
+        return _chunked(_utf8(_jsonl_records(path), path), chunk_rows)
+    return _chunked(_utf8(_delimited_records(path, "," if suffix == ".csv" else "\t"), path), chunk_rows)
+
+
+def _utf8(records: Iterator[dict[str, Any]], path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        yield from records
+    except UnicodeDecodeError:
+        raise AfloraError(f"{path}: not a UTF-8 text file") from None
+
+
+def _chunked(records: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """Lists of `size` records; at least one list, empty for a file without rows."""
+    chunk: list[dict[str, Any]] = []
+    yielded = False
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk, yielded = [], True
+    if chunk or not yielded:
+        yield chunk
+
+
+def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
+    """One JSON object per line; blank lines are skipped (rows are counted without them)."""
+    number = 0
+    with path.open(encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise AfloraError(f"{path}: line {line_number}: invalid JSON ({err.msg})") from None
+            number += 1
+            if not isinstance(record, dict):
+                raise AfloraError(f"{path}: row {number} is a {type(record).__name__}, expected a JSON object")
+            yield record
+
+
+def _delimited_records(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
+    """A csv or tsv file's rows as objects keyed by its header (checked as `_read_delimited` does)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            rows = csv.reader(handle, delimiter=delimiter)
+            header = next(rows, None)
+            if header is None:
+                raise AfloraError(f"{path}: empty file, expected a header line naming the columns")
+            if len(set(header)) != len(header):
+                raise AfloraError(f"{path}: repeated column names in the header: {', '.join(header)}")
+            for number, row in enumerate((row for row in rows if row), start=1):
+                if len(row) != len(header):
+                    raise AfloraError(f"{path}: row {number} has {len(row)} fields, the header has {len(header)}")
+                yield dict(zip(header, row, strict=True))
+    except csv.Error as err:
+        raise AfloraError(f"{path}: not a valid {path.suffix[1:]} file: {err}") from None
+
+
+def _parquet_chunks(path: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+    import pyarrow  # here: most runs read no parquet file
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+        yielded = False
+        for batch in table.iter_batches(batch_size=size):
+            yield batch.to_pylist()
+            yielded = True
+        if not yielded:
+            yield []
+    except pyarrow.ArrowException as err:
+        raise AfloraError(f"{path}: not a readable parquet file ({err})") from None
 
 
 # ------------------------------------------------------------------------------------- columns to labelled rows

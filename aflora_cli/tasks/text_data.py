@@ -34,9 +34,9 @@ from aflora_cli.recipe import DataConfig
 from aflora_cli.tasks.tables import (
     choose_splits,
     load_hub_dataset,
-    read_table,
     require_columns,
     require_rows,
+    stream_records,
     subset_rows,
 )
 
@@ -55,6 +55,7 @@ PLACEHOLDERS = {"prompt_response": {"prompt"}, "instruction": {"instruction", "i
 ROLES = ("system", "user", "assistant")
 FILE_KEYS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
 NUMERIC_METRICS = ("gsm8k", "number")  # metrics that read a number from the reference
+CHUNK_ROWS = 2_000  # rows read, rendered and encoded at a time from a local file (bounds the memory of a chunk)
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def _check_template(template: str, data_format: str) -> None:
 def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> list[TextRow]:
     """One split as rendered text rows (`max_*_samples` drawn with `seed`, in their original order)."""
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
-    file = getattr(cfg, FILE_KEYS[split], None) if split in FILE_KEYS else None
+    file = split_file(cfg, split)
     if file is not None:
         return rows_from_file(spec, file, limit, seed)
     if spec.name == "gsm8k":
@@ -214,16 +215,31 @@ def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> list[Te
 
 def rows_from_file(spec: TextSpec, path: str | Path, limit: int | None = None, seed: int = 0) -> list[TextRow]:
     """A local file in the task's layout, as rendered text rows."""
-    columns = read_table(path)
+    return [row for chunk in file_row_chunks(spec, path, limit, seed) for row in chunk]
+
+
+def file_row_chunks(
+    spec: TextSpec, path: str | Path, limit: int | None = None, seed: int = 0, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[list[TextRow]]:
+    """A local file in the task's layout as lists of rendered rows, read as they are needed (a subset of
+    `limit` rows costs one more pass to count them). Columns are checked on the first chunk."""
     source = str(path)
-    require_rows(columns, source)
-    require_columns(columns, _required_columns(spec), source)
-    count = len(next(iter(columns.values())))
-    chosen = subset_rows(count, limit, seed)
-    indices = range(count) if chosen is None else chosen
-    records = ({name: values[i] for name, values in columns.items()} for i in indices)
-    numbers = iter([i + 1 for i in indices])
-    return _rows(spec, records, source, numbers)
+    chosen: set[int] | None = None
+    if limit is not None:
+        picked = subset_rows(sum(len(chunk) for chunk in stream_records(path, chunk_rows)), limit, seed)
+        chosen = None if picked is None else set(picked)
+    number = 0
+    for position, records in enumerate(stream_records(path, chunk_rows)):
+        if position == 0:
+            require_rows({"rows": records}, source)
+            present: dict[str, list[Any]] = {key: [] for record in records for key in record}
+            require_columns(present, _required_columns(spec), source)
+        rows = []
+        for record in records:
+            number += 1
+            if chosen is None or number - 1 in chosen:
+                rows.append(render(spec, record, f"{source}: row {number}"))
+        yield rows
 
 
 def _required_columns(spec: TextSpec) -> list[str]:
@@ -236,9 +252,22 @@ def _required_columns(spec: TextSpec) -> list[str]:
     return columns + ([spec.answer_column] if spec.answer_column else [])
 
 
+def row_chunks(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> Iterator[list[TextRow]]:
+    """One split as lists of rendered rows: a local file streamed, a named data set's split at once."""
+    file = split_file(cfg, split)
+    if file is None:
+        return iter([load_rows(spec, cfg, split, seed)])
+    return file_row_chunks(spec, file, cfg.max_train_samples if split == "train" else cfg.max_eval_samples, seed)
+
+
+def split_file(cfg: DataConfig, split: str) -> str | None:
+    """The local file a split is read from, or None for a named data set's own split."""
+    return getattr(cfg, FILE_KEYS[split], None) if split in FILE_KEYS else None
+
+
 def split_source(spec: TextSpec, cfg: DataConfig, split: str) -> str:
     """Where a split's rows come from, for messages: its local file, else the named task's split."""
-    file = getattr(cfg, FILE_KEYS[split], None) if split in FILE_KEYS else None
+    file = split_file(cfg, split)
     return str(file) if file is not None else f"task {spec.name!r}, split {split}"
 
 
@@ -252,14 +281,8 @@ def _hub_records(dataset: Any, limit: int | None, seed: int, names: dict[str, st
         yield {names[key]: value for key, value in record.items()}
 
 
-def _rows(
-    spec: TextSpec, records: Iterator[dict[str, Any]] | Any, source: str, numbers: Iterator[int] | None = None
-) -> list[TextRow]:
-    rows = []
-    for position, record in enumerate(records, start=1):
-        number = next(numbers) if numbers is not None else position
-        rows.append(render(spec, record, f"{source}: row {number}"))
-    return rows
+def _rows(spec: TextSpec, records: Iterator[dict[str, Any]] | Any, source: str) -> list[TextRow]:
+    return [render(spec, record, f"{source}: row {number}") for number, record in enumerate(records, start=1)]
 
 
 def _text(record: dict[str, Any], column: str, where: str, *, required: bool = True) -> str:

@@ -26,16 +26,17 @@ from aflora_cli.engine.checkpoint import (
     restore,
     save_checkpoint,
 )
-from aflora_cli.engine.config import resolve_duration
+from aflora_cli.engine.config import AUTO, check_ramp, resolve_schedule
 from aflora_cli.engine.durable import STOP_SIGNALS, write_text_durably
 from aflora_cli.engine.freezing import Freezer
-from aflora_cli.engine.inject import adaptive_matrices
+from aflora_cli.engine.inject import adaptive_matrices, resolve_policy
 from aflora_cli.engine.manifest import STATE_FILE, read_manifest, verify_checksums
 from aflora_cli.engine.params import count_trainable
 from aflora_cli.engine.storage import place
 from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
+from aflora_cli.tasks.packing import check_packed_attention
 from aflora_cli.training import distributed
 from aflora_cli.training.output_lock import OutputLock
 from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
@@ -78,9 +79,24 @@ def plan_schedule(recipe: Recipe, train_rows: int, world_size: int) -> Schedule:
     micro = math.ceil(rows_per_rank / cfg.batch_size)
     per_epoch = math.ceil(micro / cfg.gradient_accumulation)
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
-    t_i = resolve_duration(recipe.freezing.t_i, per_epoch, total)
-    t_f = resolve_duration(recipe.freezing.t_f, per_epoch, total)
+    t_i, t_f = resolve_schedule(recipe.freezing, per_epoch, total)
     return Schedule(micro, per_epoch, total, math.ceil(cfg.warmup_ratio * total), t_i, t_f)
+
+
+def check_schedule(recipe: Recipe, schedule: Schedule) -> None:
+    """A run with adaptive PMs must have a ramp to freeze them on (Eq. 5); refused in one line otherwise, before
+    any model loads."""
+    policy = resolve_policy(recipe.adapter)
+    targeted = recipe.adapter.targets.keys() if recipe.adapter.targets is not None else policy.keys()
+    if not any(policy[kind] == "adaptive" for kind in targeted):
+        return
+    cfg = recipe.training
+    total_is = (
+        "training.max_steps"
+        if cfg.max_steps
+        else f"training.epochs = {cfg.epochs:g} x {schedule.steps_per_epoch} steps per epoch"
+    )
+    check_ramp(recipe.freezing, schedule.t_i, schedule.t_f, schedule.total_steps, total_is=total_is, key="freezing")
 
 
 def _layout(layout: dict[str, Any]) -> str:
@@ -161,7 +177,9 @@ class Trainer:
             manifest = read_manifest(last)
             verify_checksums(last, manifest)
             # read the saved recipe through today's schema: keys added since then take their defaults
-            saved = parse_recipe(manifest["recipe"], f"{last}/adapter_config.json (recipe)").model_dump(mode="json")
+            saved_recipe = parse_recipe(manifest["recipe"], f"{last}/adapter_config.json (recipe)")
+            self._continue_schedule(saved_recipe)
+            saved = saved_recipe.model_dump(mode="json")
             current = self.recipe.model_dump(mode="json")
             for dumped in (saved, current):
                 dumped.pop("logging")  # where metrics go changes no result: TensorBoard may be turned on to resume
@@ -178,6 +196,14 @@ class Trainer:
                 "or choose another output_dir"
             )
         return None
+
+    def _continue_schedule(self, saved: Recipe) -> None:
+        """t_i / t_f left `auto` continue what the resumed run used: a run saved before `auto` existed (its
+        recipe says `1 epoch` and `70%`, the old defaults) then resumes on the very schedule it started with."""
+        freezing = self.recipe.freezing
+        keep = {key: getattr(saved.freezing, key) for key in ("t_i", "t_f") if getattr(freezing, key) == AUTO}
+        if keep:
+            self.recipe = self.recipe.model_copy(update={"freezing": freezing.model_copy(update=keep)})
 
     def prepare(self) -> None:
         """Load model and data, inject adapters, build freezer, optimizer and schedule (and resume state)."""
@@ -199,6 +225,7 @@ class Trainer:
         resumed = self._check_output_dir()
         if self.resume and resumed is None and self.group_rank() == 0:
             (self.output_dir / METRICS_FILE).unlink(missing_ok=True)  # never checkpointed: start over
+        recipe = self.recipe  # resuming, t_i / t_f left auto take the saved run's values
         # on every rank and before any loading, so a missing package fails at once and everywhere alike
         trackers = recipe.logging.trackers()
         require(trackers, from_tensorboard_key=recipe.logging.tensorboard)
@@ -207,7 +234,9 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
         self.task: Task = task_for(recipe, base)
-        self.data: TaskData = self.task.load_splits(base.tokenizer)
+        if recipe.training.packing:
+            self.task.packed_collate(base.tokenizer)  # refused in one line where packing cannot work
+        self.data: TaskData = self._load_data(base.tokenizer)
         assert self.data.train is not None  # every split is loaded when none is named
         self.train_set: Sequence[Row] = self.data.train
         if not self.train_set:
@@ -215,11 +244,15 @@ class Trainer:
             raise AfloraError(f"data: no training rows left: every row was skipped{f' ({why})' if why else ''}")
         self.schedule = plan_schedule(recipe, len(self.train_set), self.group.world_size)
         if resumed is not None:
-            self._check_layout(resumed)
+            self._check_layout(resumed)  # a resumed run keeps the schedule it was started on
+        else:
+            check_schedule(recipe, self.schedule)
         self.adapted: AdaptedModel = build_adapted(recipe, self.task, base, self.group.device)
         if recipe.training.gradient_checkpointing:
             self._checkpoint_activations()
         self.model = place(self.adapted.model, self.group.device)
+        if recipe.training.packing:
+            self._check_packing()
         self.freezer = Freezer.from_config(
             adaptive_matrices(self.model, self.adapted.targets),
             recipe.freezing,
@@ -258,6 +291,16 @@ class Trainer:
                 resume_step=self.step,
             )
             self.tracker = open_trackers(trackers, run)
+
+    def _load_data(self, tokenizer: Any) -> TaskData:
+        """Every split, encoded. Under DDP the main process goes first and fills the encoded-rows cache; the
+        others wait for it and read from the cache instead of tokenizing the same rows again."""
+        if not self.group.is_main:
+            self.group.barrier()
+        data = self.task.load_splits(tokenizer)
+        if self.group.is_main:
+            self.group.barrier()
+        return data
 
     # ---- resume ----------------------------------------------------------------------------------
     def _check_layout(self, manifest: dict[str, Any]) -> None:
@@ -357,7 +400,8 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         sched = self.schedule
         accum = self.recipe.training.gradient_accumulation
-        collate = self.task.collate(self.adapted.tokenizer)
+        tokenizer = self.adapted.tokenizer
+        collate = self.task.packed_collate(tokenizer) if self.recipe.training.packing else self.task.collate(tokenizer)
         lengths = self.task.lengths(self.train_set) if self.recipe.training.group_by_length else None
         self.model.train()
         self._emit("start", {"step": self.step, "total_steps": sched.total_steps, **self._counts()})
@@ -487,6 +531,14 @@ class Trainer:
                 record = {"step": 0, "event": "skipped_rows", "split": split, "rows": count}
                 self._log(record)
                 self._emit("skipped_rows", record)
+
+    def _check_packing(self) -> None:
+        """Packed rows are told apart by their position ids alone, which needs the model to run without a cache
+        (one turns the packed-sequence mask off); then a probe proves no row attends to the one before."""
+        config: Any = self.adapted.model.config
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+        check_packed_attention(self.model, self.group.device)
 
     def _checkpoint_activations(self) -> None:
         """Recompute activations in the backward pass instead of keeping them (non-reentrant: the frozen

