@@ -29,8 +29,9 @@ FIRST_STEP_PACKAGES = {
     "aflora_cli", "torch", "transformers", "safetensors", "tokenizers", "huggingface_hub", "numpy",
     "typer", "rich", "yaml", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
     "typing_extensions", "shellingham", "click", "annotated_doc", "markdown_it", "mdurl", "pygments",
-    # torch's own (dataloader, sympy for symbolic shapes, jinja2 for codegen templates)
-    "filelock", "fsspec", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "dill", "torchgen",
+    # torch's own (dataloader, sympy for symbolic shapes, jinja2 for codegen templates, colorama for inductor's
+    # messages: transformers' BERT imports generation utilities, which import torch._dynamo)
+    "filelock", "fsspec", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "dill", "torchgen", "colorama",
     # transformers' own: kernels and accelerate integrations when installed, scipy from its loss module,
     # PIL from chat-template utilities, psutil, regex, packaging, tqdm, defusedxml
     "kernels", "accelerate", "scipy", "PIL", "psutil", "regex", "packaging", "tqdm", "defusedxml",
@@ -88,7 +89,7 @@ def test_reading_every_shipped_recipe_imports_neither_torch_nor_transformers() -
     setup = (
         "from pathlib import Path\n"
         "from aflora_cli.recipe import load_recipe\n"
-        "for path in sorted(Path('recipes').glob('*.yaml')):\n"
+        "for path in sorted(p for p in Path('recipes').glob('*.yaml') if not p.name.startswith('sweep-')):\n"
         "    load_recipe(path, ['training.max_steps=3'])\n"
     )
     assert not imported(setup) & HEAVY
