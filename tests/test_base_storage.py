@@ -147,6 +147,7 @@ def test_a_4bit_base_trains_freezes_and_checkpoints(nf4_run: Path) -> None:
 def test_a_4bit_run_wraps_the_quantized_layers(tmp_path: Path, files: dict[str, Path]) -> None:
     raw = _recipe(tmp_path / "run", files, quantization=NF4)
     raw["training"] |= {"max_steps": 1, "warmup_ratio": 0.0, "gradient_checkpointing": True}
+    raw["freezing"] = {"t_i": 0, "t_f": 0}  # a one-step run: its ramp must start at once (else it is refused)
     trainer = run(raw)
     layers = _adapter_layers(trainer.model)
     assert layers and all(isinstance(layer.base, bnb.nn.Linear4bit) for layer in layers)

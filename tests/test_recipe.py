@@ -11,7 +11,8 @@ from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SHIPPED = sorted(RECIPES.glob("*.yaml"))
+SWEEPS = sorted(RECIPES.glob("sweep-*.yaml"))  # sweep specs (`aflora sweep`), not recipes
+SHIPPED = sorted(set(RECIPES.glob("*.yaml")) - set(SWEEPS))
 
 # Table 5 of the paper: epochs, head lr, lr, t_f (epochs)
 TABLE_5 = {
@@ -35,6 +36,14 @@ def test_every_shipped_recipe_parses_and_starts_with_its_command(path: Path) -> 
     recipe = load_recipe(path)
     assert path.read_text().splitlines()[0] == f"# aflora train recipes/{path.name}"
     assert recipe.output_dir
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_every_shipped_sweep_spec_validates_and_starts_with_its_command(path: Path) -> None:
+    from aflora_cli.commands.sweep.spec import load_sweep
+
+    load_sweep(path)  # every grid point through the recipe parser, as `aflora sweep` does before training
+    assert path.read_text().splitlines()[0].startswith(f"# aflora sweep recipes/{path.name}")
 
 
 @pytest.mark.parametrize("task", sorted(TABLE_5))

@@ -62,7 +62,7 @@ def test_every_shipped_recipe_plans_a_ramp() -> None:
     """The schedule check on each recipe in recipes/ with a plausible training-set size."""
     from aflora_cli.recipe import load_recipe
 
-    for path in sorted(Path("recipes").glob("*.yaml")):
+    for path in sorted(p for p in Path("recipes").glob("*.yaml") if not p.name.startswith("sweep-")):
         recipe = load_recipe(path, [])
         for rows in (1_000, 10_000, 400_000):
             trainer_module.check_schedule(recipe, plan_schedule(recipe, rows, world_size=1))
