@@ -60,6 +60,7 @@ def test_smollm2_loss_on_held_out_stories_falls(tmp_path: Path) -> None:
     assert f"{before['rougeL']:.4f} before training, {after['rougeL']:.4f} after (gain " in line
 
 
+@pytest.mark.slow  # 2.5 minutes; CI keeps the causal-LM family's real-model run above and the 4-bit tiny-model runs
 def test_smollm2_on_a_4bit_base_learns(tmp_path: Path) -> None:
     """The same with the base's linear layers in NF4 (bitsandbytes on the CPU, where every 4-bit matmul
     dequantizes its weight, so the run is short and scored by loss; measured here, the held-out loss fell from

@@ -164,7 +164,7 @@ def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_pat
     from typer.testing import CliRunner
 
     from aflora_cli.cli import app
-    from aflora_cli.engine.manifest import STATE_FILE
+    from aflora_cli.engine.manifest import CHECKSUMS_KEY, STATE_FILE, file_checksum
     from runs import write_recipe
     from trained_checkpoints import assert_user_error
 
@@ -192,6 +192,9 @@ def test_resume_with_another_step_count_or_layout_is_refused_in_one_line(tmp_pat
     write_jsonl(train, review_rows("train", 8))
     state = torch.load(last / STATE_FILE, weights_only=True)
     torch.save({**state, "rng": state["rng"] * 2}, last / STATE_FILE)  # as if saved by two processes
+    manifest = json.loads((last / MANIFEST_FILE).read_text())
+    manifest[CHECKSUMS_KEY][STATE_FILE] = file_checksum(last / STATE_FILE)  # saved so, its checksum would match
+    (last / MANIFEST_FILE).write_text(json.dumps(manifest))
     assert_user_error(resume(), f"{last}: the run was trained on 2 process(es), this one has 1; resume with 2")
     assert (tmp_path / "run" / METRICS_FILE).read_bytes() == metrics and (last / WEIGHTS_FILE).read_bytes() == weights
 
