@@ -2,13 +2,15 @@
 
     python benchmarks/storage_learning.py                                  # fp32, bf16, nf4 x seeds 42, 1, 2
     python benchmarks/storage_learning.py --storages bf16 --seeds 1
+    python benchmarks/storage_learning.py --storages packed                # fp32 with training.packing (issue 33)
     python benchmarks/storage_learning.py --report                         # the table from the raw results
 
 Each run is `aflora train recipes/quickstart-lm.yaml` (SmolLM2-135M-Instruct, BBC News headlines, 60 steps,
 ROUGE-L on 100 held-out stories before training and after) with `--set seed=…` and the base stored as named:
 `bf16` sets `model.dtype=bf16`, `nf4` sets `model.quantization={bits: 4}` (NF4, double quantization, bf16
-compute, the rest of the model fp32). The record keeps the run's own printed before / after / paired gain with
-its 95 % interval over the same 100 stories, and the wall time. Runs already in the results file are skipped,
+compute, the rest of the model fp32); `packed` keeps the fp32 base and sets `training.packing=true`. The record
+keeps the run's own printed before / after / paired gain with its 95 % interval over the same 100 stories, and
+the wall time. Runs already in the results file are skipped,
 so an interrupted sweep resumes where it stopped.
 """
 
@@ -31,7 +33,13 @@ from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "storage_learning.jsonl"
-STORAGES = {"fp32": [], "bf16": ["model.dtype=bf16"], "nf4": ["model.quantization={bits: 4}"]}
+# the base's storage, and (issue 33) the fp32 base with its rows packed: the same rows per micro-batch, packed
+STORAGES = {
+    "fp32": [],
+    "bf16": ["model.dtype=bf16"],
+    "nf4": ["model.quantization={bits: 4}"],
+    "packed": ["training.packing=true"],
+}
 GAIN = re.compile(
     r"validation rougeL: ([\d.]+) before training, ([\d.]+) after \(gain ([+-][\d.]+) ± ([\d.]+), 95 % interval"
 )
@@ -83,7 +91,7 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--storages", default=",".join(STORAGES))
+    parser.add_argument("--storages", default="fp32,bf16,nf4")
     parser.add_argument("--seeds", default="42,1,2")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report", action="store_true", help="only print the table from the results file")
