@@ -70,6 +70,7 @@ def test_readme_script_trains_and_leaves_checkpoints_the_commands_read(number: i
     assert all(at is not None for at in log.values())
 
 
+@pytest.mark.slow  # a minute: the script's two full runs; CI runs it once above and checks what it leaves
 def test_the_trainer_script_run_twice_writes_the_same_checkpoint(tmp_path: Path) -> None:
     """The script seeds before it builds the model, so the head, the adapters, the freeze log and every weight
     are the same bytes in a second run. (The tokenizer's own file is left out: a fast tokenizer saves the
