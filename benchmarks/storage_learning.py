@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -27,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine
+from common import OFFLINE, ROOT, append_jsonl, machine, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "storage_learning.jsonl"
 STORAGES = {"fp32": [], "bf16": ["model.dtype=bf16"], "nf4": ["model.quantization={bits: 4}"]}
 GAIN = re.compile(
@@ -44,7 +42,7 @@ def run(storage: str, seed: int) -> dict[str, Any]:
         command = [str(Path(sys.executable).parent / "aflora"), "train", str(ROOT / "recipes" / "quickstart-lm.yaml")]
         for assignment in overrides:
             command += ["--set", assignment]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "400"}
+        env = {**OFFLINE, "COLUMNS": "400"}
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     found = GAIN.search(" ".join(result.stdout.split()))
     if result.returncode != 0 or found is None:
@@ -77,10 +75,6 @@ def report(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storages", default=",".join(STORAGES))
@@ -89,17 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table from the results file")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(read(args.results)))
+        print(report(read_jsonl(args.results)))
         return 0
-    done = {(r["storage"], r["seed"]) for r in read(args.results)}
+    done = {(r["storage"], r["seed"]) for r in read_jsonl(args.results)}
     for seed in (int(s) for s in args.seeds.split(",")):
         for storage in args.storages.split(","):
             if (storage, seed) in done:
                 continue
             started = time.perf_counter()
             record = run(storage, seed) | {"seconds": round(time.perf_counter() - started), "machine": machine()}
-            with args.results.open("a", encoding="utf-8") as sink:
-                sink.write(json.dumps(record) + "\n")
+            append_jsonl(args.results, record)
             print(json.dumps(record), flush=True)
     return 0
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from legacy_results import sweep_records
+from legacy_results import RAW, SOURCES, sweep_records
 from rich.console import Console
 
 from aflora_cli.commands.sweep.plan import append_record
@@ -24,7 +24,6 @@ from aflora_cli.commands.sweep.report import draw_front, print_report, report_ma
 from aflora_cli.commands.sweep.spec import load_sweep
 
 HERE = Path(__file__).resolve().parent
-FULL_MOVIE_REVIEWS = {"train_rows": None, "epochs": 2, "batch_size": 32, "max_length": 64, "t_i": "20%", "t_f": "40%"}
 
 
 def main() -> int:
@@ -36,10 +35,8 @@ def main() -> int:
         spec = folder / "spec.yaml"
         spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
         sweep = load_sweep(spec)
-        files = [HERE / "results" / name for name in ("at_scale.jsonl", "front.jsonl")]
-        records = sweep_records(
-            sweep, files, lambda r: r["task"] == "movie_reviews" and r.get("scale") == FULL_MOVIE_REVIEWS
-        )
+        files, task = SOURCES["front-movie-reviews.yaml"]
+        records = sweep_records(sweep, [RAW / name for name in files], lambda r: r["task"] == task)
         for record in records:
             append_record(sweep, record)
         clock = Clock()
