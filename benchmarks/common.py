@@ -46,30 +46,27 @@ def offline_and_quiet() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The value of `key` in a Linux /proc file of `key: value` lines; None where there is none."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next(
+        (value.strip() for name, _, value in (line.partition(":") for line in lines) if name.strip() == key), None
+    )
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
+    memory = proc_field("/proc/meminfo", "MemTotal")
     return {
-        "cpu": cpu,
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory": memory,
+        "memory": None if memory is None else f"{int(memory.split()[0]) / 2**20:.1f} GiB",
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -125,13 +122,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def status_kib(key: str) -> int | None:
     """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its high-water mark); None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    value = proc_field("/proc/self/status", key)
+    return None if value is None else int(value.split()[0])
 
 
 def reset_peak() -> bool:

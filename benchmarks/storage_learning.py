@@ -4,12 +4,8 @@
     python benchmarks/storage_learning.py --storages bf16 --seeds 1
     python benchmarks/storage_learning.py --report                         # the table from the raw results
 
-Each run is `aflora train recipes/quickstart-lm.yaml` (SmolLM2-135M-Instruct, BBC News headlines, 60 steps,
-ROUGE-L on 100 held-out stories before training and after) with `--set seed=…` and the base stored as named:
-`bf16` sets `model.dtype=bf16`, `nf4` sets `model.quantization={bits: 4}` (NF4, double quantization, bf16
-compute, the rest of the model fp32). The record keeps the run's own printed before / after / paired gain with
-its 95 % interval over the same 100 stories, and the wall time. Runs already in the results file are skipped,
-so an interrupted sweep resumes where it stopped.
+Each run is `aflora train recipes/quickstart-lm.yaml --set seed=…` over the base stored as named (STORAGES); its
+record keeps the ROUGE-L gain the run prints. Runs already in the results file are skipped. Details: RESULTS.md.
 """
 
 from __future__ import annotations

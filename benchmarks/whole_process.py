@@ -2,19 +2,7 @@
 
     python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--lean] [--set KEY=VALUE ...] [--json FILE]
 
-A: `aflora train recipes/quickstart.yaml` stopped at `--steps` optimizer steps (MiniLM, 3,000 movie-review
-   rows, batch 32, max length 64; it evaluates the validation and test splits at the end of epoch 1 and of
-   the run, and saves its checkpoints then).
-B: this file run with `--peft-loop`: a short script as a PEFT user writes it — the same model, the same 3,000
-   rows (the same subset, passed in a file), PEFT LoRA r = 8 on the same six linear types plus the trained
-   head, AdamW with the same learning rates, warmup and linear decay, batch 32 in a seeded shuffled order, the
-   same steps; at the same steps it scores the same two splits (accuracy, eval batch 64) and saves the adapter.
-`--lean`: the same against a lean loop. A evaluates and saves only at the run's end (`eval_every` and
-`save_every` past it) on `max_eval_samples: 512` of each split; B scores the same 512 + 512 rows once at
-the end and saves nothing.
-`--set` overrides a key of A's recipe (e.g. `eval.sort_by_length=true`); B stays as it is.
-Each pair runs A then B, or B then A (alternating), as whole processes from `python` to exit; the result is
-the median of the per-pair ratios A / B. Issue 11's target: <= 0.85 on 2 cores. Run on a quiet machine.
+What A and B are, `--lean` and `--set`: benchmarks/RESULTS.md, "How whole_process.py compares".
 """
 
 from __future__ import annotations
