@@ -52,7 +52,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint_run = work / "checkpoint"
-        timed(train_command(QUICKSTART, checkpoint_run, "training.max_steps=2"))
+        timed(train_command(QUICKSTART, checkpoint_run, "training.max_steps=2"), stderr=None)
         times: dict[str, list[float]] = {"train_first_step": [], "inspect": [], "help": []}
         for run in range(args.runs):
             times["train_first_step"].append(until_first_step(work / f"run{run}"))

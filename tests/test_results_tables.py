@@ -78,19 +78,19 @@ def _raw(name: str) -> list[dict[str, Any]]:
     return read_jsonl(RAW / name)
 
 
-def _summaries(sweep: Sweep, files: tuple[str, ...], task: str) -> dict[str, Summary]:
-    """The spec's summaries from the committed raw runs of `task`, through the sweep's own planning and report
-    code; every setting complete (nothing left to run)."""
-    records = legacy_results.sweep_records(sweep, [RAW / name for name in files], lambda r: r["task"] == task)
+def _summaries(sweep: Sweep, records: list[dict[str, Any]]) -> dict[str, Summary]:
+    """The spec's summaries from committed raw runs, through the sweep's own planning and report code; every
+    setting complete (nothing left to run)."""
     progress = Progress(sweep, records)
     rows = summarize(sweep, progress)
     assert progress.plan() == [] and all(row.complete for row in rows)
     return {row.name: row for row in rows}
 
 
-def _spec_summaries(spec: str, files: tuple[str, ...], task: str) -> tuple[Sweep, dict[str, Summary]]:
+def _spec_summaries(spec: str) -> tuple[Sweep, dict[str, Summary]]:
+    """A spec of benchmarks/sweeps/ over its committed runs (legacy_results.SOURCES names their file and task)."""
     sweep = load_sweep(BENCHMARKS / "sweeps" / spec)
-    return sweep, _summaries(sweep, files, task)
+    return sweep, _summaries(sweep, legacy_results.spec_records(sweep))
 
 
 def _comparison(name: str, better: Summary, worse: Summary, metric: str, counts: bool = True) -> str:
@@ -138,12 +138,8 @@ def _at_scale_rows(task: str, metric: str, parts: list[tuple[Sweep, dict[str, Su
 def test_the_at_scale_tables_through_the_at_scale_specs() -> None:
     """at_scale.py's claims: at-scale-movie-reviews.yaml on movie_reviews; on movie_reviews_rating
     at-scale-movie-reviews-rating.yaml and the two ablations at AFLoRA's rate (at-scale-rating-ablations.yaml)."""
-    files = ("at_scale.jsonl",)
-    reviews = [_spec_summaries("at-scale-movie-reviews.yaml", files, "movie_reviews")]
-    rating = [
-        _spec_summaries("at-scale-movie-reviews-rating.yaml", files, "movie_reviews_rating"),
-        _spec_summaries("at-scale-rating-ablations.yaml", files, "movie_reviews_rating"),
-    ]
+    reviews = [_spec_summaries("at-scale-movie-reviews.yaml")]
+    rating = [_spec_summaries("at-scale-movie-reviews-rating.yaml"), _spec_summaries("at-scale-rating-ablations.yaml")]
     assert rating[1][1]["pm_frozen"].chosen == rating[0][1]["aflora"].chosen  # the rate borrowed is AFLoRA's
     rows = _at_scale_rows("movie_reviews", "accuracy", reviews)
     rows += _at_scale_rows("movie_reviews_rating", "pearson", rating)
@@ -155,8 +151,8 @@ def test_the_sweep_report_reproduces_the_encoder_front_rows() -> None:
     """benchmarks/sweeps/front-movie-reviews.yaml's report: every grid row, every front row (chosen rate, test and
     validation mean ± std, average trainable count) and the verdicts stand in RESULTS.md as front.py printed them;
     at_scale.py's two Table 2 ablations and the head-rate grid join its front from their raw runs."""
-    sweep, by_name = _spec_summaries("front-movie-reviews.yaml", ("at_scale.jsonl", "front.jsonl"), "movie_reviews")
-    _, ablations = _spec_summaries("at-scale-movie-reviews.yaml", ("at_scale.jsonl",), "movie_reviews")
+    sweep, by_name = _spec_summaries("front-movie-reviews.yaml")
+    _, ablations = _spec_summaries("at-scale-movie-reviews.yaml")
     headers, grid = grid_table(sweep, list(by_name.values()))
     rows = [_row(*headers), *(_row(FRONT_LABELS[cells[0]], *cells[1:]) for cells in grid)]
     for name, s in [*by_name.items(), *((n, ablations[n]) for n in ("pm_trainable", "pm_frozen"))]:
@@ -201,7 +197,9 @@ def _head_rate_rows(aflora: Summary) -> list[str]:
 def _lm_rows(sweep: Sweep, task: str) -> list[str]:
     """front_lm.py's tables of one task through the LM spec: grids, the front (with the minutes per whole run) and
     the three verdicts, plus the task's CPU-hours."""
-    by_name = _summaries(sweep, ("front_lm.jsonl",), task)
+    by_name = _summaries(
+        sweep, legacy_results.sweep_records(sweep, [RAW / "front_lm.jsonl"], lambda r: r["task"] == task)
+    )
     metric = sweep.spec.selection.metric
     headers, grid = grid_table(sweep, list(by_name.values()))
     rows = [_row(*headers), *(_row(LM_LABELS[cells[0]], *cells[1:]) for cells in grid)]
@@ -247,7 +245,7 @@ def test_the_replicate_tables_through_the_replicate_specs() -> None:
         ("replicate-movie-reviews.yaml", "movie_reviews", "accuracy"),
         ("replicate-movie-reviews-rating.yaml", "movie_reviews_rating", "pearson"),
     ]:
-        sweep, by_name = _spec_summaries(spec, ("replicate.jsonl",), task)
+        sweep, by_name = _spec_summaries(spec)
         assert all(s.chosen is not None and s.chosen.lr is None for s in by_name.values())  # fixed rates
         section = lines[lines.index(f"#### {task} ({metric}, mean ± std over seeds)") :]
         for name, s in by_name.items():
