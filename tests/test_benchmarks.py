@@ -107,3 +107,22 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
     for split, rows in plan["eval_rows"].items():
         split_labels = _read(split)[1]
         assert len(rows) == 512 and held_out.evaluation[split]["labels"] == [split_labels[i] for i in rows]
+
+
+def test_the_shared_helpers_time_a_whole_offline_aflora_train_with_overrides(tmp_path: Path) -> None:
+    """benchmarks/common.py's command (used by startup, quickstart, faults and whole_process) is one `aflora
+    train` whose `--set`s land in the run; its /proc readers give this process's resident size."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import QUICKSTART, read_jsonl, status_kib, timed, train_command
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "run"
+    overrides = ("training.max_steps=2", "data.max_train_samples=64", "data.max_eval_samples=16")
+    seconds = timed(train_command(QUICKSTART, out, *overrides), stderr=None)
+    manifest = json.loads((out / "last" / "adapter_config.json").read_text())
+    assert seconds > 0 and manifest["step"] == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r][-1] == 2
+    rss, peak = status_kib("VmRSS"), status_kib("VmHWM")
+    assert rss is not None and peak is not None and 0 < rss <= peak
+    assert status_kib("NoSuchField") is None
