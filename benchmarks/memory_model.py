@@ -4,24 +4,8 @@ AdamW's state, and the activations kept for the backward pass, with and without 
     python benchmarks/memory_model.py                      # LLaMA-7B, the authors' GSM8K settings, batch 1 x 256
     python benchmarks/memory_model.py --model smollm2 --batch 4x128
 
-Bytes per base parameter: fp32 4, bf16/fp16 2; bitsandbytes 8-bit 1 (+ one fp32 scale per output row); NF4
-0.5 (+ per block of 64 one absmax: fp32 4 bytes, or with double quantization 1 byte plus one fp32 per 256
-blocks). Only the linear layers inside the blocks are quantized; embeddings, norms and the output layer stay
-in `model.dtype`. Adapters (A, B, Λd, Λb) are fp32; each trainable one adds its gradient (4 bytes) and
-AdamW's two moments (8 bytes).
-
-Activations are the tensors autograd keeps for the backward pass of a transformers LLaMA block with aflora's
-adapters (counted tensor by tensor with `saved_tensors_hooks` in `tests/test_memory_model.py`), per token:
-the two RMSNorms keep their input in fp32 (4h each; the first block's input needs no gradient, so its first
-norm keeps nothing); scaled-dot-product attention keeps q, k, v and its output in the compute dtype and a
-log-sum-exp per head (no T × T matrix: the CPU's and CUDA's fused kernels); the MLP keeps gate's output, SiLU's
-output and up's output (3f); each adapter keeps X·A (r, fp32); an adapter whose A trains keeps its input in fp32
-(fused in fp32: once per input shared by several layers; in half precision each adapter casts its own copy).
-The loss keeps the log-softmax of the logits (fp32, V per token). With gradient checkpointing each block keeps
-only its input (h in the compute dtype) and one block's activations are rebuilt at a time. The peak of a step
-adds what lives beside them at the start of the backward pass: the logits (V per token, in the compute dtype)
-and the gradients of log-softmax and logits (2 × 4V) — for a small model with a large vocabulary these dominate.
-The model leaves out allocator slack, bitsandbytes' own temporaries, and on CUDA the context (~0.5–1 GB).
+Its bytes per base parameter, per adapter and per token of activations, in words: benchmarks/RESULTS.md,
+"How memory_model.py counts".
 """
 
 from __future__ import annotations

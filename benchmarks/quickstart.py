@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import QUICKSTART, timed, train_command
+
 MAX_SECONDS = 300.0
 MIN_ACCURACY = 0.80
 
@@ -24,12 +24,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="extra recipe overrides, as for aflora train")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), "--set", f"output_dir={tmp}/run"]
-        for override in args.set:
-            command += ["--set", override]
-        start = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - start
+        seconds = timed(train_command(QUICKSTART, f"{tmp}/run", *args.set), stderr=None)
         manifest = json.loads((Path(tmp) / "run" / "last" / "adapter_config.json").read_text())
     accuracy = manifest["metrics"]["validation"]["accuracy"]
     average = manifest["trainable_params"]["average"]

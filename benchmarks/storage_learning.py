@@ -5,20 +5,14 @@
     python benchmarks/storage_learning.py --storages packed                # fp32 with training.packing (issue 33)
     python benchmarks/storage_learning.py --report                         # the table from the raw results
 
-Each run is `aflora train recipes/quickstart-lm.yaml` (SmolLM2-135M-Instruct, BBC News headlines, 60 steps,
-ROUGE-L on 100 held-out stories before training and after) with `--set seed=…` and the base stored as named:
-`bf16` sets `model.dtype=bf16`, `nf4` sets `model.quantization={bits: 4}` (NF4, double quantization, bf16
-compute, the rest of the model fp32); `packed` keeps the fp32 base and sets `training.packing=true`. The record
-keeps the run's own printed before / after / paired gain with its 95 % interval over the same 100 stories, and
-the wall time. Runs already in the results file are skipped,
-so an interrupted sweep resumes where it stopped.
+Each run is `aflora train recipes/quickstart-lm.yaml --set seed=…` over the base stored as named (STORAGES;
+`packed` is the fp32 base with `training.packing=true`); its record keeps the ROUGE-L gain the run prints. Runs already in the results file are skipped. Details: RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -29,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine
+from common import OFFLINE, ROOT, append_jsonl, machine, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "storage_learning.jsonl"
 # the base's storage, and (issue 33) the fp32 base with its rows packed: the same rows per micro-batch, packed
 STORAGES = {
@@ -52,7 +45,7 @@ def run(storage: str, seed: int) -> dict[str, Any]:
         command = [str(Path(sys.executable).parent / "aflora"), "train", str(ROOT / "recipes" / "quickstart-lm.yaml")]
         for assignment in overrides:
             command += ["--set", assignment]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "400"}
+        env = {**OFFLINE, "COLUMNS": "400"}
         result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     found = GAIN.search(" ".join(result.stdout.split()))
     if result.returncode != 0 or found is None:
@@ -85,10 +78,6 @@ def report(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storages", default="fp32,bf16,nf4")
@@ -97,17 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="only print the table from the results file")
     args = parser.parse_args(argv)
     if args.report:
-        print(report(read(args.results)))
+        print(report(read_jsonl(args.results)))
         return 0
-    done = {(r["storage"], r["seed"]) for r in read(args.results)}
+    done = {(r["storage"], r["seed"]) for r in read_jsonl(args.results)}
     for seed in (int(s) for s in args.seeds.split(",")):
         for storage in args.storages.split(","):
             if (storage, seed) in done:
                 continue
             started = time.perf_counter()
             record = run(storage, seed) | {"seconds": round(time.perf_counter() - started), "machine": machine()}
-            with args.results.open("a", encoding="utf-8") as sink:
-                sink.write(json.dumps(record) + "\n")
+            append_jsonl(args.results, record)
             print(json.dumps(record), flush=True)
     return 0
 

@@ -2,10 +2,8 @@
 
     python benchmarks/sweep_overhead.py
 
-Replays benchmarks/sweeps/front-movie-reviews.yaml over its 50 committed runs (benchmarks/legacy_results.py) in a
-temporary output_dir: the spec is loaded and validated, the plan is made once per run (as a sweep does whenever a
-run finishes, reading the results file each time), then the report, the terminal table and both pictures are
-written — all timed with the sweep's own clock and compared with the runs' recorded training time.
+Replays benchmarks/sweeps/front-movie-reviews.yaml over its 50 committed runs in a temporary output_dir, timed
+with the sweep's own clock (RESULTS.md says what is counted).
 """
 
 from __future__ import annotations
@@ -14,36 +12,33 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-from legacy_results import sweep_records
+from legacy_results import spec_records
 from rich.console import Console
 
 from aflora_cli.commands.sweep.plan import append_record
 from aflora_cli.commands.sweep.pool import Clock, collect
 from aflora_cli.commands.sweep.report import draw_front, print_report, report_markdown, summarize
-from aflora_cli.commands.sweep.spec import load_sweep
+from aflora_cli.commands.sweep.spec import Sweep, load_sweep
 
-HERE = Path(__file__).resolve().parent
-FULL_MOVIE_REVIEWS = {"train_rows": None, "epochs": 2, "batch_size": 32, "max_length": 64, "t_i": "20%", "t_f": "40%"}
+SPEC = Path(__file__).resolve().parent / "sweeps" / "front-movie-reviews.yaml"
 
 
 def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="aflora-sweep-overhead-"))
+
+    def load() -> Sweep:
+        """The spec, validated, with its output in the temporary folder."""
+        sweep = load_sweep(SPEC)
+        sweep.output_dir, sweep.results_file = folder, folder / "results.jsonl"
+        return sweep
+
     try:
-        raw = yaml.safe_load((HERE / "sweeps" / "front-movie-reviews.yaml").read_text(encoding="utf-8"))
-        raw["recipe"] = str(HERE / "sweeps" / raw["recipe"])
-        raw["output_dir"] = str(folder / "out")
-        spec = folder / "spec.yaml"
-        spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
-        sweep = load_sweep(spec)
-        files = [HERE / "results" / name for name in ("at_scale.jsonl", "front.jsonl")]
-        records = sweep_records(
-            sweep, files, lambda r: r["task"] == "movie_reviews" and r.get("scale") == FULL_MOVIE_REVIEWS
-        )
+        sweep = load()
+        records = spec_records(sweep)
         for record in records:
             append_record(sweep, record)
         clock = Clock()
-        sweep = clock.measure(lambda: load_sweep(spec))
+        sweep = clock.measure(load)
         for _ in records:
             progress = collect(sweep, clock)
             clock.measure(progress.plan)

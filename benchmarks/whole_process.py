@@ -2,19 +2,7 @@
 
     python benchmarks/whole_process.py [--pairs 3] [--steps 120] [--lean] [--set KEY=VALUE ...] [--json FILE]
 
-A: `aflora train recipes/quickstart.yaml` stopped at `--steps` optimizer steps (MiniLM, 3,000 movie-review
-   rows, batch 32, max length 64; it evaluates the validation and test splits at the end of epoch 1 and of
-   the run, and saves its checkpoints then).
-B: this file run with `--peft-loop`: a short script as a PEFT user writes it — the same model, the same 3,000
-   rows (the same subset, passed in a file), PEFT LoRA r = 8 on the same six linear types plus the trained
-   head, AdamW with the same learning rates, warmup and linear decay, batch 32 in a seeded shuffled order, the
-   same steps; at the same steps it scores the same two splits (accuracy, eval batch 64) and saves the adapter.
-`--lean`: the same against a lean loop. A evaluates and saves only at the run's end (`eval_every` and
-`save_every` past it) on `max_eval_samples: 512` of each split; B scores the same 512 + 512 rows once at
-the end and saves nothing.
-`--set` overrides a key of A's recipe (e.g. `eval.sort_by_length=true`); B stays as it is.
-Each pair runs A then B, or B then A (alternating), as whole processes from `python` to exit; the result is
-the median of the per-pair ratios A / B. Issue 11's target: <= 0.85 on 2 cores. Run on a quiet machine.
+What A and B are, `--lean` and `--set`: benchmarks/RESULTS.md, "How whole_process.py compares".
 """
 
 from __future__ import annotations
@@ -23,33 +11,23 @@ import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
-REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MOVIE_REVIEWS, OFFLINE, QUICKSTART, ROOT, compile_bytecode, machine, timed, train_command, write_json
 
-
-def quickstart() -> dict[str, Any]:
-    import yaml
-
-    recipe: dict[str, Any] = yaml.safe_load(RECIPE.read_text())
-    return recipe
+ENV = {**OFFLINE, "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ---- B: the PEFT loop (runs in its own process) ---------------------------------------------------------
 
 
 def _read(split: str) -> tuple[list[str], list[int]]:
-    with (REVIEWS / f"{split}.tsv").open(encoding="utf-8", newline="") as handle:
+    with (MOVIE_REVIEWS / f"{split}.tsv").open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
 
@@ -135,11 +113,12 @@ LEAN_OVERRIDES = [
 
 def make_plan(steps: int, folder: Path, lean: bool) -> dict[str, Any]:
     """A's settings as B needs them: the same row subsets, steps, batch, length and learning rates."""
-    sys.path.insert(0, str(ROOT))
+    import yaml
+
     from aflora_cli.engine.base_model import model_dir
     from aflora_cli.tasks.tables import subset_rows
 
-    recipe = quickstart()
+    recipe = yaml.safe_load(QUICKSTART.read_text())
     texts, _ = _read("train")
     rows = subset_rows(len(texts), recipe["data"]["max_train_samples"], recipe["seed"])
     training = recipe["training"]
@@ -163,12 +142,6 @@ def make_plan(steps: int, folder: Path, lean: bool) -> dict[str, Any]:
     }
 
 
-def timed(command: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(command, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
@@ -181,9 +154,6 @@ def main() -> int:
     if args.peft_loop:
         peft_loop(json.loads(Path(args.peft_loop).read_text()))
         return 0
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from startup import compile_bytecode
-
     compile_bytecode()
     pairs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,22 +162,17 @@ def main() -> int:
         plan_file.write_text(json.dumps(make_plan(args.steps, folder, args.lean)))
         overrides = [*(LEAN_OVERRIDES if args.lean else []), *args.overrides]
         for number in range(args.pairs):
-            aflora = [sys.executable, "-m", "aflora_cli", "train", str(RECIPE), "--set", f"output_dir={tmp}/a{number}"]
-            aflora += ["--set", f"training.max_steps={args.steps}"]
-            for override in overrides:
-                aflora += ["--set", override]
+            aflora = train_command(QUICKSTART, f"{tmp}/a{number}", f"training.max_steps={args.steps}", *overrides)
             peft = [sys.executable, str(Path(__file__).resolve()), "--peft-loop", str(plan_file)]
             if number % 2 == 0:
-                a, b = timed(aflora), timed(peft)
+                a, b = timed(aflora, env=ENV, cwd=ROOT), timed(peft, env=ENV, cwd=ROOT)
             else:
-                b, a = timed(peft), timed(aflora)
+                b, a = timed(peft, env=ENV, cwd=ROOT), timed(aflora, env=ENV, cwd=ROOT)
             pairs.append({"aflora_s": a, "peft_s": b, "ratio": a / b})
             print(f"pair {number + 1}: aflora train {a:.1f} s, PEFT loop {b:.1f} s, ratio {a / b:.3f}", flush=True)
     ratio = statistics.median(p["ratio"] for p in pairs)
     print(f"median ratio aflora / PEFT: {ratio:.3f} (target <= 0.85: {'met' if ratio <= 0.85 else 'not met'})")
     if args.json:
-        from common import machine
-
         result = {
             "steps": args.steps,
             "lean": args.lean,
@@ -216,7 +181,7 @@ def main() -> int:
             "median_ratio": ratio,
             "machine": machine(),
         }
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

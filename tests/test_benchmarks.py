@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -77,149 +73,11 @@ def test_speed_quickstart_shape_steps_through_the_quickstarts_own_batches() -> N
     assert set(batches[0]) >= {"input_ids", "attention_mask", "labels"}
 
 
-def test_replicate_smoke_writes_results_and_resumes(tmp_path: Path) -> None:
-    result = _run("replicate.py", "--out", str(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "replicate.jsonl").read_text().splitlines()]
-    assert {r["task"] for r in records} == {"movie_reviews", "movie_reviews_rating", "bbc_news"}
-    for record in records:
-        assert record["steps"] > 0 and record["train_flops"] > 0
-        assert 0 < record["trainable_average"] <= record["trainable_start"]
-        assert "validation" in record["metrics"] and "test" in record["metrics"]
-    assert "The paper's claims on these numbers" in result.stdout
-    assert "#### bbc_news" in result.stdout
-
-    again = _run("replicate.py", "--out", str(tmp_path))  # everything is done: nothing reruns
-    assert f"{len(records)} already in" in again.stdout
-    assert len((tmp_path / "replicate.jsonl").read_text().splitlines()) == len(records)
-
-
-@pytest.mark.parametrize("script", ["speed.py", "replicate.py"])
-def test_help(script: str) -> None:
+def test_speed_help() -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, check=False
+        [sys.executable, str(BENCHMARKS / "speed.py"), "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "--smoke" in result.stdout
-
-
-def test_flop_count_includes_the_thin_paths_in_place_products() -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from replicate import count_step_flops
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    import torch
-    from torch import nn
-
-    from aflora_cli.engine.layer import AdapterLinear
-
-    class OneLayer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = AdapterLinear(nn.Linear(24, 40), 4)
-
-        def forward(self, x: torch.Tensor) -> object:
-            return type("Out", (), {"loss": self.layer(x).sum()})()
-
-    # 6 rows take the thin path. Forward: W0·x + b 2·6·24·40, A·x 2·6·24·4, accumulation into the output
-    # (addmm_) 2·6·4·40; backward: bottleneck gradient 2·4·40·6, A's gradient 2·4·6·24, up's 2·4·6·40.
-    expected = 2 * 6 * 24 * 40 + 2 * 6 * 24 * 4 + 2 * 6 * 4 * 40 + 2 * 4 * 40 * 6 + 2 * 4 * 6 * 24 + 2 * 4 * 6 * 40
-    assert count_step_flops(OneLayer(), {"x": torch.randn(2, 3, 24)}) == expected
-
-
-def test_at_scale_smoke_runs_both_phases_and_reports(tmp_path: Path) -> None:
-    result = _run("at_scale.py", "--out", str(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "at_scale.jsonl").read_text().splitlines()]
-    grid = [r for r in records if r["phase"] == "grid"]
-    seeds = [r for r in records if r["phase"] == "seeds"]
-    assert len(grid) == 2 * 3 and len(seeds) == 2 * 2  # two methods: three grid values, then two more seeds
-    for method in ("aflora", "lora"):
-        chosen = {r["lr"] for r in seeds if r["method"] == method}
-        best = max(
-            (r for r in grid if r["method"] == method),
-            key=lambda r: (r["metrics"]["validation"]["accuracy"], -r["lr"]),
-        )
-        assert chosen == {best["lr"]}  # the extra seeds repeat the value seed 0 chose on validation
-    assert "AFLoRA >= LoRA (Table 1)" in result.stdout
-
-
-def test_stopping_a_benchmark_stops_its_workers(tmp_path: Path) -> None:
-    pid_file, results = tmp_path / "worker.pid", tmp_path / "results.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}  # the stopped pool leaves its work folder
-    parent = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "orphan_pool_run.py"), str(pid_file), str(results)], env=env
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not pid_file.exists() or not pid_file.read_text():
-            assert parent.poll() is None and time.monotonic() < deadline, "the worker never started"
-            time.sleep(0.2)
-        worker = int(pid_file.read_text())
-        parent.send_signal(signal.SIGTERM)
-        parent.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while _alive(worker):
-            assert time.monotonic() < deadline, f"worker {worker} outlived its stopped parent"
-            time.sleep(0.2)
-    finally:
-        parent.kill()
-    assert not results.exists() or not results.read_text()
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs; a zombie (ended, not yet reaped by whoever adopted it) does not."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
-
-
-def test_at_scale_plans_seeds_first_and_ablations_without_a_grid_at_aflora_value() -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from at_scale import LR_GRID, ready_runs
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    task = "movie_reviews_rating"
-
-    def record(method: str, lr: float, seed: int, pearson: float) -> dict[str, object]:
-        return {
-            "task": task,
-            "method": method,
-            "lr": lr,
-            "seed": seed,
-            "metrics": {"validation": {"pearson": pearson}},
-        }
-
-    methods = ["aflora", "lora", "pm_trainable"]
-    # AFLoRA's grid is complete (its middle value best), LoRA's is not
-    records = [record("aflora", lr, 0, score) for lr, score in zip(LR_GRID, (0.5, 0.7, 0.6), strict=True)]
-    records.append(record("lora", LR_GRID[0], 0, 0.9))
-    runs = ready_runs(records, [task], methods)
-    chosen = LR_GRID[1]
-    assert runs == [
-        (task, "aflora", chosen, 1),
-        (task, "aflora", chosen, 2),
-        (task, "pm_trainable", chosen, 0),  # no grid of its own: AFLoRA's value, from seed 0
-        (task, "pm_trainable", chosen, 1),
-        (task, "pm_trainable", chosen, 2),
-        (task, "lora", LR_GRID[1], 0),
-        (task, "lora", LR_GRID[2], 0),
-    ]
-    assert ready_runs(records[:2], [task], ["pm_trainable"]) == []  # waits for AFLoRA's grid
-
-
-def test_at_scale_probe_names_a_seed_0_run_outside_the_grid() -> None:
-    import argparse
-
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from at_scale import parse_probe
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    assert parse_probe("movie_reviews_rating:lora:3e-4") == ("movie_reviews_rating", "lora", 3e-4, 0)
-    with pytest.raises(argparse.ArgumentTypeError, match="bbc:lora:1e-3: expected TASK:METHOD:LR"):
-        parse_probe("bbc:lora:1e-3")
 
 
 def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: Path) -> None:
@@ -228,13 +86,13 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(BENCHMARKS))
-    from whole_process import RECIPE, _read, make_plan
+    from whole_process import QUICKSTART, _read, make_plan
 
     from aflora_cli.recipe import DataConfig
     from aflora_cli.tasks.classification import load_task_data
 
     plan = make_plan(120, tmp_path, lean=True)
-    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe = yaml.safe_load(QUICKSTART.read_text())
     tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
     data = load_task_data(DataConfig(**recipe["data"]), tokenizer, plan["max_length"], recipe["seed"], ["train"])
     texts, labels = _read("train")
@@ -249,3 +107,22 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
     for split, rows in plan["eval_rows"].items():
         split_labels = _read(split)[1]
         assert len(rows) == 512 and held_out.evaluation[split]["labels"] == [split_labels[i] for i in rows]
+
+
+def test_the_shared_helpers_time_a_whole_offline_aflora_train_with_overrides(tmp_path: Path) -> None:
+    """benchmarks/common.py's command (used by startup, quickstart, faults and whole_process) is one `aflora
+    train` whose `--set`s land in the run; its /proc readers give this process's resident size."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import QUICKSTART, read_jsonl, status_kib, timed, train_command
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "run"
+    overrides = ("training.max_steps=2", "data.max_train_samples=64", "data.max_eval_samples=16")
+    seconds = timed(train_command(QUICKSTART, out, *overrides), stderr=None)
+    manifest = json.loads((out / "last" / "adapter_config.json").read_text())
+    assert seconds > 0 and manifest["step"] == 2
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r][-1] == 2
+    rss, peak = status_kib("VmRSS"), status_kib("VmHWM")
+    assert rss is not None and peak is not None and 0 < rss <= peak
+    assert status_kib("NoSuchField") is None
