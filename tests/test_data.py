@@ -31,7 +31,7 @@ from aflora_cli.tasks.classification import (
     make_collator,
 )
 from aflora_cli.tasks.classification import resolve_spec as resolve_task
-from aflora_cli.tasks.tables import SHIPPED_DIR, read_table
+from aflora_cli.tasks.tables import SHIPPED_DIR, read_table, stream_records
 
 MOVIES = SHIPPED_DIR / "movie_reviews"
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +318,32 @@ def test_ragged_csv_row(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text("text,label\nfine,1\ntoo,many,fields\n", encoding="utf-8")
     _fails(f"{path}: row 2 has 3 fields, the header has 2", read_table, path)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "rows", "error"),
+    [
+        ("header-only.csv", "a,b\n", [], None),
+        ("quoted.csv", 'a,b\n1,"x,\ny"\n\n3,4\n', [{"a": "1", "b": "x,\ny"}, {"a": "3", "b": "4"}], None),
+        ("empty.tsv", "", None, "empty file, expected a header line naming the columns"),
+        ("repeated.csv", "a,a\n1,2\n", None, "repeated column names in the header: a, a"),
+        ("ragged.tsv", "a\tb\n1\t2\t3\n", None, "row 1 has 3 fields, the header has 2"),
+    ],
+)
+def test_whole_and_streamed_reading_of_a_delimited_file_agree(
+    tmp_path: Path, name: str, text: str, rows: list[dict[str, str]] | None, error: str | None
+) -> None:
+    """`read_table` (columns) and `stream_records` (chunks of rows) share one reader: same rows, same refusals."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    if error is not None:
+        _fails(f"{path}: {error}", read_table, path)
+        _fails(f"{path}: {error}", lambda: list(stream_records(path, 1)))
+        return
+    assert rows is not None
+    columns = read_table(path)
+    assert columns == {"a": [row["a"] for row in rows], "b": [row["b"] for row in rows]}
+    assert [row for chunk in stream_records(path, 1) for row in chunk] == rows
 
 
 def test_invalid_json_line(tmp_path: Path) -> None:

@@ -94,22 +94,12 @@ def read_table(path: str | Path) -> Columns:
 
 def _read_delimited(path: Path, delimiter: str) -> Columns:
     """A csv or tsv file with a header line; every row must have as many fields as the header."""
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as handle:
-            rows = csv.reader(handle, delimiter=delimiter)
-            header = next(rows, None)
-            if header is None:
-                raise AfloraError(f"{path}: empty file, expected a header line naming the columns")
-            if len(set(header)) != len(header):
-                raise AfloraError(f"{path}: repeated column names in the header: {', '.join(header)}")
-            columns: Columns = {name: [] for name in header}
-            for number, row in enumerate((row for row in rows if row), start=1):
-                if len(row) != len(header):
-                    raise AfloraError(f"{path}: row {number} has {len(row)} fields, the header has {len(header)}")
-                for name, value in zip(header, row, strict=True):
-                    columns[name].append(value)
-    except csv.Error as err:
-        raise AfloraError(f"{path}: not a valid {path.suffix[1:]} file: {err}") from None
+    lines = _delimited_lines(path, delimiter)
+    header = next(lines)
+    columns: Columns = {name: [] for name in header}
+    for row in lines:
+        for name, value in zip(header, row, strict=True):
+            columns[name].append(value)
     return columns
 
 
@@ -221,7 +211,16 @@ def _jsonl_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _delimited_records(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
-    """A csv or tsv file's rows as objects keyed by its header (checked as `_read_delimited` does)."""
+    """A csv or tsv file's rows as objects keyed by its header."""
+    lines = _delimited_lines(path, delimiter)
+    header = next(lines)
+    for row in lines:
+        yield dict(zip(header, row, strict=True))
+
+
+def _delimited_lines(path: Path, delimiter: str) -> Iterator[list[str]]:
+    """The header line (checked: present, no repeated names), then every non-blank row, checked to have as many
+    fields as the header."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             rows = csv.reader(handle, delimiter=delimiter)
@@ -230,10 +229,11 @@ def _delimited_records(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
                 raise AfloraError(f"{path}: empty file, expected a header line naming the columns")
             if len(set(header)) != len(header):
                 raise AfloraError(f"{path}: repeated column names in the header: {', '.join(header)}")
+            yield header
             for number, row in enumerate((row for row in rows if row), start=1):
                 if len(row) != len(header):
                     raise AfloraError(f"{path}: row {number} has {len(row)} fields, the header has {len(header)}")
-                yield dict(zip(header, row, strict=True))
+                yield row
     except csv.Error as err:
         raise AfloraError(f"{path}: not a valid {path.suffix[1:]} file: {err}") from None
 
