@@ -50,18 +50,23 @@ def _manifest(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
-@functools.cache
-def _quickstart() -> Path:
-    """A folder where the set-up example ran (once per session): `runs/quickstart` with its checkpoints."""
-    folder = _with_recipes(Path(tempfile.mkdtemp(prefix="aflora-doc-quickstart-")))
+def _ran_in_a_new_folder(name: str, train_settings: list[str]) -> Path:
+    """A new folder (with the recipes, removed at exit) in which the example `name` ran."""
+    folder = _with_recipes(Path(tempfile.mkdtemp(prefix=f"aflora-doc-{name}-")))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     here = Path.cwd()
     os.chdir(folder)
     try:
-        run_shell(example("setup-quickstart").text, TINY)
+        run_shell(example(name).text, train_settings)
     finally:
         os.chdir(here)
     return folder
+
+
+@functools.cache
+def _quickstart() -> Path:
+    """A folder where the set-up example ran (once per session): `runs/quickstart` with its checkpoints."""
+    return _ran_in_a_new_folder("setup-quickstart", TINY)
 
 
 def test_the_set_up_example_trains_the_quickstart() -> None:
@@ -154,15 +159,7 @@ def test_the_test_command_of_readme_and_docs_is_the_one_ci_runs() -> None:
 
 @functools.cache
 def _lm_quickstart() -> Path:
-    folder = _with_recipes(Path(tempfile.mkdtemp(prefix="aflora-doc-lm-")))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    here = Path.cwd()
-    os.chdir(folder)
-    try:
-        run_shell(example("lm-quickstart").text, TINY_LM)
-    finally:
-        os.chdir(here)
-    return folder
+    return _ran_in_a_new_folder("lm-quickstart", TINY_LM)
 
 
 @pytest.mark.slow
