@@ -12,12 +12,17 @@ then the root; adapters whole). Then aflora's `TrainingStep` (forward, backward,
 of the sharded path, freezer scores, AdamW) runs on random token batches: one warm-up step, then `--steps` timed.
 
 Models: `llama-300m` is the 374 M-parameter LLaMA of `memory.py` (random weights, saved once under
-`~/.cache/aflora-benchmarks/`); `llama-small` a 4-block LLaMA of 28 M parameters built the same way, for a quick
-look. Figures per rank, from Linux `/proc/self/status` in processes whose allocator returns freed blocks at once:
-`load_peak` (VmHWM while loading, adapting and sharding), `rss_after_setup` (VmRSS after that: a sharded rank
-then keeps its shard of the base), `steps_peak` (VmHWM during the timed steps, reset after the warm-up step), all
-above `rss_before_load`; `step_s` is the median step time. Times come from the same processes (the allocator
-setting slows steps a little, alike for both modes); with two ranks on a shared 2-core machine they say little.
+`~/.cache/aflora-benchmarks/`); `llama-small` a 4-block LLaMA of 45 M parameters (two thirds of them embeddings
+and output layer) built the same way, for a quick look. The loaded weights are copied into the process's own
+memory (as a copy to a GPU would be) rather than left as pages of the mapped safetensors file, which the resident
+size counts only once touched.
+
+Figures per rank: `param_bytes`, what the rank's parameters store (its shards under FSDP); from Linux
+`/proc/self/status`, in processes whose allocator returns freed blocks at once, `load_peak` (VmHWM while loading,
+adapting and sharding), `rss_after_setup` (VmRSS after that), `steps_peak` (VmHWM during the timed steps, reset
+after the warm-up step), all above `rss_before_load`; `step_s`, the median step time. Times come from the same
+processes (the allocator setting slows steps a little, alike for both modes); two ranks on a shared 2-core
+machine make them say little.
 """
 
 from __future__ import annotations
@@ -40,7 +45,13 @@ import memory_model
 from common import machine, offline_and_quiet
 
 MODES = ("ddp", "fsdp")
-SMALL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8}
+SMALL = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
 
 
 def _model_dir(name: str) -> Path:
@@ -55,6 +66,11 @@ def _model_dir(name: str) -> Path:
         config = {**memory_model.MODELS["llama-300m"].config(), **SMALL}
         LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(folder)
     return folder
+
+
+def _local(param: Any) -> Any:
+    """The part of a parameter this rank stores: its shard if FSDP sharded it."""
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def worker(mode: str, name: str, storage: str, batch: str, steps: int, out: Path) -> None:
@@ -79,6 +95,9 @@ def worker(mode: str, name: str, storage: str, batch: str, steps: int, out: Path
     memory._reset_peak()
     model = BaseStorage(storage).from_pretrained(AutoModelForCausalLM, _model_dir(name), torch.device("cpu"))
     model.config.use_cache = False
+    with torch.no_grad():  # weights in the process's own memory, as a GPU copy would be, not pages of the file
+        for param in model.parameters():
+            param.data = param.data.clone()
     adapters = add_adapters(model, {"adapter": {"rank": 4}})
     if mode == "fsdp":
         sharding.shard(model, adapter_parameters(model, []).values(), FsdpConfig(), group)
@@ -116,6 +135,7 @@ def worker(mode: str, name: str, storage: str, batch: str, steps: int, out: Path
         "storage": storage,
         "batch": batch,
         "base_params": sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and "lambda_" not in n),
+        "param_bytes": sum(_local(p).numel() * p.element_size() for p in model.parameters()),
         "rss_before_load": before * 1024,
         "load_peak": (load_peak - before) * 1024,
         "rss_after_setup": (after_setup - before) * 1024,
@@ -152,7 +172,7 @@ def report(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-KEYS = ("load_peak", "rss_after_setup", "steps_peak", "step_s")
+KEYS = ("param_bytes", "load_peak", "rss_after_setup", "steps_peak", "step_s")
 
 
 def main() -> None:
