@@ -29,16 +29,19 @@ FSDP = {"reshard_after_forward": True}
 
 
 def _lm(out: Path, files: dict[str, Path], fsdp: dict[str, Any] | None, kind: str = "llama") -> dict[str, Any]:
-    """8 steps of 2 x 4 rows (4 per epoch), freezing over steps 2-4, evaluated and saved at each epoch's end."""
-    training: dict[str, Any] = {"max_steps": 8, "batch_size": 4, "max_length": 64, "lr": 1e-2, "log_every": 1}
+    """8 steps of 2 processes x 2 micro-batches x 2 rows (4 steps per epoch), freezing over steps 2-4, evaluated
+    and saved at each epoch's end."""
+    training: dict[str, Any] = {"max_steps": 8, "batch_size": 2, "gradient_accumulation": 2, "max_length": 64}
+    training.update({"lr": 1e-2, "log_every": 1})
     if fsdp is not None:
         training["fsdp"] = fsdp
     return lm_recipe(out, kind, files, training=training, freezing={"t_i": 2, "t_f": 4})
 
 
-def _train(tmp_path: Path, name: str, raw: dict[str, Any], *extra: str) -> Path:
+def _train(tmp_path: Path, name: str, raw: dict[str, Any]) -> Path:
+    """`aflora train` of `raw` on two processes; its output_dir."""
     recipe = write_recipe(tmp_path / f"{name}.yaml", raw)
-    torchrun(2, ["-m", "aflora_cli", "train", str(recipe), *extra])
+    torchrun(2, ["-m", "aflora_cli", "train", str(recipe)])
     return Path(raw["output_dir"])
 
 
