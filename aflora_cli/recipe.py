@@ -87,6 +87,16 @@ class DataConfig(_Section):
         return self
 
 
+class FsdpConfig(_Section):
+    """Sharded training (PyTorch FSDP2) under `torchrun` or `accelerate launch`: each decoder block's base weights
+    are split across the processes and gathered only while the block runs. `reshard_after_forward` frees a
+    block's gathered weights after its forward pass (less memory, one more gather in the backward pass);
+    `cpu_offload` keeps the sharded base weights in CPU memory between uses (CUDA only)."""
+
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+
 class TrainingConfig(_Section):
     """Optimisation: AdamW with linear warmup and decay, as in LoRA."""
 
@@ -112,6 +122,15 @@ class TrainingConfig(_Section):
     log_every: int = Field(default=10, gt=0)
     # a run whose steps are non-finite this many times in a row has diverged: it stops (None: never)
     max_nonfinite_steps: int | None = Field(default=5, gt=0)
+    fsdp: FsdpConfig | None = None  # None: every process holds the whole base (DDP)
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_switch(cls, value: Any) -> Any:
+        """`fsdp: true` is FSDP with the defaults, `fsdp: false` none at all."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class EvalConfig(_Section):

@@ -116,6 +116,8 @@ NOTES = {
     "training.save_every": "save `last` every this many steps (default: at each epoch's end) and at the end",
     "training.log_every": "log the training loss every this many steps, and at every step a PM froze",
     "training.max_nonfinite_steps": "stop the run after this many consecutive non-finite steps (null: never)",
+    "training.fsdp.reshard_after_forward": "free a block's gathered weights after its forward pass",
+    "training.fsdp.cpu_offload": "keep the sharded base weights in CPU memory between uses (CUDA only)",
     "eval.sort_by_length": "score in longest-first batches: less padding, numbers equal up to float rounding",
     "eval.max_new_tokens": "text: at most this many generated tokens per row",
     "eval.num_beams": "text: beam search width (1: greedy)",

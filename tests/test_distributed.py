@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_runs import STEPS, assert_schedule_followed, manifest
+from launch import torchrun
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -39,25 +39,6 @@ def _tiny_bert_dir(path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(processes: int, program: list[str]) -> None:
-    """`program` (`-m module ...` or `script ...`) under torchrun with `processes` CPU processes."""
-    tests = str(Path(__file__).resolve().parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *program,
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def _train(recipe: Path, processes: int) -> None:
     if processes == 1:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -65,7 +46,7 @@ def _train(recipe: Path, processes: int) -> None:
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     else:
-        _torchrun(processes, ["-m", "aflora_cli", "train", str(recipe)])
+        torchrun(processes, ["-m", "aflora_cli", "train", str(recipe)])
 
 
 def test_two_processes_freeze_like_one(tmp_path: Path) -> None:
@@ -94,7 +75,7 @@ def test_two_processes_freeze_like_one(tmp_path: Path) -> None:
 def test_trainer_callback_under_two_processes_freezes_alike_on_every_rank(tmp_path: Path) -> None:
     model_dir = _tiny_bert_dir(tmp_path / "tiny-bert")
     out = tmp_path / "run"
-    _torchrun(2, [str(Path(__file__).with_name("hf_ddp_run.py")), str(model_dir), str(out)])
+    torchrun(2, [str(Path(__file__).with_name("hf_ddp_run.py")), str(model_dir), str(out)])
 
     ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
@@ -165,8 +146,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) 
         training={"max_steps": 8, "batch_size": 4, "save_every": 6},
     )
     recipe = write_recipe(tmp_path / "run.yaml", raw)
-    _torchrun(2, [str(Path(__file__).with_name("ddp_stop_run.py")), str(recipe), str(tmp_path)])
+    torchrun(2, [str(Path(__file__).with_name("ddp_stop_run.py")), str(recipe), str(tmp_path)])
     assert [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["3", "3"]
     assert json.loads((tmp_path / "run" / "last" / MANIFEST_FILE).read_text())["step"] == 3
-    _torchrun(2, ["-m", "aflora_cli", "train", str(recipe), "--resume"])
+    torchrun(2, ["-m", "aflora_cli", "train", str(recipe), "--resume"])
     assert json.loads((tmp_path / "run" / "last" / MANIFEST_FILE).read_text())["step"] == 8

@@ -96,7 +96,8 @@ def test_the_recipe_reference_has_a_row_for_every_key_with_type_default_and_rang
     assert f"| `report_to` | {trackers} | `[]` |" in sections["logging"]
     assert "| `project` | str | `aflora` | length ≥ 1 |" in sections["logging"]
     rows = re.findall(r"^\| `\w+` \|.*$", page, flags=re.M)
-    assert len(rows) == len(_fields(Recipe)) + 8  # and one row per section: seven at the top, quantization in model
+    # and one row per section: seven at the top, quantization in model, fsdp in training
+    assert len(rows) == len(_fields(Recipe)) + 9
     assert [row for row in rows if row.endswith("|  |")] == []  # every key has a description
     seed_row = "| `seed` | int or null | null |  | draws the max_*_samples subsets; default: the run's seed |"
     assert seed_row in sections["data"]  # the comment on the field's line

@@ -394,3 +394,21 @@ def test_ddp_without_unused_parameter_search_is_refused(tmp_path: Path, monkeypa
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     with pytest.raises(AfloraError, match="ddp_find_unused_parameters=False cannot work"):
         callback.on_train_begin(args, TrainerState(max_steps=4), TrainerControl(), model=model, optimizer=optimizer)
+
+
+def test_the_trainers_fsdp_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP through the Trainer's `fsdp` argument, or through `accelerate launch` with an FSDP config (which sets
+    ACCELERATE_USE_FSDP): refused while the Trainer is built, saying what to do instead."""
+    from transformers import TrainerControl, TrainerState
+
+    model = tiny_bert()
+    add_adapters(model, CONFIG)
+    callback = AfloraCallback(CONFIG, data=REVIEWS_DATA)
+    fragments = ("the Trainer's FSDP", "not supported", "train under DDP", "training.fsdp")
+    args = TrainingArguments(str(tmp_path), fsdp=True, report_to=[], use_cpu=True)
+    with pytest.raises(AfloraError) as raised:
+        callback.on_init_end(args, TrainerState(), TrainerControl(), model=model)
+    assert raised.value.args[0].startswith("AfloraCallback: ") and "\n" not in str(raised.value)
+    assert all(fragment in str(raised.value) for fragment in fragments)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    _build_refused(model, [callback], tmp_path, *fragments)

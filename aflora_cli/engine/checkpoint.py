@@ -27,17 +27,25 @@ from aflora_cli.errors import AfloraError, first_line
 _ADAPTER_TENSORS = ("lora_A", "lora_B", "lambda_d", "lambda_b")
 
 
-def adapter_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
-    """`<module>.lora_A/.lora_B/.lambda_d/.lambda_b` of every adapter plus the head by parameter name."""
-    state: dict[str, torch.Tensor] = {}
+def adapter_parameters(model: nn.Module, head_names: list[str]) -> dict[str, nn.Parameter]:
+    """`<module>.lora_A/.lora_B/.lambda_d/.lambda_b` of every adapter plus the head, by parameter name: what a
+    checkpoint holds."""
+    found: dict[str, nn.Parameter] = {}
     for name, module in adapter_modules(model).items():
         for tensor_name in _ADAPTER_TENSORS:
             tensor = getattr(module, tensor_name)
             if tensor is not None:
-                state[f"{name}.{tensor_name}"] = tensor.detach()
+                found[f"{name}.{tensor_name}"] = tensor
     params = dict(model.named_parameters())
-    state.update({name: params[name].detach() for name in head_names})
-    return {name: tensor.to("cpu").contiguous() for name, tensor in state.items()}
+    found.update({name: params[name] for name in head_names})
+    return found
+
+
+def adapter_state(model: nn.Module, head_names: list[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (`adapter_parameters`), detached, on the CPU."""
+    return {
+        name: param.detach().to("cpu").contiguous() for name, param in adapter_parameters(model, head_names).items()
+    }
 
 
 @contextmanager

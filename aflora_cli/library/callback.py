@@ -19,6 +19,7 @@ optimizer state the Trainer saves then loads into the fresh optimizer it builds 
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,8 @@ class AfloraCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """Misuse fails while the Trainer is built: no adapters, other settings, a second AfloraCallback."""
+        """Misuse fails while the Trainer is built: no adapters, other settings, a second AfloraCallback, FSDP."""
+        _refuse_fsdp(args)
         if model is not None:
             self._claim(model, state)
 
@@ -104,6 +106,7 @@ class AfloraCallback(TrainerCallback):
         """Check the set-up, build the freezer on the Trainer's step count; resuming, restore it."""
         if model is None or optimizer is None:
             raise AfloraError("AfloraCallback: the Trainer passed no model or optimizer to on_train_begin")
+        _refuse_fsdp(args)
         adapters = self._claim(model, state)
         if args.parallel_mode == ParallelMode.DISTRIBUTED and args.ddp_find_unused_parameters is False:
             raise AfloraError(
@@ -328,6 +331,17 @@ class AfloraCallback(TrainerCallback):
             write_card(into, manifest)
 
         write_checkpoint_files(folder, model, self.adapted.head_names, manifest, extra=save_freezer)
+
+
+def _refuse_fsdp(args: TrainingArguments) -> None:
+    """The Trainer's FSDP (its `fsdp` argument, or `accelerate launch` with an FSDP config) shards the PMs with the
+    base: each rank would hold a slice of every PM's gradient and score only that slice. Refused in one line."""
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise AfloraError(
+            "AfloraCallback: the Trainer's FSDP (the fsdp argument, or accelerate's FSDP plugin) is not supported: it "
+            "shards the PMs, and each rank would score only its slice of them; train under DDP (no fsdp argument, "
+            "no FSDP config for accelerate launch), or shard the base with `aflora train` and training.fsdp"
+        )
 
 
 def _manifest_schedule(folder: Path) -> dict[str, Any] | None:

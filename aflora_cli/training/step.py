@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from aflora_cli.engine.freezing import Freezer, release_from_optimizer
 from aflora_cli.recipe import TrainingConfig
 from aflora_cli.training.distributed import ProcessGroup
+from aflora_cli.training.sharding import average_gradients
 
 
 def build_optimizer(model: torch.nn.Module, head_names: Sequence[str], cfg: TrainingConfig) -> torch.optim.AdamW:
@@ -63,7 +64,8 @@ class TrainingStep:
     """Forward, backward and the optimizer step of one model, its freezer and its optimizer.
 
     `step` counts the optimizer steps taken; frozen PMs leave the optimizer and, under DDP, the model is
-    wrapped again so DDP tracks only what still trains.
+    wrapped again so DDP tracks only what still trains. A `sharded` model (FSDP, `training/sharding.py`) is
+    wrapped already: its trainable parameters are whole on every rank, and their gradients are averaged here.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class TrainingStep:
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         max_grad_norm: float | None = None,
         frozen_numel: int = 0,
+        sharded: bool = False,
     ) -> None:
         self.model, self.freezer, self.optimizer, self.scheduler, self.scaler = (
             model,
@@ -87,12 +90,13 @@ class TrainingStep:
         )
         self.group, self.precision, self.max_grad_norm = group, precision, max_grad_norm
         self.frozen_numel = frozen_numel  # parameters of the PMs frozen so far
+        self.sharded = sharded
         self.wrap()
 
     def wrap(self) -> None:
         """(Re)wrap the model in DDP; done again whenever PMs freeze so DDP tracks the right parameters."""
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if self.group.distributed:
+        if self.group.distributed and not self.sharded:
             ids = [self.group.device.index] if self.group.device.type == "cuda" else None
             self.forward_model: torch.nn.Module = DistributedDataParallel(self.model, device_ids=ids)
         else:
@@ -106,14 +110,15 @@ class TrainingStep:
         return torch.autocast(self.group.device.type, dtype=dtype)
 
     def forward_backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Accumulate gradients over the step's micro-batches; DDP reduces them on the last one."""
+        """Accumulate gradients over the step's micro-batches; DDP reduces them on the last one (a sharded model's
+        trainable gradients are averaged after it)."""
         total = torch.zeros((), device=self.group.device)
         for i, batch in enumerate(micro_batches):
             batch = {key: value.to(self.group.device) for key, value in batch.items()}
             last = i == len(micro_batches) - 1
             sync = (
                 cast(DistributedDataParallel, self.forward_model).no_sync()
-                if self.group.distributed and not last
+                if self.group.distributed and not self.sharded and not last
                 else nullcontext()
             )
             with sync:
@@ -121,6 +126,8 @@ class TrainingStep:
                     loss = self.forward_model(**batch).loss.float() / len(micro_batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+        if self.sharded:
+            average_gradients(self.trainable, self.group.world_size)
         if self.group.distributed:
             torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
         return total

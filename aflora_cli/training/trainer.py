@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from aflora_cli.adapted.building import AdaptedModel, RunLayout, build_adapted, load_base, run_manifest, task_for
 from aflora_cli.adapted.model_card import checkpoint_card
 from aflora_cli.engine.checkpoint import (
+    adapter_parameters,
     find_checkpoint,
     load_weights_into,
     read_state,
@@ -37,7 +38,7 @@ from aflora_cli.errors import AfloraError
 from aflora_cli.recipe import Recipe, differing_key, parse_recipe
 from aflora_cli.tasks import Prediction, Row, Task, TaskData
 from aflora_cli.tasks.packing import check_packed_attention
-from aflora_cli.training import distributed
+from aflora_cli.training import distributed, sharding
 from aflora_cli.training.output_lock import OutputLock
 from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
 from aflora_cli.training.tracking import RunInfo, RunTrackers, open_trackers, require, run_name
@@ -234,6 +235,7 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         base = load_base(recipe)
         self.task: Task = task_for(recipe, base)
+        sharding.check_fsdp(recipe, self.task.family, self.group)
         if recipe.training.packing:
             self.task.packed_collate(base.tokenizer)  # refused in one line where packing cannot work
         self.data: TaskData = self._load_data(base.tokenizer)
@@ -250,7 +252,13 @@ class Trainer:
         self.adapted: AdaptedModel = build_adapted(recipe, self.task, base, self.group.device)
         if recipe.training.gradient_checkpointing:
             self._checkpoint_activations()
-        self.model = place(self.adapted.model, self.group.device)
+        fsdp = recipe.training.fsdp
+        if fsdp is not None:
+            whole = adapter_parameters(self.adapted.model, self.adapted.head_names).values()
+            sharding.shard(self.adapted.model, whole, fsdp, self.group)
+            self.model = self.adapted.model
+        else:
+            self.model = place(self.adapted.model, self.group.device)
         if recipe.training.packing:
             self._check_packing()
         self.freezer = Freezer.from_config(
@@ -281,6 +289,7 @@ class Trainer:
             recipe.precision,
             recipe.training.max_grad_norm,
             frozen_numel,
+            sharded=fsdp is not None,
         )
         if trackers and self.group.is_main:
             run = RunInfo(
@@ -506,9 +515,11 @@ class Trainer:
         return results
 
     def _evaluate(self) -> dict[str, Any] | None:
-        """The task's metrics on every eval split (on the main process); row predictions kept for the report."""
+        """The task's metrics on every eval split (on the main process); row predictions kept for the report.
+        A sharded model runs its forward passes on every rank together (each gathers the base's shards), so
+        there every rank evaluates the same rows and the main process reports them."""
         results = None
-        if self.group.is_main:
+        if self.group.is_main or self.steps.sharded:
             splits: dict[str, dict[str, float]] = {}
             for split, rows in self.data.evaluation.items():
 
