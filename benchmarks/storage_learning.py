@@ -6,7 +6,8 @@
     python benchmarks/storage_learning.py --report                         # the table from the raw results
 
 Each run is `aflora train recipes/quickstart-lm.yaml --set seed=…` over the base stored as named (STORAGES;
-`packed` is the fp32 base with `training.packing=true`); its record keeps the ROUGE-L gain the run prints. Runs already in the results file are skipped. Details: RESULTS.md.
+`packed` is the fp32 base with `training.packing=true`); its record keeps the ROUGE-L gain the run prints. Runs
+already in the results file are skipped. Details: RESULTS.md.
 """
 
 from __future__ import annotations
