@@ -6,12 +6,30 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from aflora_cli.engine.base_model import resolve_model_dir
 from aflora_cli.recipe import Recipe, parse_recipe
 from aflora_cli.training.trainer import Trainer
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def tiny_bert_dir(path: Path, **config: Any) -> Path:
+    """A 2-layer BERT of hidden size 32 (seed 0) with MiniLM's tokenizer, saved in `path` unless it is there
+    already: `aflora train` loads it in a second. `config` overrides BertConfig's values."""
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(MINILM))
+    torch.manual_seed(0)
+    settings = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 48}
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, **(settings | config))).save_pretrained(
+        path
+    )
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def quick_recipe(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -5,31 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-from aflora_cli.engine.base_model import resolve_model_dir
-from runs import MINILM
-
-
-def tiny_bert_dir(path: Path) -> Path:
-    """A 2-layer BERT of hidden size 32 with MiniLM's tokenizer: `aflora train` loads it in a second."""
-    if (path / "config.json").is_file():
-        return path
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(MINILM))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def base_recipe(model: Path, steps: int = 4, save_every: int | None = None) -> dict[str, Any]:

@@ -14,29 +14,14 @@ import torch
 from hf_runs import STEPS, assert_schedule_followed, manifest
 from launch import torchrun
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from aflora_cli.engine.base_model import resolve_model_dir
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
-from runs import MINILM, quick_recipe, write_recipe
+from runs import quick_recipe, tiny_bert_dir, write_recipe
 
 
 def _tiny_bert_dir(path: Path) -> Path:
     """A small BERT without dropout, so one and two processes see the same function."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(MINILM))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_bert_dir(path, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _train(recipe: Path, processes: int) -> None:

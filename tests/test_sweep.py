@@ -23,7 +23,8 @@ from aflora_cli.commands.sweep.pool import shell_command
 from aflora_cli.commands.sweep.report import front_table, report_markdown, summarize
 from aflora_cli.commands.sweep.spec import load_sweep
 from aflora_cli.commands.sweep.stats import T_975, paired
-from sweep_runs import base_recipe, spec, tiny_bert_dir, write_spec
+from runs import tiny_bert_dir
+from sweep_runs import base_recipe, spec, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
