@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist starts its workers with COLUMNS=80 (and LINES): the CLI's consoles, made when it is imported, would
+# keep that width for the whole worker, so tests that give their own COLUMNS would see other line breaks than in
+# one process. Without it, each console reads the width a test sets, as it does when pytest runs alone.
+for name in ("COLUMNS", "LINES"):
+    os.environ.pop(name, None)
+
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
