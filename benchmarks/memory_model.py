@@ -3,6 +3,9 @@ AdamW's state, and the activations kept for the backward pass, with and without 
 
     python benchmarks/memory_model.py                      # LLaMA-7B, the authors' GSM8K settings, batch 1 x 256
     python benchmarks/memory_model.py --model smollm2 --batch 4x128
+    python benchmarks/memory_model.py --sharded                 # LLaMA-7B/13B/70B per GPU under training.fsdp
+    python benchmarks/memory_model.py --measured benchmarks/results/memory.json \
+        --fsdp benchmarks/results/fsdp_memory_llama300m_fp32.json   # the sharded model against fsdp_memory.py
 
 Its bytes per base parameter, per adapter and per token of activations, in words: benchmarks/RESULTS.md,
 "How memory_model.py counts".
@@ -71,12 +74,16 @@ class Llama:
 
 MODELS = {
     "llama-7b": Llama(4096, 11008, 32, 32, 32, 32000, tied=False),
+    "llama-13b": Llama(5120, 13824, 40, 40, 40, 32000, tied=False),
+    "llama-70b": Llama(8192, 28672, 80, 64, 8, 32000, tied=False),  # LLaMA-2-70B: grouped-query attention
     "smollm2": Llama(576, 1536, 30, 9, 3, 49152, tied=True),
     "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # memory.py builds it from these sizes
 }
 # (rank, targets with A/B trainable at the start, targets with A/B frozen) per setting
 SETTINGS = {
     "llama-7b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),  # authors' GSM8K scripts
+    "llama-13b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),  # the same settings
+    "llama-70b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),
     "smollm2": (4, ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]),  # the paper
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -182,6 +189,68 @@ def training_bytes(model: Llama, storage: str, run: Run, vectors: bool = True) -
     return parts | {"total": sum(parts.values())}
 
 
+def sharded_bytes(model: Llama, storage: str, run: Run, processes: int, vectors: bool = True) -> dict[str, float]:
+    """One process's bytes under `training.fsdp` on `processes` processes: its shard of the base, plus the rest of
+    what FSDP gathers whole while it computes — the root unit (embeddings, output layer, final norm: gathered at
+    the first forward and kept for the backward) and two decoder blocks (the one computing and the next,
+    prefetched); the adapters with their gradients and AdamW state whole on every process (training/sharding.py);
+    the activations of the process's own rows. One process is `training_bytes` (nothing is sharded)."""
+    parts = training_bytes(model, storage, run, vectors)
+    if processes == 1:
+        return parts
+    width = DTYPE_BYTES[run.dtype]
+    block = (model.block_linear_params() // model.layers + 2 * model.hidden) * width
+    root = (model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden) * width
+    parts = parts | {"base": parts["base"] / processes, "gathered": (root + 2 * block) * (1 - 1 / processes)}
+    return parts | {"total": parts["base"] + parts["gathered"] + parts["adapters"] + parts["activations"]}
+
+
+def sharded_table(rows: int = 1, length: int = 256, gpus: tuple[int, ...] = (1, 2, 4, 8)) -> str:
+    """GB per GPU for LLaMA-7B, 13B and 70B on a bf16 base with the authors' GSM8K settings and gradient
+    checkpointing, by the number of GPUs `training.fsdp` shards over (one: no sharding)."""
+    heads = " | ".join(f"{n} GPU" + ("s" if n > 1 else "") for n in gpus)
+    lines = [
+        f"| model | base parameters | {heads} |",
+        "|---|---:|" + "---:|" * len(gpus),
+    ]
+    for name in ("llama-7b", "llama-13b", "llama-70b"):
+        model = MODELS[name]
+        rank, trainable, frozen = SETTINGS[name]
+        run = Run("bf16", rank, tuple(trainable), tuple(frozen), rows, length, checkpointing=True)
+        cells = [f"{sharded_bytes(model, 'bf16', run, n)['total'] / GB:.1f}" for n in gpus]
+        billions = (model.block_linear_params() + model.other_params()) / 1e9
+        lines.append(f"| {name} | {billions:.1f} B | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def compare_sharded(fsdp_records: list[dict[str, Any]], memory_records: list[dict[str, Any]]) -> str:
+    """`sharded_bytes` against `fsdp_memory.py`'s step peaks per process (DDP as one unsharded process), alone and
+    with the process overhead fitted on memory.py's SmolLM2 records, as `compare` does."""
+    overhead = process_overhead(memory_records)
+    lines = [
+        "| model | base | mode | batch | measured (MiB) | model (MiB) | model / measured | + overhead / measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for record in fsdp_records:
+        key = (record["model"], record["storage"], record["mode"], record["batch"])
+        if key in seen:  # every rank holds the same; one row per mode
+            continue
+        seen.add(key)
+        rank, trainable, frozen, vectors = PROBED["aflora"]
+        rows, length = (int(part) for part in record["batch"].split("x"))
+        run = Run(record["storage"], rank, trainable, frozen, rows, length)
+        processes = 2 if record["mode"] == "fsdp" else 1
+        predicted = sharded_bytes(MODELS[record["model"]], record["storage"], run, processes, vectors)["total"]
+        measured, extra = record["steps_peak"], overhead.get(record["storage"])
+        with_overhead = "—" if extra is None else f"{(predicted + extra) / measured:.2f}"
+        lines.append(
+            f"| {record['model']} | {record['storage']} | {record['mode']} | {record['batch']} | "
+            f"{measured / 2**20:.0f} | {predicted / 2**20:.0f} | {predicted / measured:.2f} | {with_overhead} |"
+        )
+    return "\n".join(lines)
+
+
 def table(name: str, rows: int, length: int) -> str:
     """What the model needs in each storage, with the activations of a `rows` x `length` batch."""
     model = MODELS[name]
@@ -276,9 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, default="llama-7b")
     parser.add_argument("--batch", default="1x256", help="ROWSxTOKENS of the activations (default: the authors')")
     parser.add_argument("--measured", type=Path, help="compare with memory.py's records (a results JSON file)")
+    parser.add_argument("--fsdp", type=Path, help="with --measured: compare with fsdp_memory.py's records instead")
+    parser.add_argument("--sharded", action="store_true", help="GB per GPU of 7B/13B/70B under training.fsdp")
     args = parser.parse_args(argv)
     if args.measured:
-        print(compare(json.loads(args.measured.read_text())["runs"]))
+        runs = json.loads(args.measured.read_text())["runs"]
+        if args.fsdp:
+            print(compare_sharded(json.loads(args.fsdp.read_text())["records"], runs))
+        else:
+            print(compare(runs))
+        return 0
+    if args.sharded:
+        print(sharded_table())
         return 0
     rows, length = (int(part) for part in args.batch.split("x"))
     print(table(args.model, rows, length))

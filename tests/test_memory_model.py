@@ -13,7 +13,18 @@ from text_runs import model_dir
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from memory_model import Llama, Run, activation_bytes, base_bytes, predicted_peak, process_overhead
+from memory_model import (
+    MODELS,
+    PROBED,
+    Llama,
+    Run,
+    activation_bytes,
+    base_bytes,
+    predicted_peak,
+    process_overhead,
+    sharded_bytes,
+    training_bytes,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -151,3 +162,35 @@ def test_with_the_overhead_fitted_on_smollm2_the_model_predicts_the_300m_llama_w
     for record in held_out:
         ratio = (predicted_peak(record) + overhead[record["storage"]]) / record["steps_peak"]
         assert 0.85 <= ratio <= 1.15, record
+
+
+def test_sharding_divides_the_base_and_adds_what_fsdp_gathers_whole() -> None:
+    """Worked by hand on a small LLaMA (hidden 8, FFN 16, 2 blocks, vocabulary 10, untied) in bf16: per block the
+    seven linears hold 4·64 + 3·128 = 640 weights, plus two norms of 8; the root holds 2·10·8 embedding and
+    output weights plus the final norm's 8. On 4 processes each keeps a quarter of the base and gathers the other
+    three quarters of the root and of two blocks; adapters and activations are those of one process."""
+    model = Llama(8, 16, 2, 2, 2, 10, tied=False)
+    run = Run("bf16", 2, ("up_proj",), (), 1, 4, checkpointing=True)
+    alone = training_bytes(model, "bf16", run)
+    sharded = sharded_bytes(model, "bf16", run, 4)
+    assert alone["base"] == 2 * (2 * 640 + 2 * 10 * 8 + 5 * 8)
+    assert sharded["base"] == alone["base"] / 4
+    assert sharded["gathered"] == 2 * (2 * 10 * 8 + 8 + 2 * (640 + 2 * 8)) * 3 / 4
+    assert (sharded["adapters"], sharded["activations"]) == (alone["adapters"], alone["activations"])
+    assert sharded["total"] == sharded["base"] + sharded["gathered"] + sharded["adapters"] + sharded["activations"]
+    assert sharded_bytes(model, "bf16", run, 1) == alone
+
+
+def test_the_sharded_model_with_the_fitted_overhead_predicts_two_process_fsdp_within_15_percent() -> None:
+    """RESULTS.md's check of the sharded model, from fsdp_memory.py's raw records (374 M LLaMA, fp32, 2 x 256,
+    two processes): the model plus the process overhead fitted on SmolLM2 (as above) against the measured step
+    peak of a process, under DDP (one unsharded process's bytes) and under FSDP."""
+    overhead = process_overhead(json.loads((BENCHMARKS / "results" / "memory.json").read_text())["runs"])
+    records = json.loads((BENCHMARKS / "results" / "fsdp_memory_llama300m_fp32.json").read_text())["records"]
+    rank, trainable, frozen, vectors = PROBED["aflora"]
+    assert {r["mode"] for r in records} == {"ddp", "fsdp"}
+    for record in records:
+        run = Run("fp32", rank, trainable, frozen, 2, 256)
+        processes = 2 if record["mode"] == "fsdp" else 1
+        predicted = sharded_bytes(MODELS["llama-300m"], "fp32", run, processes, vectors)["total"]
+        assert 0.85 <= (predicted + overhead["fp32"]) / record["steps_peak"] <= 1.15, record
