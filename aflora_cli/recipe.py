@@ -208,14 +208,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise AfloraError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.max_steps=40")
-    *parents, leaf = key.strip().split(".")
+    set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None, f"--set {assignment!r}")
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Set `a.b.c` of a raw recipe dict to `value`, making the sections on the way; `where` names the setting in
+    the one-line error when a section on the way holds a value."""
+    *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise AfloraError(f"--set {assignment!r}: {part!r} is not a section")
+            raise AfloraError(f"{where}: {part!r} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    node[leaf] = value
 
 
 def parse_recipe(raw: Any, source: str) -> Recipe:

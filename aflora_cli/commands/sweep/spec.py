@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import parse_recipe
+from aflora_cli.recipe import parse_recipe, set_dotted
 
 OWNED_KEYS = ("output_dir", "seed")  # every run's own: set by the sweep, never by a setting
 
@@ -129,19 +129,8 @@ class Sweep:
     def raw_recipe(self, overrides: dict[str, Any]) -> dict[str, Any]:
         raw = copy.deepcopy(self.base)
         for key, value in overrides.items():
-            set_key(raw, key, value)
+            set_dotted(raw, key, copy.deepcopy(value), key)
         return raw
-
-
-def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise AfloraError(f"{dotted}: {part!r} is not a section")
-        node = child
-    node[leaf] = copy.deepcopy(value)
 
 
 def _read_yaml(path: Path, what: str) -> Any:
