@@ -8,7 +8,7 @@ import pytest
 
 from aflora_cli.engine.config import resolve_duration
 from aflora_cli.errors import AfloraError
-from aflora_cli.recipe import load_recipe
+from aflora_cli.recipe import apply_override, load_recipe, set_dotted
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SWEEPS = sorted(RECIPES.glob("sweep-*.yaml"))  # sweep specs (`aflora sweep`), not recipes
@@ -140,3 +140,17 @@ def test_bad_recipes_name_the_file_and_key(tmp_path: Path, text: str, overrides:
 def test_missing_recipe(tmp_path: Path) -> None:
     with pytest.raises(AfloraError, match=r"nope\.yaml: recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_dotted_override_through_a_value_is_refused_in_one_line() -> None:
+    """`--set` (and a sweep's settings, through the same `set_dotted`) makes missing sections on the way, but a key
+    that holds a value is not a section: one line naming the setting."""
+    raw: dict = {"training": {"max_steps": 40}}
+    apply_override(raw, "eval.max_new_tokens=8")
+    assert raw == {"training": {"max_steps": 40}, "eval": {"max_new_tokens": 8}}
+    with pytest.raises(AfloraError) as caught:
+        apply_override(raw, "training.max_steps.x=1")
+    assert str(caught.value) == "--set 'training.max_steps.x=1': 'max_steps' is not a section"
+    with pytest.raises(AfloraError) as caught:
+        set_dotted(raw, "eval.max_new_tokens.y", 2, "settings.a.eval.max_new_tokens.y")
+    assert str(caught.value) == "settings.a.eval.max_new_tokens.y: 'max_new_tokens' is not a section"
