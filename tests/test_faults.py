@@ -264,7 +264,14 @@ def test_a_kill_between_the_renames_of_a_save_resumes_from_the_predecessor(tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["best", "last", METRICS_FILE]
 
 
-def test_cli_sigterm_exits_143_with_one_line_telling_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],  # SIGUSR1: what SLURM's `--signal=USR1@120` sends
+    ids=["SIGTERM", "SIGUSR1"],
+)
+def test_cli_stop_signal_exits_with_its_status_and_one_line_telling_how_to_resume(
+    tmp_path: Path, stop: signal.Signals, status: int
+) -> None:
     raw = quick_recipe(tmp_path / "run", training={"max_steps": 400, "log_every": 1})
     recipe = write_recipe(tmp_path / "recipe.yaml", raw)
     process = subprocess.Popen(
@@ -277,13 +284,14 @@ def test_cli_sigterm_exits_143_with_one_line_telling_how_to_resume(tmp_path: Pat
     metrics = tmp_path / "run" / METRICS_FILE
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert process.poll() is None, process.communicate()
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 143
+    assert process.returncode == status
     step = read_manifest(tmp_path / "run" / "last")["step"]
     assert 2 <= step < 400
     assert stderr.strip().splitlines()[-1] == (
-        f"stopped by SIGTERM at step {step}: `aflora train {recipe} --resume` continues from {tmp_path / 'run'}/last"
+        f"stopped by {stop.name} at step {step}: `aflora train {recipe} --resume` continues from "
+        f"{tmp_path / 'run'}/last"
     )
     assert "Traceback" not in stderr
 
