@@ -200,7 +200,7 @@ def sharded_bytes(model: Llama, storage: str, run: Run, processes: int, vectors:
         return parts
     width = DTYPE_BYTES[run.dtype]
     block = (model.block_linear_params() // model.layers + 2 * model.hidden) * width
-    root = (model.vocab * model.hidden * (1 if model.tied else 2) + model.hidden) * width
+    root = (model.other_params() - 2 * model.layers * model.hidden) * width  # less the blocks' own norms
     parts = parts | {"base": parts["base"] / processes, "gathered": (root + 2 * block) * (1 - 1 / processes)}
     return parts | {"total": parts["base"] + parts["gathered"] + parts["adapters"] + parts["activations"]}
 
@@ -237,11 +237,7 @@ def compare_sharded(fsdp_records: list[dict[str, Any]], memory_records: list[dic
         if key in seen:  # every rank holds the same; one row per mode
             continue
         seen.add(key)
-        rank, trainable, frozen, vectors = PROBED["aflora"]
-        rows, length = (int(part) for part in record["batch"].split("x"))
-        run = Run(record["storage"], rank, trainable, frozen, rows, length)
-        processes = 2 if record["mode"] == "fsdp" else 1
-        predicted = sharded_bytes(MODELS[record["model"]], record["storage"], run, processes, vectors)["total"]
+        predicted = predicted_peak(record | {"method": "aflora"}, 2 if record["mode"] == "fsdp" else 1)
         measured, extra = record["steps_peak"], overhead.get(record["storage"])
         with_overhead = "—" if extra is None else f"{(predicted + extra) / measured:.2f}"
         lines.append(
@@ -291,14 +287,15 @@ PROBED = {
 }
 
 
-def predicted_peak(record: dict[str, Any]) -> float:
-    """The model's bytes for one `memory.py` record (base, adapters with AdamW, activations at the step's peak)."""
+def predicted_peak(record: dict[str, Any], processes: int = 1) -> float:
+    """The model's bytes for one `memory.py` or `fsdp_memory.py` record (base or its shard, adapters with AdamW,
+    activations at the step's peak) on one process of `processes` sharding the base."""
     model = MODELS[record.get("model", "smollm2")]
     rank, trainable, frozen, vectors = PROBED[record["method"]]
     rows, length = (int(part) for part in record["batch"].split("x"))
     dtype = "fp32" if record["storage"] == "fp32" else "bf16"  # the quantized probes compute in bf16
-    run = Run(dtype, rank, trainable, frozen, rows, length, record["checkpointing"])
-    return training_bytes(model, record["storage"], run, vectors)["total"]
+    run = Run(dtype, rank, trainable, frozen, rows, length, record.get("checkpointing", False))
+    return sharded_bytes(model, record["storage"], run, processes, vectors)["total"]
 
 
 def process_overhead(records: list[dict[str, Any]], model: str = "smollm2") -> dict[str, float]:
