@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -272,7 +273,7 @@ def main() -> None:
     def dump() -> None:
         """The counts so far (written after every phase, so a sweep cut short still leaves its figures)."""
         result = {
-            "command": "nice -n 10 python benchmarks/faults.py " + " ".join(sys.argv[1:]),
+            "command": f"nice -n {os.nice(0)} python benchmarks/faults.py " + " ".join(sys.argv[1:]),
             "run": "recipes/quickstart.yaml with " + " ".join(f"--set {s}" for s in SHORT),
             "tried": dict(harness.tried),
             "survived": dict(harness.survived),
