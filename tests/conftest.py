@@ -14,18 +14,20 @@ import pytest
 for name in ("COLUMNS", "LINES"):
     os.environ.pop(name, None)
 
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from aflora_cli.commands.sweep.pool import thread_share  # noqa: E402  (after the path is set; imports no torch)
+
 # Each xdist worker gets its share of the cores for torch's threads, and so does every process it starts (torch
 # reads OMP_NUM_THREADS when it loads, before this file could call set_num_threads). Two workers each running
 # torch's default of one thread per core oversubscribe the cores, and OpenMP's spinning threads then slowed a
 # real-model test 4.8x against a run alone.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
-
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    os.environ.setdefault("OMP_NUM_THREADS", str(thread_share(_workers)))
 
 from aflora_cli.tasks.encoded_cache import CACHE_ENV  # noqa: E402  (after the path is set)
 

@@ -119,9 +119,14 @@ def _start(sweep: Sweep, run: Run, slot: int, env: dict[str, str], gpus: list[st
         )
 
 
+def thread_share(jobs: int) -> int:
+    """Torch threads for each of `jobs` processes sharing this machine's cores: more would oversubscribe them."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def worker_env(jobs: int, gpus: list[str]) -> dict[str, str]:
     """The environment of every run: its share of the CPU's threads (torch reads OMP_NUM_THREADS at start)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = thread_share(jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
