@@ -4,7 +4,7 @@ writers at once and a forced divergence. After each fault the run is resumed to 
 uninterrupted run: bit-identical adapter weights, the same freeze log, the same metrics.jsonl. A fault is
 survived when nothing is lost (or it is refused in one line, exit 2) and no process printed a traceback.
 
-    nice -n 10 python benchmarks/faults.py --out benchmarks/results/faults.json [--kills 50 --terms 10]
+    nice -n 10 python benchmarks/faults.py --out benchmarks/results/faults.json [--kills 50 --terms 10] [--phases …]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ SHORT = [
 ]
 SAVE_POINTS = ("weights", "extra", "manifest", "fsync", "moved_old", "renamed")
 ENV = {**OFFLINE, "OMP_NUM_THREADS": "1"}
+PHASES = ("divergence", "two-writers", "disk", "corrupt", "sigterm", "sigkill")
 
 
 def refusal(code: int, stderr: str) -> str:
@@ -265,6 +266,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one launch may take")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="which faults to try")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="aflora-faults-"))
     harness = Harness(work, args.seed, args.timeout)
@@ -292,15 +294,16 @@ def main() -> None:
 
     done = False
     harness.reference()
-    for phase in (
-        harness.divergence,
-        harness.two_writers,
-        harness.disk_errors,
-        harness.corrupt_files,
-        lambda: harness.sigterms(args.terms),
-        lambda: harness.sigkills(args.kills),
-    ):
-        phase()
+    phases = {
+        "divergence": harness.divergence,
+        "two-writers": harness.two_writers,
+        "disk": harness.disk_errors,
+        "corrupt": harness.corrupt_files,
+        "sigterm": lambda: harness.sigterms(args.terms),
+        "sigkill": lambda: harness.sigkills(args.kills),
+    }
+    for name in args.phases:
+        phases[name]()
         dump()
     done = True
     dump()
