@@ -1,8 +1,11 @@
-"""What the benchmark scripts share: the models, offline subprocesses of `aflora`, timing, result files, the
-process's memory and CPU time, and the machine the numbers were measured on."""
+"""What the benchmark scripts share: the models, fresh processes (of `aflora` or of a script's own function),
+timing, result files and tables, the process's memory and CPU time, and the machine the numbers were measured on.
+
+A script runs as `python benchmarks/NAME.py`, which puts this folder first on `sys.path`: `import common` works."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 MOVIE_REVIEWS = ROOT / "aflora_cli" / "datasets" / "movie_reviews"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -22,6 +26,7 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # s
 # glibc returns large freed blocks to the system at once, so the resident size follows the live tensors (its
 # adaptive threshold would keep freed activations resident and hide a step's peak)
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MIB = 2**20
 
 # The six linear types of a BERT layer, as one regular expression over module names (what PEFT's
 # `target_modules` takes). It is the same set aflora's default targets pick for `bert`.
@@ -72,6 +77,70 @@ def machine() -> dict[str, Any]:
     }
 
 
+# ---- models ---------------------------------------------------------------------------------------------
+
+
+def llama_dir(name: str) -> Path:
+    """A LLaMA of memory_model.MODELS[name]'s sizes with random weights (seed 0), saved once under
+    ~/.cache/aflora-benchmarks (before two processes would race to build it)."""
+    folder = Path.home() / ".cache" / "aflora-benchmarks" / name
+    if not (folder / "config.json").exists():
+        import torch
+        from memory_model import MODELS
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**MODELS[name].config())).save_pretrained(folder)
+    return folder
+
+
+def load_causal_lm(name: str, dtype: str = "fp32", quantization: dict[str, Any] | None = None) -> Any:
+    """`smollm2` or a `llama_dir` model, its base stored as `aflora train` stores it (dtype, quantization)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aflora_cli.engine.base_model import model_dir
+    from aflora_cli.engine.config import QuantizationConfig
+    from aflora_cli.engine.storage import BaseStorage
+
+    storage = BaseStorage(dtype, QuantizationConfig(**quantization) if quantization else None)  # type: ignore[arg-type]
+    folder = model_dir(SMOLLM2) if name == "smollm2" else llama_dir(name)
+    return storage.from_pretrained(AutoModelForCausalLM, folder, torch.device("cpu"))
+
+
+def training_step(model: Any, head: list[str], freezer: Any, lr: float, group: Any = None, **options: Any) -> Any:
+    """aflora's own training step (optimizer, schedule, freezer between gradients and AdamW) around an already
+    built model: the code `aflora train` runs each step, without data or files. `options`: TrainingStep's."""
+    import torch
+
+    from aflora_cli.recipe import TrainingConfig
+    from aflora_cli.training import distributed
+    from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
+
+    optimizer = build_optimizer(model, head, TrainingConfig(lr=lr, warmup_ratio=0.0))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    group = group or distributed.setup("cpu")
+    return TrainingStep(model, freezer, optimizer, linear_schedule(optimizer, 0, 10**6), scaler, group, **options)
+
+
+def instruction_recipe(train_file: str, output_dir: str, **sections: Any) -> Any:
+    """A parsed recipe training SmolLM2 on a jsonl file of instruction rows; `sections`: its other keys."""
+    from aflora_cli.recipe import parse_recipe
+
+    data = {"task": "custom", "format": "instruction", "train_file": train_file}
+    raw = {"output_dir": output_dir, "model": {"name_or_path": SMOLLM2}, "data": data, **sections}
+    return parse_recipe(raw, "benchmark recipe")
+
+
+def parse_batch(text: str) -> tuple[int, int]:
+    """`32x128` → (32, 128): rows x tokens."""
+    rows, _, length = text.lower().partition("x")
+    return int(rows), int(length)
+
+
+# ---- processes ------------------------------------------------------------------------------------------
+
+
 def train_command(recipe: Path, output_dir: Path | str, *overrides: str) -> list[str]:
     """`aflora train RECIPE` in this interpreter, with `output_dir` and each KEY=VALUE set."""
     sets = [f"--set={item}" for item in (f"output_dir={output_dir}", *overrides)]
@@ -93,15 +162,27 @@ def compile_bytecode() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "aflora_cli")], check=True)
 
 
-def json_probe(command: list[str], env: dict[str, str], what: str) -> dict[str, Any] | None:
+def json_probe(command: list[str], env: dict[str, str], what: str, cwd: Path | None = None) -> dict[str, Any] | None:
     """The last JSON line a probe subprocess prints; None (and its error shown) when it fails."""
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         print(f"{what} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
         return None
     found: dict[str, Any] = json.loads(lines[-1])
     return found
+
+
+def in_fresh_process(module: str, function: str, env: dict[str, str] = OFFLINE, **kwargs: Any) -> dict[str, Any] | None:
+    """`module.function(**kwargs)` of a benchmark script in a new Python process (none of this one's memory,
+    threads or caches), the dict it returns; None, its error shown, when it fails."""
+    code = f"import json, sys, {module}; print(json.dumps({module}.{function}(**json.loads(sys.argv[1]))))"
+    path = os.pathsep.join(filter(None, [str(BENCHMARKS), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-c", code, json.dumps(kwargs)]
+    return json_probe(command, {**env, "PYTHONPATH": path}, f"{module}.{function}", cwd=ROOT)
+
+
+# ---- result files and tables ----------------------------------------------------------------------------
 
 
 def write_json(path: Path | str, data: Any, indent: int = 2) -> None:
@@ -120,19 +201,49 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
+def row(*cells: Any) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+# ---- this process's memory and CPU time -----------------------------------------------------------------
+
+
 def status_kib(key: str) -> int | None:
     """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its high-water mark); None off Linux."""
     value = proc_field("/proc/self/status", key)
     return None if value is None else int(value.split()[0])
 
 
-def reset_peak() -> bool:
-    """Reset VmHWM to the resident size now (Linux); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+class Resident:
+    """This process's resident bytes above a baseline taken at creation (after a garbage collection), and their
+    high-water mark since the last `reset` (Linux: /proc/self/status, reset through /proc/self/clear_refs)."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        self.baseline = self._kib("VmRSS")
+        self.reset()
+
+    @staticmethod
+    def _kib(key: str) -> int:
+        found = status_kib(key)
+        if found is None:
+            raise RuntimeError(f"/proc/self/status has no {key} (Linux only)")
+        return found
+
+    def reset(self) -> None:
+        """Collect garbage, then start the high-water mark again from the resident size now."""
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError as error:
+            raise RuntimeError("/proc/self/clear_refs: the resident peak cannot be reset (Linux only)") from error
+
+    def now(self) -> int:
+        return (self._kib("VmRSS") - self.baseline) * 1024
+
+    def peak(self) -> int:
+        return (self._kib("VmHWM") - self.baseline) * 1024
 
 
 def cpu_seconds() -> float:

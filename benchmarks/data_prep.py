@@ -20,16 +20,14 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MOVIE_REVIEWS, OFFLINE, ROOT, SMOLLM2, append_jsonl, cpu_seconds, status_kib
+import common
 
-RESULTS = ROOT / "benchmarks" / "results" / "data_prep.jsonl"
+RESULTS = common.ROOT / "benchmarks" / "results" / "data_prep.jsonl"
 INSTRUCTIONS = (
     "Read the movie review below and say whether it is positive or negative, then rate it from -4 to 4.",
     "Classify the sentiment of this film review and explain your answer in a few sentences.",
@@ -39,7 +37,7 @@ INSTRUCTIONS = (
 
 
 def build(rows: int, out: Path, seed: int = 0) -> None:
-    with (MOVIE_REVIEWS / "train.tsv").open(encoding="utf-8", newline="") as handle:
+    with (common.MOVIE_REVIEWS / "train.tsv").open(encoding="utf-8", newline="") as handle:
         reviews = [(r["sentence"], float(r["rating"])) for r in csv.DictReader(handle, delimiter="\t")]
     rng = random.Random(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,26 +55,19 @@ def build(rows: int, out: Path, seed: int = 0) -> None:
     print(f"{out}: {rows:,} rows, {out.stat().st_size / 1e6:.0f} MB")
 
 
-def child(file: str, max_length: int, start: float) -> None:
+def child(file: str, max_length: int, start: float) -> dict[str, Any]:
     """One process as `aflora train` starts: tokenizer, task, every split encoded, the first batch collated
     (`start`: perf_counter when the process began running Python)."""
     from aflora_cli.adapted.building import load_base, task_for
-    from aflora_cli.recipe import parse_recipe
 
-    recipe = parse_recipe(
-        {
-            "output_dir": "/tmp/unused",
-            "model": {"name_or_path": SMOLLM2},
-            "data": {"task": "custom", "format": "instruction", "train_file": file},
-            "training": {"max_steps": 100, "batch_size": 8, "max_length": max_length},
-        },
-        "benchmark recipe",
+    recipe = common.instruction_recipe(
+        file, "/tmp/unused", training={"max_steps": 100, "batch_size": 8, "max_length": max_length}
     )
     base = load_base(recipe)
     task = task_for(recipe, base)
-    tokenizer_ready, rss_before, cpu_before = time.perf_counter(), status_kib("VmRSS") or 0, cpu_seconds()
+    tokenizer_ready, rss_before, cpu_before = time.perf_counter(), common.status_kib("VmRSS") or 0, common.cpu_seconds()
     data = task.load_splits(base.tokenizer)
-    encoded, cpu_encoding = time.perf_counter(), cpu_seconds() - cpu_before
+    encoded, cpu_encoding = time.perf_counter(), common.cpu_seconds() - cpu_before
     train = data.train
     assert train is not None
     batch = task.collate(base.tokenizer)([train[i] for i in range(8)])
@@ -95,7 +86,7 @@ def child(file: str, max_length: int, start: float) -> None:
         "rows_per_s": round(len(train) / max(encoded - tokenizer_ready, 1e-9)),
         "encode_cpu_s": round(cpu_encoding, 2),
         "rows_per_cpu_s": round(len(train) / max(cpu_encoding, 1e-9)),
-        "process_cpu_s": round(cpu_seconds(), 2),
+        "process_cpu_s": round(common.cpu_seconds(), 2),
         "tokenizer_ready_s": round(tokenizer_ready - start, 2),
         "to_first_batch_in_process_s": round(first_batch - start, 2),
         "first_batch_shape": list(batch["input_ids"].shape),
@@ -104,7 +95,7 @@ def child(file: str, max_length: int, start: float) -> None:
         "token_mib": round(token_bytes / 2**20),
         **ceiling,
     }
-    print("RESULT " + json.dumps(record))
+    return record
 
 
 def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str, float]:
@@ -115,9 +106,9 @@ def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str,
             " ".join((record["instruction"], record["input"], record["output"]))
             for record in (json.loads(line) for _, line in zip(range(rows), handle))
         ]
-    started, cpu = time.perf_counter(), cpu_seconds()
+    started, cpu = time.perf_counter(), common.cpu_seconds()
     tokenizer.backend_tokenizer.encode_batch(texts)
-    wall, cpu_used = time.perf_counter() - started, cpu_seconds() - cpu
+    wall, cpu_used = time.perf_counter() - started, common.cpu_seconds() - cpu
     return {
         "tokenizer_alone_rows_per_s": round(len(texts) / wall),
         "tokenizer_alone_rows_per_cpu_s": round(len(texts) / cpu_used),
@@ -125,26 +116,25 @@ def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str,
 
 
 def measure(file: Path, label: str, cache: Path | None, code: Path | None, max_length: int) -> None:
-    env = dict(OFFLINE)
-    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (code or ROOT, ROOT / "benchmarks") if p)
+    """`child` in a fresh process, on this checkout's aflora_cli or on `code`'s; its record appended to RESULTS."""
+    env = {**common.OFFLINE, "PYTHONPATH": os.pathsep.join(str(p) for p in (code or common.ROOT, common.BENCHMARKS))}
     if cache is not None:
         env["AFLORA_CACHE_DIR"] = str(cache)
     started = time.perf_counter()
-    command = [sys.executable, "-c", _CHILD, str(file), str(max_length)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, cwd=code or ROOT)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(done.stderr)
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    record = {"label": label, "file": str(file), "code": str(code or "this checkout"), "wall_s": round(wall, 2)}
-    record |= result
-    append_jsonl(RESULTS, record)
+    result = common.json_probe(
+        [sys.executable, "-c", CHILD, str(file), str(max_length)], env, "measure", cwd=code or common.ROOT
+    )
+    if result is None:
+        raise SystemExit(1)
+    record = {"label": label, "file": str(file), "code": str(code or "this checkout")}
+    record |= {"wall_s": round(time.perf_counter() - started, 2), **result}
+    common.append_jsonl(RESULTS, record)
     print(json.dumps(record))
 
 
-_CHILD = (
-    "import sys, time; start = time.perf_counter(); import data_prep; "
-    "data_prep.child(sys.argv[1], int(sys.argv[2]), start)"
+CHILD = (
+    "import json, sys, time; start = time.perf_counter(); import data_prep; "
+    "print(json.dumps(data_prep.child(sys.argv[1], int(sys.argv[2]), start)))"
 )
 
 

@@ -10,6 +10,7 @@ survived when nothing is lost (or it is refused in one line, exit 2) and no proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -20,10 +21,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OFFLINE, QUICKSTART, train_command, write_json
 
 # the quickstart, shortened to fit many runs: 24 steps of 32 rows, saves every 4, evaluations every 8
@@ -47,31 +48,39 @@ def refusal(code: int, stderr: str) -> str:
     return lines[0] if code == 2 and len(lines) == 1 else ""
 
 
+def outcome(output_dir: Path) -> tuple[dict[str, Any], Any, str]:
+    """What a finished run leaves: its last adapter weights, its freeze log and its metrics.jsonl."""
+    from safetensors.torch import load_file
+
+    last = output_dir / "last"
+    manifest = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
+    metrics = (output_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    return load_file(str(last / "adapter_model.safetensors")), manifest["freeze_log"], metrics
+
+
+def wait_until(process: subprocess.Popen[str], ready: Callable[[], bool]) -> None:
+    """Poll until `ready()` or until the process has ended."""
+    while process.poll() is None and not ready():
+        time.sleep(0.05)
+
+
 class Harness:
     def __init__(self, work: Path, seed: int, timeout: float) -> None:
         self.work, self.rng, self.timeout = work, random.Random(seed), timeout
         self.tried: Counter[str] = Counter()
         self.survived: Counter[str] = Counter()
         self.failures: list[dict[str, Any]] = []
-        self.launches = 0
-        self.tracebacks = 0
+        self.launches = self.tracebacks = 0
+        self.duration = 0.0
 
     # ---- processes ------------------------------------------------------------------------------
     def start(self, output_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen[str]:
-        resume = (
-            (output_dir / "metrics.jsonl").exists()
-            or any(output_dir.glob("last"))
-            or any(output_dir.glob(".last.old-*"))
-        )
+        """`aflora train` of the short run (resumed when the folder holds one), with an AFLORA_FAULT if given."""
+        resume = any(any(output_dir.glob(name)) for name in ("metrics.jsonl", "last", ".last.old-*"))
+        command = [*train_command(QUICKSTART, output_dir, *SHORT, *extra), *(["--resume"] if resume else [])]
         env = {**ENV, **({"AFLORA_FAULT": fault} if fault else {})}
         self.launches += 1
-        return subprocess.Popen(
-            [*train_command(QUICKSTART, output_dir, *SHORT, *extra), *(["--resume"] if resume else [])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def finish(self, process: subprocess.Popen[str]) -> tuple[int, str]:
         try:
@@ -79,30 +88,23 @@ class Harness:
         except subprocess.TimeoutExpired:
             process.kill()
             raise
-        if "Traceback" in stderr:
-            self.tracebacks += 1
+        self.tracebacks += int("Traceback" in stderr)
         return process.returncode, stderr
 
-    def run_to_end(self, output_dir: Path) -> tuple[int, str]:
-        return self.finish(self.start(output_dir))
+    def run_to_end(self, output_dir: Path, *extra: str, fault: str | None = None) -> tuple[int, str]:
+        return self.finish(self.start(output_dir, *extra, fault=fault))
 
-    # ---- comparison -----------------------------------------------------------------------------
+    # ---- counting -------------------------------------------------------------------------------
     def same_as_reference(self, output_dir: Path) -> str | None:
         """None if the run ended exactly like the uninterrupted one, else what differs."""
-        from safetensors.torch import load_file
-
-        last = output_dir / "last"
-        if not (last / "adapter_config.json").is_file():
+        if not (output_dir / "last" / "adapter_config.json").is_file():
             return "no last checkpoint"
-        got, ref = load_file(str(last / "adapter_model.safetensors")), self.reference_weights
-        if got.keys() != ref.keys() or any(not got[k].equal(ref[k]) for k in ref):
+        (weights, freeze_log, metrics), (ref, ref_log, ref_metrics) = outcome(output_dir), self.reference_outcome
+        if weights.keys() != ref.keys() or any(not weights[k].equal(ref[k]) for k in ref):
             return "adapter weights differ"
-        manifest = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
-        if manifest["freeze_log"] != self.reference_manifest["freeze_log"]:
+        if freeze_log != ref_log:
             return "freeze log differs"
-        if (output_dir / "metrics.jsonl").read_text(encoding="utf-8") != self.reference_metrics:
-            return "metrics.jsonl differs"
-        return None
+        return None if metrics == ref_metrics else "metrics.jsonl differs"
 
     def count(self, kind: str, ok: bool, detail: str, **where: str) -> None:
         self.tried[kind] += 1
@@ -135,11 +137,7 @@ class Harness:
         code, stderr = self.run_to_end(out)
         assert code == 0, stderr
         self.duration = time.monotonic() - began
-        from safetensors.torch import load_file
-
-        self.reference_weights = load_file(str(out / "last" / "adapter_model.safetensors"))
-        self.reference_manifest = json.loads((out / "last" / "adapter_config.json").read_text(encoding="utf-8"))
-        self.reference_metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
+        self.reference_outcome = outcome(out)
         print(f"reference run: {self.duration:.0f} s", flush=True)
 
     def sigkills(self, count: int, per_run: int = 5) -> None:
@@ -154,12 +152,11 @@ class Harness:
             while kills < min(per_run, count - done):
                 if self.rng.random() < 1 / 3:
                     fault = f"{self.rng.choice(SAVE_POINTS)}#{self.rng.randint(1, 4)}:kill"
-                    code, stderr = self.finish(self.start(out, fault=fault))
+                    code, stderr = self.run_to_end(out, fault=fault)
                 else:
                     process = self.start(out)
-                    deadline = time.monotonic() + self.rng.uniform(0.5, self.duration)
-                    while process.poll() is None and time.monotonic() < deadline:
-                        time.sleep(0.02)
+                    with contextlib.suppress(subprocess.TimeoutExpired):  # it may reach its end first
+                        process.wait(self.rng.uniform(0.5, self.duration))
                     process.send_signal(signal.SIGKILL)
                     code, stderr = self.finish(process)
                 if code == -signal.SIGKILL:
@@ -182,11 +179,8 @@ class Harness:
     def sigterms(self, count: int) -> None:
         for i in range(count):
             out = self.fresh(f"term-{i}")
-            process = self.start(out)
-            metrics = out / "metrics.jsonl"
-            wanted = self.rng.randint(1, 20)
-            while process.poll() is None and not (metrics.exists() and metrics.read_text().count('"loss"') >= wanted):
-                time.sleep(0.05)
+            process, metrics, wanted = self.start(out), out / "metrics.jsonl", self.rng.randint(1, 20)
+            wait_until(process, lambda m=metrics, n=wanted: m.exists() and m.read_text().count('"loss"') >= n)
             process.send_signal(signal.SIGTERM)
             code, stderr = self.finish(process)
             line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -202,7 +196,7 @@ class Harness:
         for action in ("enospc", "eacces"):
             for point in SAVE_POINTS[:-1]:
                 out = self.fresh(f"{action}-{point}")
-                code, stderr = self.finish(self.start(out, fault=f"{point}#2:{action}"))
+                code, stderr = self.run_to_end(out, fault=f"{point}#2:{action}")
                 ok = refusal(code, stderr).startswith("error: could not write the checkpoint")
                 self.record(action, out, ok, f"exit {code}: {stderr[-200:]}")
         print(f"disk: {dict(self.survived)}", flush=True)
@@ -212,8 +206,7 @@ class Harness:
         file; with the file put back, the run resumes to its end."""
         out = self.fresh("corrupt")
         process = self.start(out)
-        while process.poll() is None and not (out / "last").is_dir():
-            time.sleep(0.05)
+        wait_until(process, (out / "last").is_dir)
         process.send_signal(signal.SIGTERM)
         self.finish(process)
         for name in ("adapter_model.safetensors", "training_state.pt"):
@@ -224,7 +217,7 @@ class Harness:
                 if damage == "one bit flipped":
                     bad[self.rng.randrange(len(bad))] ^= 1 << self.rng.randrange(8)
                 file.write_bytes(bytes(bad))
-                code, stderr = self.finish(self.start(out))
+                code, stderr = self.run_to_end(out)
                 file.write_bytes(good)
                 ok = str(file) in refusal(code, stderr)
                 self.count("corrupt file", ok, f"{name} {damage}: exit {code}: {stderr[-300:]}")
@@ -235,9 +228,8 @@ class Harness:
         for i in range(count):
             out = self.fresh(f"two-{i}")
             first = self.start(out)
-            while first.poll() is None and not (out / "metrics.jsonl").exists():
-                time.sleep(0.05)
-            code, stderr = self.finish(self.start(out))
+            wait_until(first, (out / "metrics.jsonl").exists)
+            code, stderr = self.run_to_end(out)
             refused = "is in use by another aflora train" in refusal(code, stderr)
             first_code, _ = self.finish(first)
             ok = refused and first_code == 0
@@ -246,14 +238,10 @@ class Harness:
     def divergence(self) -> None:
         """lr 1e30: the weights overflow within a few steps; the run must stop in one line, `last` finite."""
         out = self.fresh("diverged")
-        code, stderr = self.finish(self.start(out, "training.lr=1e30", "training.head_lr=1e30"))
+        code, stderr = self.run_to_end(out, "training.lr=1e30", "training.head_lr=1e30")
         ok = refusal(code, stderr).startswith("error: training diverged at step")
         if ok and (out / "last").is_dir():
-            from safetensors.torch import load_file
-
-            ok = all(
-                bool(t.isfinite().all()) for t in load_file(str(out / "last" / "adapter_model.safetensors")).values()
-            )
+            ok = all(bool(t.isfinite().all()) for t in outcome(out)[0].values())
         self.count("divergence", ok, f"exit {code}: {stderr[-300:]}")
         print(f"divergence: {(stderr.strip().splitlines() or [''])[-1]}", flush=True)
 
@@ -272,7 +260,7 @@ def main() -> None:
     harness = Harness(work, args.seed, args.timeout)
     began = time.monotonic()
 
-    def dump() -> None:
+    def dump(complete: bool) -> None:
         """The counts so far (written after every phase, so a sweep cut short still leaves its figures)."""
         result = {
             "command": f"nice -n {os.nice(0)} python benchmarks/faults.py " + " ".join(sys.argv[1:]),
@@ -286,13 +274,12 @@ def main() -> None:
             "failures": harness.failures,
             "reference_run_seconds": round(harness.duration, 1),
             "wall_seconds": round(time.monotonic() - began, 1),
-            "complete": done,
+            "complete": complete,
         }
         print(json.dumps({k: v for k, v in result.items() if k != "failures"}), flush=True)
         if args.out:
             write_json(args.out, result)
 
-    done = False
     harness.reference()
     phases = {
         "divergence": harness.divergence,
@@ -304,9 +291,8 @@ def main() -> None:
     }
     for name in args.phases:
         phases[name]()
-        dump()
-    done = True
-    dump()
+        dump(complete=False)
+    dump(complete=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import memory_model
-
-from common import MALLOC_ENV, SMOLLM2, json_probe, machine, offline_and_quiet, reset_peak, status_kib, write_json
+import common
 
 MODELS = ("smollm2", "llama-300m")
 STORAGES: dict[str, dict[str, Any]] = {
@@ -32,50 +27,6 @@ STORAGES: dict[str, dict[str, Any]] = {
 }
 METHODS = ("aflora", "peft_lora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _status_kib(key: str) -> int:
-    found = status_kib(key)
-    if found is None:
-        raise RuntimeError(f"/proc/self/status has no {key}")
-    return found
-
-
-def _reset_peak() -> None:
-    if not reset_peak():
-        raise RuntimeError("/proc/self/clear_refs: the resident peak cannot be reset (Linux only)")
-
-
-def llama_300m_dir() -> Path:
-    """The 374 M-parameter LLaMA, built with random weights (seed 0) and saved on first use."""
-    folder = Path.home() / ".cache" / "aflora-benchmarks" / "llama-300m"
-    if not (folder / "config.json").exists():
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**memory_model.MODELS["llama-300m"].config())).save_pretrained(folder)
-    return folder
-
-
-def load_base(storage: str, checkpointing: bool = False, name: str = "smollm2") -> Any:
-    """The model (`smollm2` or `llama-300m`) stored as `storage` says, loaded the way `aflora train` loads it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from aflora_cli.engine.base_model import model_dir
-    from aflora_cli.engine.config import QuantizationConfig
-    from aflora_cli.engine.storage import BaseStorage
-
-    settings = STORAGES[storage]
-    quant = settings.get("quantization")
-    base = BaseStorage(settings["dtype"], QuantizationConfig(**quant) if quant else None)
-    folder = model_dir(SMOLLM2) if name == "smollm2" else llama_300m_dir()
-    model = base.from_pretrained(AutoModelForCausalLM, folder, torch.device("cpu"))
-    model.config.use_cache = False
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
 
 
 def adapt(model: Any, method: str) -> Any:
@@ -90,99 +41,80 @@ def adapt(model: Any, method: str) -> Any:
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
 
 
-def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool, name: str) -> dict[str, Any]:
+def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool, model: str) -> dict[str, Any]:
     """One (storage, method) in this process: load, adapt, one warm-up step, `steps` timed steps."""
-    import gc
-
     import torch
 
-    rows, length = (int(part) for part in batch.split("x"))
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 30_000, (rows, length), generator=generator)  # within both vocabularies
-    gc.collect()
-    before = _status_kib("VmRSS")
-    _reset_peak()
-    model = load_base(storage, checkpointing, name)
-    footprint = model.get_memory_footprint()
-    load_peak = _status_kib("VmHWM")
-    model = adapt(model, method)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    common.offline_and_quiet()
+    rows, length = common.parse_batch(batch)
+    ids = torch.randint(100, 30_000, (rows, length), generator=torch.Generator().manual_seed(0))  # both vocabularies
+    resident = common.Resident()
+    base = common.load_causal_lm(model, **STORAGES[storage])
+    base.config.use_cache = False
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    footprint, load_peak = base.get_memory_footprint(), resident.peak()
+    adapted = adapt(base, method)
+    adapted.train()
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
 
     def step() -> float:
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        adapted(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
     step()
-    gc.collect()
-    _reset_peak()
+    resident.reset()
     times = [step() for _ in range(steps)]
-    steps_peak = _status_kib("VmHWM")
     return {
-        "model": name,
+        "model": model,
         "storage": storage,
         "method": method,
         "checkpointing": checkpointing,
         "batch": batch,
         "footprint": footprint,
         "trainable": sum(p.numel() for p in trainable),
-        "rss_before_load": before * 1024,
-        "load_peak": (load_peak - before) * 1024,
-        "steps_peak": (steps_peak - before) * 1024,
+        "rss_before_load": resident.baseline * 1024,
+        "load_peak": load_peak,
+        "steps_peak": resident.peak(),
         "step_s": statistics.median(times),
         "step_times": times,
     }
 
 
-def run_probe(
-    storage: str, method: str, steps: int, batch: str, checkpointing: bool, name: str, timing: bool = True
-) -> dict[str, Any] | None:
-    """Memory from a process whose allocator returns freed blocks at once (so the resident size follows the
-    live tensors), times from another with the allocator's defaults (the first setting slows every step)."""
-    command = [sys.executable, __file__, "--probe", f"{storage}:{method}", "--steps", str(steps), "--batch", batch]
-    command += ["--model", name]
-    command += ["--checkpointing"] if checkpointing else []
-    found = []
-    envs = [{**os.environ, **MALLOC_ENV}, dict(os.environ)] if timing else [{**os.environ, **MALLOC_ENV}]
-    for env in envs:
-        result = json_probe(command, env, f"probe {storage}:{method}")
-        if result is None:
-            return None
-        found.append(result)
-    if not timing:  # the memory process's own times, slowed by its allocator setting: not reported
-        return found[0] | {"step_s": None, "step_times": None}
-    return found[0] | {"step_s": found[1]["step_s"], "step_times": found[1]["step_times"]}
+def run_probe(timing: bool, **settings: Any) -> dict[str, Any] | None:
+    """Memory from a fresh process whose allocator returns freed blocks at once (so the resident size follows
+    the live tensors); times from another with the allocator's defaults (the first setting slows every step),
+    or none (`timing` off: the memory process's own times are not reported)."""
+    memory = common.in_fresh_process("memory", "probe", {**common.OFFLINE, **common.MALLOC_ENV}, **settings)
+    times = common.in_fresh_process("memory", "probe", **settings) if memory and timing else {"step_s": None}
+    if memory is None or times is None:
+        return None
+    return memory | {"step_s": times["step_s"], "step_times": times.get("step_times")}
 
 
 def report(records: list[dict[str, Any]]) -> str:
     """A markdown table: per storage, both methods' footprint, peaks and step time, and AFLoRA/PEFT ratios."""
-    mib = 2**20
     by = {(r["storage"], r["method"], r["checkpointing"]): r for r in records}
     lines = [
         "| base | grad ckpt | footprint (MiB) | load peak A / P (MiB) | steps peak A / P (MiB) | "
         "peak A/P | step A / P (s) | trainable A / P |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (storage, method, ckpt), rec in by.items():
+    for (storage, method, ckpt), a in by.items():
         if method != "aflora" or (storage, "peft_lora", ckpt) not in by:
             continue
-        peft = by[(storage, "peft_lora", ckpt)]
-        lines.append(
-            f"| {storage} | {'yes' if ckpt else 'no'} | {rec['footprint'] / mib:.0f} | "
-            f"{rec['load_peak'] / mib:.0f} / {peft['load_peak'] / mib:.0f} | "
-            f"{rec['steps_peak'] / mib:.0f} / {peft['steps_peak'] / mib:.0f} | "
-            f"{rec['steps_peak'] / peft['steps_peak']:.2f} | {_seconds(rec)} / {_seconds(peft)} | "
-            f"{rec['trainable']:,} / {peft['trainable']:,} |"
-        )
+        p = by[(storage, "peft_lora", ckpt)]
+        both = {key: f"{a[key] / common.MIB:.0f} / {p[key] / common.MIB:.0f}" for key in ("load_peak", "steps_peak")}
+        seconds = " / ".join("—" if r["step_s"] is None else f"{r['step_s']:.2f}" for r in (a, p))
+        ratio = f"{a['steps_peak'] / p['steps_peak']:.2f}"
+        trainable = f"{a['trainable']:,} / {p['trainable']:,}"
+        footprint = f"{a['footprint'] / common.MIB:.0f}"
+        lines.append(common.row(storage, "yes" if ckpt else "no", footprint, *both.values(), ratio, seconds, trainable))
     return "\n".join(lines)
-
-
-def _seconds(record: dict[str, Any]) -> str:
-    return "—" if record["step_s"] is None else f"{record['step_s']:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,35 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     parser.add_argument("--no-timing", action="store_true", help="memory only (no second process per probe)")
     parser.add_argument("--json", type=Path, help="write the records here")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    offline_and_quiet()
-    if args.probe:
-        storage, method = args.probe.split(":")
-        print(json.dumps(probe(storage, method, args.steps, args.batch, args.checkpointing, args.model)))
-        return 0
     records = []
     for storage in args.storages.split(","):
         for method in args.methods.split(","):
-            timing = not args.no_timing
-            record = run_probe(storage, method, args.steps, args.batch, args.checkpointing, args.model, timing)
+            settings = {"steps": args.steps, "batch": args.batch, "checkpointing": args.checkpointing}
+            record = run_probe(not args.no_timing, storage=storage, method=method, model=args.model, **settings)
             if record is not None:
                 records.append(record)
                 print(json.dumps({k: v for k, v in record.items() if k != "step_times"}), flush=True)
     print(report(records))
-    if args.json:
+    if args.json:  # a new record replaces an old one of the same settings
         existing = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
-        existing["machine"] = machine()
-        existing["runs"] = [
-            r
-            for r in existing["runs"]
-            if (r.get("model", "smollm2"), r["storage"], r["method"], r["checkpointing"], r["batch"])
-            not in {(n["model"], n["storage"], n["method"], n["checkpointing"], n["batch"]) for n in records}
-        ]
-        existing["runs"] += records
-        write_json(args.json, existing, indent=1)
+        key = ("model", "storage", "method", "checkpointing", "batch")
+        new = {tuple(r[k] for k in key) for r in records}
+        kept = [r for r in existing["runs"] if tuple(r.get(k, "smollm2") for k in key) not in new]
+        common.write_json(args.json, {**existing, "machine": common.machine(), "runs": kept + records}, indent=1)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

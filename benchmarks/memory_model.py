@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import MIB, parse_batch, row
+
 GB = 1e9
+CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+CONFIG_KEYS += ("num_key_value_heads", "vocab_size", "tie_word_embeddings")  # in the order of Llama's fields
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,8 @@ class Llama:
     tied: bool
 
     def config(self) -> dict[str, Any]:
-        """These sizes as `transformers.LlamaConfig` keyword arguments (memory.py builds its 300M model so)."""
-        return {
-            "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab,
-            "tie_word_embeddings": self.tied,
-        }
+        """These sizes as `transformers.LlamaConfig` keyword arguments (common.llama_dir builds models so)."""
+        return dict(zip(CONFIG_KEYS, astuple(self)))
 
     @property
     def kv(self) -> int:
@@ -77,24 +72,18 @@ MODELS = {
     "llama-13b": Llama(5120, 13824, 40, 40, 40, 32000, tied=False),
     "llama-70b": Llama(8192, 28672, 80, 64, 8, 32000, tied=False),  # LLaMA-2-70B: grouped-query attention
     "smollm2": Llama(576, 1536, 30, 9, 3, 49152, tied=True),
-    "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # memory.py builds it from these sizes
+    "llama-300m": Llama(1024, 2816, 24, 16, 16, 32000, tied=False),  # common.llama_dir builds these two
+    "llama-small": Llama(512, 1376, 4, 8, 8, 32000, tied=False),
 }
 # (rank, targets with A/B trainable at the start, targets with A/B frozen) per setting
-SETTINGS = {
-    "llama-7b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),  # authors' GSM8K scripts
-    "llama-13b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),  # the same settings
-    "llama-70b": (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], []),
-    "smollm2": (4, ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]),  # the paper
-}
+AUTHORS_GSM8K = (32, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], [])  # the authors' GSM8K scripts
+SETTINGS = {name: AUTHORS_GSM8K for name in ("llama-7b", "llama-13b", "llama-70b")}
+SETTINGS["smollm2"] = (4, ["gate_proj", "up_proj", "down_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"])  # paper
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # which linear types read the same input tensor (an input kept once when several adapters need it in fp32)
-INPUT_GROUPS = {
-    "q_proj": "attn_in",
-    "k_proj": "attn_in",
-    "v_proj": "attn_in",
-    "gate_proj": "mlp_in",
-    "up_proj": "mlp_in",
-}
+INPUT_GROUPS = dict.fromkeys(("q_proj", "k_proj", "v_proj"), "attn_in") | dict.fromkeys(
+    ("gate_proj", "up_proj"), "mlp_in"
+)
 
 
 def base_bytes(model: Llama, dtype: str, bits: int | None = None, double_quant: bool = True) -> float:
@@ -208,57 +197,21 @@ def sharded_bytes(model: Llama, storage: str, run: Run, processes: int, vectors:
 def sharded_table(rows: int = 1, length: int = 256, gpus: tuple[int, ...] = (1, 2, 4, 8)) -> str:
     """GB per GPU for LLaMA-7B, 13B and 70B on a bf16 base with the authors' GSM8K settings and gradient
     checkpointing, by the number of GPUs `training.fsdp` shards over (one: no sharding)."""
-    heads = " | ".join(f"{n} GPU" + ("s" if n > 1 else "") for n in gpus)
-    lines = [
-        f"| model | base parameters | {heads} |",
-        "|---|---:|" + "---:|" * len(gpus),
-    ]
+    heads = [f"{n} GPU" + ("s" if n > 1 else "") for n in gpus]
+    lines = [row("model", "base parameters", *heads), "|---|---:|" + "---:|" * len(gpus)]
     for name in ("llama-7b", "llama-13b", "llama-70b"):
-        model = MODELS[name]
-        rank, trainable, frozen = SETTINGS[name]
+        model, (rank, trainable, frozen) = MODELS[name], SETTINGS[name]
         run = Run("bf16", rank, tuple(trainable), tuple(frozen), rows, length, checkpointing=True)
         cells = [f"{sharded_bytes(model, 'bf16', run, n)['total'] / GB:.1f}" for n in gpus]
-        billions = (model.block_linear_params() + model.other_params()) / 1e9
-        lines.append(f"| {name} | {billions:.1f} B | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def compare_sharded(fsdp_records: list[dict[str, Any]], memory_records: list[dict[str, Any]]) -> str:
-    """`sharded_bytes` against `fsdp_memory.py`'s step peaks per process (DDP as one unsharded process), alone and
-    with the process overhead fitted on memory.py's SmolLM2 records, as `compare` does."""
-    overhead = process_overhead(memory_records)
-    lines = [
-        "| model | base | mode | batch | measured (MiB) | model (MiB) | model / measured | + overhead / measured |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    seen = set()
-    for record in fsdp_records:
-        key = (record["model"], record["storage"], record["mode"], record["batch"])
-        if key in seen:  # every rank holds the same; one row per mode
-            continue
-        seen.add(key)
-        predicted = predicted_peak(record | {"method": "aflora"}, 2 if record["mode"] == "fsdp" else 1)
-        measured, extra = record["steps_peak"], overhead.get(record["storage"])
-        with_overhead = "—" if extra is None else f"{(predicted + extra) / measured:.2f}"
-        lines.append(
-            f"| {record['model']} | {record['storage']} | {record['mode']} | {record['batch']} | "
-            f"{measured / 2**20:.0f} | {predicted / 2**20:.0f} | {predicted / measured:.2f} | {with_overhead} |"
-        )
+        lines.append(row(name, f"{(model.block_linear_params() + model.other_params()) / 1e9:.1f} B", *cells))
     return "\n".join(lines)
 
 
 def table(name: str, rows: int, length: int) -> str:
     """What the model needs in each storage, with the activations of a `rows` x `length` batch."""
-    model = MODELS[name]
-    rank, trainable, frozen = SETTINGS[name]
+    model, (rank, trainable, frozen) = MODELS[name], SETTINGS[name]
     adapters = adapter_bytes(model, rank, trainable, frozen)
     adapter_total = adapters["weights"] + adapters["gradients"] + adapters["adamw"]
-    storages = [
-        ("fp32", "fp32", "fp32"),
-        ("bf16", "bf16", "bf16"),
-        ("8-bit (+ bf16 embeddings)", "int8", "bf16"),
-        ("NF4, double quant (+ bf16 embeddings)", "nf4", "bf16"),
-    ]
     lines = [
         f"{name}: {model.block_linear_params() + model.other_params():,} base parameters; adapters r = {rank}, "
         f"{adapters['trainable']:,} trainable at the start: {adapter_total / GB:.2f} GB with gradients and AdamW; "
@@ -268,15 +221,16 @@ def table(name: str, rows: int, length: int) -> str:
         "| + activations, gradient checkpointing (GB) |",
         "|---|---|---|---|---|",
     ]
-    for label, storage, dtype in storages:
-        plain, ckpt = (
-            training_bytes(model, storage, Run(dtype, rank, tuple(trainable), tuple(frozen), rows, length, c))
-            for c in (False, True)
-        )
-        lines.append(
-            f"| {label} | {plain['base'] / GB:.2f} | {(plain['base'] + adapter_total) / GB:.2f} | "
-            f"{plain['total'] / GB:.2f} | {ckpt['total'] / GB:.2f} |"
-        )
+    for label, storage, dtype in [
+        ("fp32", "fp32", "fp32"),
+        ("bf16", "bf16", "bf16"),
+        ("8-bit (+ bf16 embeddings)", "int8", "bf16"),
+        ("NF4, double quant (+ bf16 embeddings)", "nf4", "bf16"),
+    ]:
+        runs = [Run(dtype, rank, tuple(trainable), tuple(frozen), rows, length, c) for c in (False, True)]
+        plain, ckpt = (training_bytes(model, storage, run) for run in runs)
+        gb = (plain["base"], plain["base"] + adapter_total, plain["total"], ckpt["total"])
+        lines.append(row(label, *(f"{value / GB:.2f}" for value in gb)))
     return "\n".join(lines)
 
 
@@ -292,7 +246,7 @@ def predicted_peak(record: dict[str, Any], processes: int = 1) -> float:
     activations at the step's peak) on one process of `processes` sharding the base."""
     model = MODELS[record.get("model", "smollm2")]
     rank, trainable, frozen, vectors = PROBED[record["method"]]
-    rows, length = (int(part) for part in record["batch"].split("x"))
+    rows, length = parse_batch(record["batch"])
     dtype = "fp32" if record["storage"] == "fp32" else "bf16"  # the quantized probes compute in bf16
     run = Run(dtype, rank, trainable, frozen, rows, length, record.get("checkpointing", False))
     return sharded_bytes(model, record["storage"], run, processes, vectors)["total"]
@@ -314,26 +268,40 @@ def process_overhead(records: list[dict[str, Any]], model: str = "smollm2") -> d
     return fitted
 
 
-def compare(records: list[dict[str, Any]]) -> str:
+def compare(records: list[dict[str, Any]], fsdp: list[dict[str, Any]] | None = None) -> str:
     """The model against `memory.py`'s measured step peaks, one row per record: alone, and with the process
-    overhead fitted on SmolLM2's records (a check out of sample for the other model)."""
+    overhead fitted on SmolLM2's records (a check out of sample for the other model). With `fsdp`, against
+    `fsdp_memory.py`'s step peaks per process instead (one row per mode: every rank holds the same; DDP as one
+    unsharded process)."""
     overhead = process_overhead(records)
-    lines = [
-        ", ".join(f"process overhead fitted on smollm2, {k}: {v / 2**20:.0f} MiB" for k, v in overhead.items()),
-        "",
-        "| model | base | method | grad ckpt | batch | measured (MiB) | model (MiB) | model / measured "
-        "| + overhead / measured |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    if fsdp is None:
+        lines = [
+            ", ".join(f"process overhead fitted on smollm2, {k}: {v / MIB:.0f} MiB" for k, v in overhead.items()),
+            "",
+            "| model | base | method | grad ckpt | batch | measured (MiB) | model (MiB) | model / measured "
+            "| + overhead / measured |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines = [
+            "| model | base | mode | batch | measured (MiB) | model (MiB) | model / measured | + overhead / measured |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        first: dict[tuple[str, ...], dict[str, Any]] = {}
+        for r in fsdp:
+            first.setdefault((r["model"], r["storage"], r["mode"], r["batch"]), r)
+        records = list(first.values())
     for record in records:
-        measured, predicted = record["steps_peak"], predicted_peak(record)
-        extra = overhead.get(record["storage"])
+        if fsdp is None:
+            predicted = predicted_peak(record)
+            how = [record["method"], "yes" if record["checkpointing"] else "no"]
+        else:
+            predicted = predicted_peak(record | {"method": "aflora"}, 2 if record["mode"] == "fsdp" else 1)
+            how = [record["mode"]]
+        measured, extra = record["steps_peak"], overhead.get(record["storage"])
         with_overhead = "—" if extra is None else f"{(predicted + extra) / measured:.2f}"
-        lines.append(
-            f"| {record.get('model', 'smollm2')} | {record['storage']} | {record['method']} | "
-            f"{'yes' if record['checkpointing'] else 'no'} | {record['batch']} | {measured / 2**20:.0f} | "
-            f"{predicted / 2**20:.0f} | {predicted / measured:.2f} | {with_overhead} |"
-        )
+        cells = [f"{measured / MIB:.0f}", f"{predicted / MIB:.0f}", f"{predicted / measured:.2f}", with_overhead]
+        lines.append(row(record.get("model", "smollm2"), record["storage"], *how, record["batch"], *cells))
     return "\n".join(lines)
 
 
@@ -346,19 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharded", action="store_true", help="GB per GPU of 7B/13B/70B under training.fsdp")
     args = parser.parse_args(argv)
     if args.measured:
-        runs = json.loads(args.measured.read_text())["runs"]
-        if args.fsdp:
-            print(compare_sharded(json.loads(args.fsdp.read_text())["records"], runs))
-        else:
-            print(compare(runs))
-        return 0
-    if args.sharded:
-        print(sharded_table())
-        return 0
-    rows, length = (int(part) for part in args.batch.split("x"))
-    print(table(args.model, rows, length))
+        fsdp = json.loads(args.fsdp.read_text())["records"] if args.fsdp else None
+        print(compare(json.loads(args.measured.read_text())["runs"], fsdp))
+    else:
+        print(sharded_table() if args.sharded else table(args.model, *parse_batch(args.batch)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

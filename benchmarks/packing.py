@@ -20,15 +20,12 @@ import argparse
 import gzip
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OFFLINE, ROOT, SMOLLM2, append_jsonl, machine, read_jsonl
+from common import ROOT, append_jsonl, in_fresh_process, instruction_recipe, machine, read_jsonl
 
 RESULTS = ROOT / "benchmarks" / "results" / "packing.jsonl"
 MODES = {"padding": {}, "group_by_length": {"group_by_length": True}, "packing": {"packing": True}}
@@ -48,23 +45,13 @@ def gsm8k_rows() -> list[dict[str, str]]:
     return [{"instruction": doc["question"], "input": "", "output": doc["answer"]} for doc in docs]
 
 
-def child(mode: str, train_file: str, out: str) -> None:
-    """One mode's run in this process; prints a RESULT line."""
-    from aflora_cli.recipe import parse_recipe
+def child(mode: str, train_file: str, out: str) -> dict[str, Any]:
+    """One mode's run in this process."""
     from aflora_cli.training.trainer import Trainer, epoch_batches
 
     rows = len(Path(train_file).read_text(encoding="utf-8").splitlines())
-    recipe = parse_recipe(
-        {
-            "output_dir": out,
-            "device": "cpu",
-            "model": {"name_or_path": SMOLLM2},
-            "data": {"task": "custom", "format": "instruction", "train_file": train_file},
-            "freezing": {"t_i": "20%", "t_f": "40%"},
-            "training": {"epochs": 1, "batch_size": BATCH, "max_length": MAX_LENGTH, "lr": 3e-3, **MODES[mode]},
-        },
-        "packing benchmark",
-    )
+    training = {"epochs": 1, "batch_size": BATCH, "max_length": MAX_LENGTH, "lr": 3e-3, **MODES[mode]}
+    recipe = instruction_recipe(train_file, out, device="cpu", freezing={"t_i": "20%", "t_f": "40%"}, training=training)
     ends: list[tuple[float, float]] = []  # (wall, CPU seconds of this process) at each optimizer step's end
 
     def on_event(kind: str, record: dict[str, Any]) -> None:
@@ -87,19 +74,16 @@ def child(mode: str, train_file: str, out: str) -> None:
     result = {"mode": mode, "rows": rows, "steps": len(ends), "timed_steps": len(ends) - 1, "seconds": seconds}
     result |= {"cpu_seconds": cpu_seconds, "useful_tokens": useful, "positions": positions}
     result |= {"useful_per_s": useful / seconds, "useful_per_cpu_s": useful / cpu_seconds}
-    print("RESULT " + json.dumps(result), flush=True)
+    return result
 
 
 def measure(mode: str, train_file: Path) -> dict[str, Any]:
-    env = {**OFFLINE, "PYTHONPATH": str(ROOT / "benchmarks")}
+    """`child` in a fresh process."""
     with tempfile.TemporaryDirectory() as out:
-        code = "import sys, packing; packing.child(*sys.argv[1:])"
-        done = subprocess.run(
-            [sys.executable, "-c", code, mode, str(train_file), out], capture_output=True, text=True, env=env, cwd=ROOT
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+        result = in_fresh_process("packing", "child", mode=mode, train_file=str(train_file), out=out)
+    if result is None:
+        raise SystemExit(1)
+    return result
 
 
 def report(records: list[dict[str, Any]]) -> str:

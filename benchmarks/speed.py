@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
+import itertools
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,28 +25,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    BERT_LINEARS,
-    MALLOC_ENV,
-    MINILM,
-    SMOLLM2,
-    json_probe,
-    machine,
-    offline_and_quiet,
-    reset_peak,
-    status_kib,
-    write_json,
-)
+import common
 
 METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old numerics only when asked for
+OURS = {"aflora_before": ("aflora", 4), "aflora_fused": ("aflora", 4), "aflora_frozen": ("aflora", 4)}
+OURS |= {"lora": ("lora", 8), "elora": ("elora", 1024)}
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-# what differs between the models measured: how the base loads, its batch, PEFT's targets, rank and task type
+# what differs between the models measured: PEFT's targets, rank and task type, and whether a head trains
 PROFILES: dict[str, dict[str, Any]] = {
-    "minilm": {"name": MINILM, "peft_targets": BERT_LINEARS, "peft_rank": 8, "task_type": "SEQ_CLS", "head": True},
+    "minilm": {
+        "name": common.MINILM,
+        "peft_targets": common.BERT_LINEARS,
+        "peft_rank": 8,
+        "task_type": "SEQ_CLS",
+        "head": True,
+    },
     "smollm2": {
-        "name": SMOLLM2,
+        "name": common.SMOLLM2,
         "peft_targets": LLAMA_LINEARS,
         "peft_rank": 4,
         "task_type": "CAUSAL_LM",
@@ -68,6 +62,34 @@ LABELS = {
     "peft_lora": "PEFT LoRA r=8",
     "peft_vera": "PEFT VeRA r=1024",
 }
+# the ratios a run records: paired step times (median over rounds of a's time / b's in the same round) ...
+PAIRED = {
+    "aflora_before_over_peft_lora": ("aflora_before", "peft_lora"),
+    "aflora_frozen_over_peft_lora": ("aflora_frozen", "peft_lora"),
+    "aflora_before_over_aflora_fused": ("aflora_before", "aflora_fused"),
+    "aflora_frozen_over_floor": ("aflora_frozen", "floor"),
+    "peft_vera_over_aflora_before": ("peft_vera", "aflora_before"),
+    "peft_vera_over_aflora_frozen": ("peft_vera", "aflora_frozen"),
+    "elora_over_aflora_before": ("elora", "aflora_before"),
+}
+# ... and the targets they are held against: (label, ratio, bound, at most the bound?)
+TARGETS = [
+    ("AFLoRA (PMs trainable) step <= 1.0 x PEFT LoRA", "aflora_before_over_peft_lora", 1.0, True),
+    ("AFLoRA (PMs frozen) step <= 1.0 x PEFT LoRA", "aflora_frozen_over_peft_lora", 1.0, True),
+    ("AFLoRA (PMs frozen) step <= 1.05 x floor", "aflora_frozen_over_floor", 1.05, True),
+    ("PEFT VeRA / AFLoRA (PMs trainable) >= 1.8", "peft_vera_over_aflora_before", 1.8, False),
+    ("PEFT VeRA / AFLoRA (PMs frozen) >= 1.8", "peft_vera_over_aflora_frozen", 1.8, False),
+    ("freezer update <= 2 % of an AFLoRA step", "freezer_share_of_step", 0.02, True),
+    ("AFLoRA (PMs trainable) peak memory <= PEFT LoRA", "aflora_before_memory_over_peft_lora", 1.0, True),
+    ("AFLoRA (PMs frozen) peak memory <= PEFT LoRA", "aflora_frozen_memory_over_peft_lora", 1.0, True),
+]
+
+
+def configure(model: str, base_dtype: str, precision: str) -> None:
+    """Set the profile and settings every function here reads (`--model`, `--base-dtype`, `--precision`)."""
+    global PROFILE
+    PROFILE = PROFILES[model]
+    SETTINGS.update(base_dtype=base_dtype, precision=precision)
 
 
 def method_label(name: str) -> str:
@@ -83,55 +105,15 @@ class Variant:
     """One method on its own copy of the base model, with a `step()` that trains on the batch once."""
 
     name: str
-    model: Any
     step: Callable[[dict[str, Any]], None]
-    trainable: int
-    adapter_bytes: int
-    freezer_times: list[float] = field(default_factory=list)
+    trainable: int = 0
+    adapter_bytes: int = 0
     optimizer: Any = None
+    freezer_times: list[float] = field(default_factory=list)
 
     def optimizer_bytes(self) -> int:
-        if self.optimizer is None:
-            return 0
-        return sum(
-            t.numel() * t.element_size()
-            for state in self.optimizer.state.values()
-            for t in state.values()
-            if hasattr(t, "numel")
-        )
-
-
-def _training_step(model: Any, head_names: list[str], freezer: Any) -> Any:
-    """aflora's own training step (optimizer, schedule, freezer between gradients and AdamW) around an already
-    built model: the code `aflora train` runs each step, no data or files."""
-    import torch
-
-    from aflora_cli.recipe import TrainingConfig
-    from aflora_cli.training import distributed
-    from aflora_cli.training.step import TrainingStep, build_optimizer, linear_schedule
-
-    optimizer = build_optimizer(model, head_names, TrainingConfig(lr=4e-3, warmup_ratio=0.0))
-    return TrainingStep(
-        model,
-        freezer,
-        optimizer,
-        linear_schedule(optimizer, 0, 10**6),
-        torch.amp.GradScaler("cpu", enabled=False),
-        distributed.setup("cpu"),
-        precision=SETTINGS["precision"],  # type: ignore[arg-type]
-        max_grad_norm=TrainingConfig().max_grad_norm,
-    )
-
-
-def _autocast() -> Any:
-    """The steps' autocast context (`--precision`), as the trainer opens it."""
-    import contextlib
-
-    import torch
-
-    if SETTINGS["precision"] == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+        states = self.optimizer.state.values() if self.optimizer is not None else []
+        return sum(t.numel() * t.element_size() for state in states for t in state.values() if hasattr(t, "numel"))
 
 
 def _param_bytes(module: Any) -> int:
@@ -140,27 +122,26 @@ def _param_bytes(module: Any) -> int:
 
 def build_variant(name: str, base: Any) -> Variant:
     """`name` (one of METHODS) on a deep copy of `base`; its `step(batch)` trains on one batch."""
+    import torch
+
     from aflora_cli.engine.config import AdapterConfig
     from aflora_cli.engine.freezing import Freezer
     from aflora_cli.engine.inject import adaptive_matrices, inject_adapters, unfreeze_head
 
     model = copy.deepcopy(base)
-    base_bytes = _param_bytes(base)
     model.train()
-
-    if name == "floor":
-        for param in model.parameters():
-            param.requires_grad_(False)
+    if name == "floor":  # the frozen base, its gradient flowing only to the input embeddings
+        model.requires_grad_(False)
         embeddings = model.get_input_embeddings()
 
         def floor_step(batch: dict[str, Any]) -> None:
             inputs = {k: v for k, v in batch.items() if k != "input_ids"}
             embedded = embeddings(batch["input_ids"]).detach().requires_grad_(True)
-            with _autocast():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=SETTINGS["precision"] != "fp32"):
                 loss = model(inputs_embeds=embedded, **inputs).loss
             loss.backward()
 
-        return Variant(name, model, floor_step, 0, 0)
+        return Variant(name, floor_step)
 
     if name.startswith("peft_"):
         from peft import LoraConfig, TaskType, VeraConfig, get_peft_model
@@ -175,13 +156,7 @@ def build_variant(name: str, base: Any) -> Variant:
         head = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
         freezer = Freezer({}, total_steps=1, t_i=0, t_f=0)
     else:
-        method, rank = {
-            "aflora_before": ("aflora", 4),
-            "aflora_fused": ("aflora", 4),
-            "aflora_frozen": ("aflora", 4),
-            "lora": ("lora", 8),
-            "elora": ("elora", 1024),
-        }[name]
+        method, rank = OURS[name]
         targets = inject_adapters(model, AdapterConfig(method=method, rank=rank))
         if name == "aflora_fused":  # the code before the fix: the fused node also under half autocast
             for target in targets:
@@ -193,10 +168,17 @@ def build_variant(name: str, base: Any) -> Variant:
             freezer.apply_schedule(1)
         else:  # never reaches t_i: scores update every step, nothing freezes
             freezer = Freezer(matrices, total_steps=10**9, t_i=10**9, t_f=0)
-    training = _training_step(model, head, freezer)
-    variant = Variant(name, model, lambda _: None, 0, _param_bytes(model) - base_bytes, optimizer=training.optimizer)
-    variant.trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
+    options = {"precision": SETTINGS["precision"], "max_grad_norm": 1.0}  # TrainingConfig's default
+    training = common.training_step(model, head, freezer, 4e-3, **options)
+    trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
+    adapter_bytes = _param_bytes(model) - _param_bytes(base)
 
+    steps_taken = itertools.count()
+
+    def trainer_step(batch: dict[str, Any]) -> None:
+        training.optimizer_step(training.forward_backward([batch]), next(steps_taken))
+
+    variant = Variant(name, trainer_step, trainable, adapter_bytes, training.optimizer)
     for attr in ("update_scores", "apply_schedule"):  # time the freezer's share of each step
         original = getattr(freezer, attr)
 
@@ -207,16 +189,6 @@ def build_variant(name: str, base: Any) -> Variant:
             return out
 
         setattr(freezer, attr, timed)
-
-    steps_taken = 0
-
-    def trainer_step(batch: dict[str, Any]) -> None:
-        nonlocal steps_taken
-        loss = training.forward_backward([batch])
-        training.optimizer_step(loss, steps_taken)
-        steps_taken += 1
-
-    variant.step = trainer_step
     return variant
 
 
@@ -225,15 +197,9 @@ def load_base(num_labels: int = 2) -> Any:
     from aflora_cli.engine import base_model
     from aflora_cli.tasks.classification import load_classifier
 
-    model_dir, _ = base_model.locate_model(PROFILE["name"])
     if not PROFILE["head"]:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from aflora_cli.engine.storage import BaseStorage
-
-        storage = BaseStorage(SETTINGS["base_dtype"], None)  # type: ignore[arg-type]
-        return storage.from_pretrained(AutoModelForCausalLM, model_dir, torch.device("cpu"))
+        return common.load_causal_lm("smollm2", SETTINGS["base_dtype"])
+    model_dir, _ = base_model.locate_model(PROFILE["name"])
     tokenizer = base_model.load_tokenizer(model_dir)
     return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
@@ -247,8 +213,7 @@ def quickstart_batches() -> list[dict[str, Any]]:
     from aflora_cli.recipe import parse_recipe
     from aflora_cli.training.trainer import epoch_batches
 
-    root = Path(__file__).resolve().parents[1]
-    raw = yaml.safe_load((root / "recipes" / "quickstart.yaml").read_text())
+    raw = yaml.safe_load(common.QUICKSTART.read_text())
     recipe = parse_recipe({**raw, "output_dir": tempfile.gettempdir()}, "quickstart")
     found = locate_base(recipe)
     task = task_for(recipe, found)
@@ -261,29 +226,28 @@ def quickstart_batches() -> list[dict[str, Any]]:
 
 def make_batches(shape: str, vocab: int) -> list[dict[str, Any]]:
     """The batches a shape names: `quickstart`, or one batch of random ids (`32x128`)."""
-    if shape == "quickstart":
-        return quickstart_batches()
-    batch_size, length = parse_shape(shape)
-    return [make_batch(batch_size, length, vocab)]
-
-
-def make_batch(batch_size: int, length: int, vocab: int, seed: int = 0) -> dict[str, Any]:
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
+    if shape == "quickstart":
+        return quickstart_batches()
+    batch_size, length = common.parse_batch(shape)
+    generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (batch_size, length), generator=generator)
     if not PROFILE["head"]:  # a causal LM learns the next token of the same ids
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
     ids[:, 0] = 101  # [CLS]
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "token_type_ids": torch.zeros_like(ids),
-        "labels": torch.randint(0, 2, (batch_size,), generator=generator),
-    }
+    labels = torch.randint(0, 2, (batch_size,), generator=generator)
+    return [
+        {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+            "labels": labels,
+        }
+    ]
 
 
-# ---- timing ----------------------------------------------------------------------------------------
+# ---- timing and memory -----------------------------------------------------------------------------
 
 
 def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
@@ -298,17 +262,14 @@ def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: i
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for rep in range(reps):
         shift = rep % len(variants)
-        batch = batches[rep % len(batches)]
         for variant in variants[shift:] + variants[:shift]:
             start = time.perf_counter()
-            variant.step(batch)
+            variant.step(batches[rep % len(batches)])
             times[variant.name].append(time.perf_counter() - start)
     out = {}
     for variant in variants:
-        series = sorted(times[variant.name])
-        freezer = variant.freezer_times
-        # two freezer calls per step (update_scores, apply_schedule): sum them pairwise
-        per_step = [a + b for a, b in zip(freezer[::2], freezer[1::2])]
+        series, freezer = sorted(times[variant.name]), variant.freezer_times
+        per_step = [a + b for a, b in zip(freezer[::2], freezer[1::2])]  # update_scores + apply_schedule
         out[variant.name] = {
             "median_s": statistics.median(series),
             "min_s": series[0],
@@ -318,51 +279,42 @@ def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: i
             "trainable": variant.trainable,
             "adapter_bytes": variant.adapter_bytes,
         }
-    del variants
     return out
 
 
-# ---- memory ----------------------------------------------------------------------------------------
-
-
-def memory_probe(method: str, shape: str, steps: int = 2, warmup: int = 2) -> dict[str, Any]:
-    """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux).
-
-    `warmup` steps run first, so one-time allocations (thread pools, BLAS buffers, AdamW's state) are
-    not counted as step memory; AdamW's state is added back from its tensors' sizes.
-    """
-    import gc
-
+def memory_probe(
+    method: str, shape: str, model: str, base_dtype: str, precision: str, steps: int = 2, warmup: int = 2
+) -> dict[str, Any]:
+    """Peak RSS growth over `steps` training steps of `method`, from a reset high-water mark (Linux), after
+    `warmup` steps (so one-time allocations such as thread pools, BLAS buffers and AdamW's state are not counted
+    as step memory); AdamW's state is added back from its tensors' sizes."""
+    common.offline_and_quiet()
+    configure(model, base_dtype, precision)
     base = load_base()
     batches = make_batches(shape, base.config.vocab_size)
     variant = build_variant(method, base)
     del base
-    for number in range(warmup):
+    for number in range(warmup + steps):
+        if number == warmup:
+            resident = common.Resident()
         variant.step(batches[number % len(batches)])
-    gc.collect()
-    before = status_kib("VmRSS")
-    resettable = reset_peak()
-    for number in range(warmup, warmup + steps):
-        variant.step(batches[number % len(batches)])
-    peak = status_kib("VmHWM")
     adapter = variant.adapter_bytes + variant.optimizer_bytes()
-    if before is None or peak is None or not resettable:
-        return {"method": method, "step_bytes": None, "adapter_bytes": adapter}
-    return {"method": method, "step_bytes": (peak - before) * 1024, "adapter_bytes": adapter}
+    return {"method": method, "step_bytes": resident.peak(), "adapter_bytes": adapter}
 
 
 def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str, Any]:
-    out = {}
-    for method in methods:
-        if in_process:  # smoke only: numbers are not comparable across methods in one process
-            out[method] = memory_probe(method, shape, steps=1, warmup=0)
-            continue
-        command = [sys.executable, __file__, "--memory-probe", method, "--shapes", shape]
-        command += ["--model", next(key for key, value in PROFILES.items() if value is PROFILE)]
-        command += ["--base-dtype", SETTINGS["base_dtype"], "--precision", SETTINGS["precision"]]
-        found = json_probe(command, {**os.environ, **MALLOC_ENV}, f"memory probe {method}")
-        out[method] = found or {"method": method, "step_bytes": None, "adapter_bytes": None}
-    return out
+    """Each method's `memory_probe` in a fresh process (in this one for `--smoke`: then the numbers are not
+    comparable across methods)."""
+    model = next(key for key, value in PROFILES.items() if value is PROFILE)
+    settings = {"shape": shape, "model": model, **SETTINGS}
+    if in_process:
+        return {method: memory_probe(method, steps=1, warmup=0, **settings) for method in methods}
+    env = {**common.OFFLINE, **common.MALLOC_ENV}
+    failed = {"step_bytes": None, "adapter_bytes": None}
+    return {
+        m: common.in_fresh_process("speed", "memory_probe", env, method=m, **settings) or {"method": m, **failed}
+        for m in methods
+    }
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -388,8 +340,7 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     if shape == "quickstart":
         title = "the quickstart's training batches (32 rows each, padded to the longest, max length 64)"
     else:
-        batch_size, length = parse_shape(shape)
-        title = f"batch {batch_size} x {length} tokens"
+        title = "batch {} x {} tokens".format(*common.parse_batch(shape))
     lines = [
         f"### {title}",
         "",
@@ -399,47 +350,31 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     ]
     totals: dict[str, float | None] = {}
     for name, t in timing.items():
-        mem = memory.get(name, {})
-        step_b, adapter_b = mem.get("step_bytes"), mem.get("adapter_bytes")
-        total = step_b + adapter_b if step_b is not None and adapter_b is not None else None
-        totals[name] = total
-        mib = lambda b: _fmt(b / 2**20 if b is not None else None, ".0f")  # noqa: E731
+        step_b, adapter_b = (memory.get(name, {}).get(key) for key in ("step_bytes", "adapter_bytes"))
+        totals[name] = step_b + adapter_b if step_b is not None and adapter_b is not None else None
         lines.append(
-            f"| {method_label(name)} | {t['trainable']:,} | {t['median_s']:.3f} | "
-            f"{t['min_s']:.3f} / {t['max_s']:.3f} | "
-            f"{_fmt(paired_ratio(timing, name, 'peft_lora'), '.3f')} | "
-            f"{_fmt(paired_ratio(timing, name, 'floor'), '.3f')} | "
-            f"{mib(step_b)} | {mib(adapter_b)} | {mib(total)} |"
+            common.row(
+                method_label(name),
+                f"{t['trainable']:,}",
+                f"{t['median_s']:.3f}",
+                f"{t['min_s']:.3f} / {t['max_s']:.3f}",
+                _fmt(paired_ratio(timing, name, "peft_lora"), ".3f"),
+                _fmt(paired_ratio(timing, name, "floor"), ".3f"),
+                *(_fmt(None if b is None else b / common.MIB, ".0f") for b in (step_b, adapter_b, totals[name])),
+            )
         )
     before = timing.get("aflora_before", {}).get("median_s")
     freezer = timing.get("aflora_before", {}).get("freezer_median_s")
-    ratios = {
-        "aflora_before_over_peft_lora": paired_ratio(timing, "aflora_before", "peft_lora"),
-        "aflora_frozen_over_peft_lora": paired_ratio(timing, "aflora_frozen", "peft_lora"),
-        "aflora_before_over_aflora_fused": paired_ratio(timing, "aflora_before", "aflora_fused"),
-        "aflora_frozen_over_floor": paired_ratio(timing, "aflora_frozen", "floor"),
-        "peft_vera_over_aflora_before": paired_ratio(timing, "peft_vera", "aflora_before"),
-        "peft_vera_over_aflora_frozen": paired_ratio(timing, "peft_vera", "aflora_frozen"),
-        "elora_over_aflora_before": paired_ratio(timing, "elora", "aflora_before"),
-        "freezer_share_of_step": _ratio(freezer, before),
-        "aflora_before_memory_over_peft_lora": _ratio(totals.get("aflora_before"), totals.get("peft_lora")),
-        "aflora_frozen_memory_over_peft_lora": _ratio(totals.get("aflora_frozen"), totals.get("peft_lora")),
-    }
-    targets = [
-        ("AFLoRA (PMs trainable) step <= 1.0 x PEFT LoRA", ratios["aflora_before_over_peft_lora"], 1.0, "le"),
-        ("AFLoRA (PMs frozen) step <= 1.0 x PEFT LoRA", ratios["aflora_frozen_over_peft_lora"], 1.0, "le"),
-        ("AFLoRA (PMs frozen) step <= 1.05 x floor", ratios["aflora_frozen_over_floor"], 1.05, "le"),
-        ("PEFT VeRA / AFLoRA (PMs trainable) >= 1.8", ratios["peft_vera_over_aflora_before"], 1.8, "ge"),
-        ("PEFT VeRA / AFLoRA (PMs frozen) >= 1.8", ratios["peft_vera_over_aflora_frozen"], 1.8, "ge"),
-        ("freezer update <= 2 % of an AFLoRA step", ratios["freezer_share_of_step"], 0.02, "le"),
-        ("AFLoRA (PMs trainable) peak memory <= PEFT LoRA", ratios["aflora_before_memory_over_peft_lora"], 1.0, "le"),
-        ("AFLoRA (PMs frozen) peak memory <= PEFT LoRA", ratios["aflora_frozen_memory_over_peft_lora"], 1.0, "le"),
-    ]
+    ratios = {key: paired_ratio(timing, a, b) for key, (a, b) in PAIRED.items()}
+    ratios["freezer_share_of_step"] = _ratio(freezer, before)
+    for name in ("aflora_before", "aflora_frozen"):
+        ratios[f"{name}_memory_over_peft_lora"] = _ratio(totals.get(name), totals.get("peft_lora"))
     lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
-    for label, value, bound, how in targets:
-        met = None if value is None else (value <= bound if how == "le" else value >= bound)
+    for label, key, bound, at_most in TARGETS:
+        value = ratios[key]
+        met = "n/a" if value is None else ("yes" if (value <= bound if at_most else value >= bound) else "NO")
         shown = _fmt(value * 100, ".2f") + " %" if "2 %" in label and value is not None else _fmt(value, ".3f")
-        lines.append(f"| {label} | {shown} | {'n/a' if met is None else ('yes' if met else 'NO')} |")
+        lines.append(f"| {label} | {shown} | {met} |")
     if ratios["aflora_before_over_aflora_fused"] is not None:
         cost = ratios["aflora_before_over_aflora_fused"]
         lines.append(f"\nthe half-precision fix (separate low-rank path) costs x{cost:.3f} of the fused step")
@@ -448,18 +383,12 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     return "\n".join(lines), ratios
 
 
-def parse_shape(shape: str) -> tuple[int, int]:
-    """`32x128` → (32, 128)."""
-    batch_size, _, length = shape.lower().partition("x")
-    return int(batch_size), int(length)
-
-
 def parse_shapes(text: str) -> list[str]:
     """Comma-separated shapes, each `BxL` or `quickstart`."""
     shapes = [part.strip().lower() for part in text.split(",") if part.strip()]
     for shape in shapes:
         if shape != "quickstart":
-            parse_shape(shape)  # raises on a malformed shape
+            common.parse_batch(shape)  # raises on a malformed shape
     return shapes
 
 
@@ -478,22 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=tuple(PROFILES), default="minilm", help="the base model measured")
     parser.add_argument("--base-dtype", choices=("fp32", "bf16"), default="fp32", help="causal LM base storage")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the steps")
-    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.base_dtype != "fp32" and args.model == "minilm":
         parser.error("--base-dtype: only for --model smollm2 (MiniLM's classifier head stays fp32)")
-    SETTINGS.update(base_dtype=args.base_dtype, precision=args.precision)
-
-    offline_and_quiet()
-    import torch
-
-    global PROFILE
-    PROFILE = PROFILES[args.model]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, parse_shapes(args.shapes)[0])))
-        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -504,8 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     reps, warmup = args.reps, args.warmup
     if args.smoke:
         shapes, reps, warmup = ["2x16"], 2, 1
+    configure(args.model, args.base_dtype, args.precision)
+    common.offline_and_quiet()
+    import torch
 
-    info = machine()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = common.machine()
     print(
         f"# speed: {PROFILE['name']}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
         f"torch {info['torch']}"
@@ -523,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
         results["shapes"][shape] = {"timing": timing, "memory": memory, "ratios": ratios}
     if args.json:
-        write_json(args.json, results)
+        common.write_json(args.json, results)
     return 0
 
 

@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OFFLINE, QUICKSTART, compile_bytecode, timed, train_command, write_json
 
 AFLORA = [sys.executable, "-m", "aflora_cli"]

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OFFLINE, ROOT, append_jsonl, machine, read_jsonl
 
 RESULTS = ROOT / "benchmarks" / "results" / "storage_learning.jsonl"

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MOVIE_REVIEWS, OFFLINE, QUICKSTART, ROOT, compile_bytecode, machine, timed, train_command, write_json
 
 ENV = {**OFFLINE, "TOKENIZERS_PARALLELISM": "false"}
