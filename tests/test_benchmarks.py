@@ -110,7 +110,7 @@ def test_whole_process_peft_loop_trains_on_the_rows_aflora_trains_on(tmp_path: P
 
 
 def test_the_shared_helpers_time_a_whole_offline_aflora_train_with_overrides(tmp_path: Path) -> None:
-    """benchmarks/common.py's command (used by startup, quickstart, faults and whole_process) is one `aflora
+    """benchmarks/common.py's command (used by startup, faults and whole_process) is one `aflora
     train` whose `--set`s land in the run; its /proc readers give this process's resident size."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
