@@ -1,7 +1,6 @@
 """What the benchmark scripts share: the models, fresh processes (of `aflora` or of a script's own function),
 timing, result files and tables, the process's memory and CPU time, and the machine the numbers were measured on.
-
-A script runs as `python benchmarks/NAME.py`, which puts this folder first on `sys.path`: `import common` works."""
+(`python benchmarks/NAME.py` puts this folder first on `sys.path`: `import common` works.)"""
 
 from __future__ import annotations
 
@@ -77,9 +76,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-# ---- models ---------------------------------------------------------------------------------------------
-
-
 def llama_dir(name: str) -> Path:
     """A LLaMA of memory_model.MODELS[name]'s sizes with random weights (seed 0), saved once under
     ~/.cache/aflora-benchmarks (before two processes would race to build it)."""
@@ -138,9 +134,6 @@ def parse_batch(text: str) -> tuple[int, int]:
     return int(rows), int(length)
 
 
-# ---- processes ------------------------------------------------------------------------------------------
-
-
 def train_command(recipe: Path, output_dir: Path | str, *overrides: str) -> list[str]:
     """`aflora train RECIPE` in this interpreter, with `output_dir` and each KEY=VALUE set."""
     sets = [f"--set={item}" for item in (f"output_dir={output_dir}", *overrides)]
@@ -182,9 +175,6 @@ def in_fresh_process(module: str, function: str, env: dict[str, str] = OFFLINE, 
     return json_probe(command, {**env, "PYTHONPATH": path}, f"{module}.{function}", cwd=ROOT)
 
 
-# ---- result files and tables ----------------------------------------------------------------------------
-
-
 def write_json(path: Path | str, data: Any, indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,9 +194,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def row(*cells: Any) -> str:
     """One markdown table row."""
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
-
-
-# ---- this process's memory and CPU time -----------------------------------------------------------------
 
 
 def status_kib(key: str) -> int | None:
@@ -234,10 +221,7 @@ class Resident:
     def reset(self) -> None:
         """Collect garbage, then start the high-water mark again from the resident size now."""
         gc.collect()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError as error:
-            raise RuntimeError("/proc/self/clear_refs: the resident peak cannot be reset (Linux only)") from error
+        Path("/proc/self/clear_refs").write_text("5")  # an OSError off Linux
 
     def now(self) -> int:
         return (self._kib("VmRSS") - self.baseline) * 1024

@@ -28,6 +28,7 @@ SOURCES = {
     "replicate-movie-reviews.yaml": (("replicate.jsonl",), "movie_reviews"),
     "replicate-movie-reviews-rating.yaml": (("replicate.jsonl",), "movie_reviews_rating"),
 }
+KEPT = ("seed", "metrics", "trainable_average", "trainable_end", "trainable_start", "steps")  # as they were
 
 
 def sweep_records(sweep: Sweep, files: list[Path], keep: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
@@ -39,21 +40,10 @@ def sweep_records(sweep: Sweep, files: list[Path], keep: Callable[[dict[str, Any
             keys = sweep.spec.settings.get(old["method"])
             if keys is None or not keep(old) or ("head_lr" in old and old["head_lr"] != old["lr"]):
                 continue
-            records.append(
-                {
-                    "spec_hash": sweep.hash,
-                    "setting": old["method"],
-                    "keys": keys,
-                    "lr": old["lr"] if sweep.spec.lr else None,  # a spec without a ladder: the setting's rate
-                    "seed": old["seed"],
-                    "metrics": old["metrics"],
-                    "trainable_average": old["trainable_average"],
-                    "trainable_end": old["trainable_end"],
-                    "trainable_start": old["trainable_start"],
-                    "steps": old["steps"],
-                    "seconds": old.get("wall_s", old.get("train_time_s")),
-                }
-            )
+            lr = old["lr"] if sweep.spec.lr else None  # a spec without a ladder: the setting's rate
+            record = {"spec_hash": sweep.hash, "setting": old["method"], "keys": keys, "lr": lr}
+            record |= {key: old[key] for key in KEPT} | {"seconds": old.get("wall_s", old.get("train_time_s"))}
+            records.append(record)
     return records
 
 

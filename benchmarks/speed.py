@@ -32,24 +32,9 @@ DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old nu
 OURS = {"aflora_before": ("aflora", 4), "aflora_fused": ("aflora", 4), "aflora_frozen": ("aflora", 4)}
 OURS |= {"lora": ("lora", 8), "elora": ("elora", 1024)}
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-# what differs between the models measured: PEFT's targets, rank and task type, and whether a head trains
-PROFILES: dict[str, dict[str, Any]] = {
-    "minilm": {
-        "name": common.MINILM,
-        "peft_targets": common.BERT_LINEARS,
-        "peft_rank": 8,
-        "task_type": "SEQ_CLS",
-        "head": True,
-    },
-    "smollm2": {
-        "name": common.SMOLLM2,
-        "peft_targets": LLAMA_LINEARS,
-        "peft_rank": 4,
-        "task_type": "CAUSAL_LM",
-        "head": False,
-    },
-}
-PROFILE = PROFILES["minilm"]
+MODELS = {"minilm": common.MINILM, "smollm2": common.SMOLLM2}  # a classifier with a trained head; a causal LM
+MODEL = "minilm"  # `--model`
+PEFT = {"minilm": (common.BERT_LINEARS, 8, "SEQ_CLS"), "smollm2": (LLAMA_LINEARS, 4, "CAUSAL_LM")}  # targets, r, task
 # how the base is stored and which autocast the steps run under (`--base-dtype`, `--precision`)
 SETTINGS: dict[str, str] = {"base_dtype": "fp32", "precision": "fp32"}
 LABELS = {
@@ -87,14 +72,14 @@ TARGETS = [
 
 def configure(model: str, base_dtype: str, precision: str) -> None:
     """Set the profile and settings every function here reads (`--model`, `--base-dtype`, `--precision`)."""
-    global PROFILE
-    PROFILE = PROFILES[model]
+    global MODEL
+    MODEL = model
     SETTINGS.update(base_dtype=base_dtype, precision=precision)
 
 
 def method_label(name: str) -> str:
     """A method's name in the tables; PEFT LoRA's rank is the profile's."""
-    return f"PEFT LoRA r={PROFILE['peft_rank']}" if name == "peft_lora" else LABELS[name]
+    return f"PEFT LoRA r={PEFT[MODEL][1]}" if name == "peft_lora" else LABELS[name]
 
 
 # ---- building the variants -----------------------------------------------------------------------
@@ -146,7 +131,8 @@ def build_variant(name: str, base: Any) -> Variant:
     if name.startswith("peft_"):
         from peft import LoraConfig, TaskType, VeraConfig, get_peft_model
 
-        rank, targets, task_type = PROFILE["peft_rank"], PROFILE["peft_targets"], TaskType[PROFILE["task_type"]]
+        targets, rank, task = PEFT[MODEL]
+        task_type = TaskType[task]
         if name == "peft_lora":
             config: Any = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, task_type=task_type)
         else:
@@ -161,7 +147,7 @@ def build_variant(name: str, base: Any) -> Variant:
         if name == "aflora_fused":  # the code before the fix: the fused node also under half autocast
             for target in targets:
                 model.get_submodule(target.name).fusable = lambda x: True
-        head = unfreeze_head(model) if PROFILE["head"] else []
+        head = unfreeze_head(model) if MODEL == "minilm" else []
         matrices = adaptive_matrices(model, targets)
         if name == "aflora_frozen":  # run the schedule to its end: every adaptive PM frozen, as after T - t_f
             freezer = Freezer(matrices, total_steps=1, t_i=0, t_f=0)
@@ -197,9 +183,9 @@ def load_base(num_labels: int = 2) -> Any:
     from aflora_cli.engine import base_model
     from aflora_cli.tasks.classification import load_classifier
 
-    if not PROFILE["head"]:
+    if MODEL == "smollm2":
         return common.load_causal_lm("smollm2", SETTINGS["base_dtype"])
-    model_dir, _ = base_model.locate_model(PROFILE["name"])
+    model_dir, _ = base_model.locate_model(common.MINILM)
     tokenizer = base_model.load_tokenizer(model_dir)
     return load_classifier(model_dir, num_labels, "classification", None, tokenizer.pad_token_id)
 
@@ -233,7 +219,7 @@ def make_batches(shape: str, vocab: int) -> list[dict[str, Any]]:
     batch_size, length = common.parse_batch(shape)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (batch_size, length), generator=generator)
-    if not PROFILE["head"]:  # a causal LM learns the next token of the same ids
+    if MODEL == "smollm2":  # a causal LM learns the next token of the same ids
         return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
     ids[:, 0] = 101  # [CLS]
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
@@ -305,8 +291,7 @@ def memory_probe(
 def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str, Any]:
     """Each method's `memory_probe` in a fresh process (in this one for `--smoke`: then the numbers are not
     comparable across methods)."""
-    model = next(key for key, value in PROFILES.items() if value is PROFILE)
-    settings = {"shape": shape, "model": model, **SETTINGS}
+    settings = {"shape": shape, "model": MODEL, **SETTINGS}
     if in_process:
         return {method: memory_probe(method, steps=1, warmup=0, **settings) for method in methods}
     env = {**common.OFFLINE, **common.MALLOC_ENV}
@@ -383,28 +368,16 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     return "\n".join(lines), ratios
 
 
-def parse_shapes(text: str) -> list[str]:
-    """Comma-separated shapes, each `BxL` or `quickstart`."""
-    shapes = [part.strip().lower() for part in text.split(",") if part.strip()]
-    for shape in shapes:
-        if shape != "quickstart":
-            common.parse_batch(shape)  # raises on a malformed shape
-    return shapes
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 2 rounds, in-process memory: seconds")
-    parser.add_argument(
-        "--shapes", default="32x128,32x256", help="batch x length pairs or `quickstart`, comma separated"
-    )
+    parser.add_argument("--shapes", default="32x128,32x256", help="BxL pairs or `quickstart`, comma separated")
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (one step per method each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
-    parser.add_argument("--model", choices=tuple(PROFILES), default="minilm", help="the base model measured")
+    parser.add_argument("--model", choices=tuple(MODELS), default="minilm", help="the base model measured")
     parser.add_argument("--base-dtype", choices=("fp32", "bf16"), default="fp32", help="causal LM base storage")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the steps")
     args = parser.parse_args(argv)
@@ -414,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    shapes = parse_shapes(args.shapes)
+    shapes = [shape.strip().lower() for shape in args.shapes.split(",") if shape.strip()]
+    for shape in set(shapes) - {"quickstart"}:
+        common.parse_batch(shape)  # raises on a malformed shape
     if "quickstart" in shapes and args.model != "minilm":
         parser.error("--shapes quickstart: the quickstart's batches are MiniLM's; use --model minilm")
     reps, warmup = args.reps, args.warmup
@@ -424,17 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     common.offline_and_quiet()
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     info = common.machine()
     print(
-        f"# speed: {PROFILE['name']}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
+        f"# speed: {MODELS[MODEL]}, {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads, "
         f"torch {info['torch']}"
     )
     torch.manual_seed(0)
     base = load_base()
-    results: dict[str, Any] = {"machine": info, "settings": dict(SETTINGS), "reps": reps, "warmup": warmup}
-    results["shapes"] = {}
+    results: dict[str, Any] = {
+        "machine": info,
+        "settings": dict(SETTINGS),
+        "reps": reps,
+        "warmup": warmup,
+        "shapes": {},
+    }
     for shape in shapes:
         started = time.perf_counter()
         timing = time_methods(base, shape, methods, reps, warmup)

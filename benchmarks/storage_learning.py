@@ -17,22 +17,17 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import OFFLINE, ROOT, append_jsonl, machine, read_jsonl
+from common import OFFLINE, ROOT, append_jsonl, machine, read_jsonl, train_command
 
 RESULTS = ROOT / "benchmarks" / "results" / "storage_learning.jsonl"
 # the base's storage, and (issue 33) the fp32 base with its rows packed: the same rows per micro-batch, packed
-STORAGES = {
-    "fp32": [],
-    "bf16": ["model.dtype=bf16"],
-    "nf4": ["model.quantization={bits: 4}"],
-    "packed": ["training.packing=true"],
-}
+STORAGES = {"fp32": [], "bf16": ["model.dtype=bf16"], "nf4": ["model.quantization={bits: 4}"]}
+STORAGES["packed"] = ["training.packing=true"]
 GAIN = re.compile(
     r"validation rougeL: ([\d.]+) before training, ([\d.]+) after \(gain ([+-][\d.]+) ± ([\d.]+), 95 % interval"
 )
@@ -41,12 +36,8 @@ GAIN = re.compile(
 def run(storage: str, seed: int) -> dict[str, Any]:
     """One quickstart-lm run; its printed ROUGE-L line, parsed."""
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"seed={seed}", f"output_dir={out}", *STORAGES[storage]]
-        command = [str(Path(sys.executable).parent / "aflora"), "train", str(ROOT / "recipes" / "quickstart-lm.yaml")]
-        for assignment in overrides:
-            command += ["--set", assignment]
-        env = {**OFFLINE, "COLUMNS": "400"}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        command = train_command(ROOT / "recipes" / "quickstart-lm.yaml", out, f"seed={seed}", *STORAGES[storage])
+        result = subprocess.run(command, capture_output=True, text=True, env={**OFFLINE, "COLUMNS": "400"}, check=False)
     found = GAIN.search(" ".join(result.stdout.split()))
     if result.returncode != 0 or found is None:
         raise RuntimeError(f"{storage} seed {seed} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
@@ -101,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -8,7 +8,7 @@ with the sweep's own clock (RESULTS.md says what is counted).
 
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,15 +24,15 @@ SPEC = Path(__file__).resolve().parent / "sweeps" / "front-movie-reviews.yaml"
 
 
 def main() -> int:
-    folder = Path(tempfile.mkdtemp(prefix="aflora-sweep-overhead-"))
+    with tempfile.TemporaryDirectory(prefix="aflora-sweep-overhead-") as tmp:
+        folder = Path(tmp)
 
-    def load() -> Sweep:
-        """The spec, validated, with its output in the temporary folder."""
-        sweep = load_sweep(SPEC)
-        sweep.output_dir, sweep.results_file = folder, folder / "results.jsonl"
-        return sweep
+        def load() -> Sweep:
+            """The spec, validated, with its output in the temporary folder."""
+            sweep = load_sweep(SPEC)
+            sweep.output_dir, sweep.results_file = folder, folder / "results.jsonl"
+            return sweep
 
-    try:
         sweep = load()
         records = spec_records(sweep)
         for record in records:
@@ -45,19 +45,17 @@ def main() -> int:
 
         def report() -> None:
             rows = summarize(sweep, progress)
-            (sweep.output_dir / "report.md").write_text(report_markdown(sweep, rows), encoding="utf-8")
-            with open("/dev/null", "w") as quiet:
+            (folder / "report.md").write_text(report_markdown(sweep, rows), encoding="utf-8")
+            with open(os.devnull, "w") as quiet:
                 print_report(sweep, rows, Console(file=quiet))
-            draw_front(sweep, rows, [sweep.output_dir / "front.png", sweep.output_dir / "front.svg"])
+            draw_front(sweep, rows, [folder / "front.png", folder / "front.svg"])
 
         clock.measure(report)
-        runs = sum(r["seconds"] for r in records)
-        print(
-            f"{len(records)} runs, {runs:,.0f} s of training; the sweep's own planning, bookkeeping and report: "
-            f"{clock.own:.2f} s = {100 * clock.own / runs:.3f} % of it"
-        )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    runs = sum(r["seconds"] for r in records)
+    print(
+        f"{len(records)} runs, {runs:,.0f} s of training; the sweep's own planning, bookkeeping and report: "
+        f"{clock.own:.2f} s = {100 * clock.own / runs:.3f} % of it"
+    )
     return 0
 
 

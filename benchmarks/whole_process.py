@@ -22,9 +22,6 @@ from common import MOVIE_REVIEWS, OFFLINE, QUICKSTART, ROOT, compile_bytecode, m
 ENV = {**OFFLINE, "TOKENIZERS_PARALLELISM": "false"}
 
 
-# ---- B: the PEFT loop (runs in its own process) ---------------------------------------------------------
-
-
 def _read(split: str) -> tuple[list[str], list[int]]:
     with (MOVIE_REVIEWS / f"{split}.tsv").open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -34,17 +31,12 @@ def _read(split: str) -> tuple[list[str], list[int]]:
 def peft_loop(plan: dict[str, Any]) -> None:
     """The plain loop a PEFT user writes; `plan` holds the rows, steps and settings shared with A."""
     import torch
+    import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        get_linear_schedule_with_warmup,
-    )
 
     torch.manual_seed(plan["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(plan["model_dir"])
-    model = AutoModelForSequenceClassification.from_pretrained(plan["model_dir"], num_labels=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plan["model_dir"])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(plan["model_dir"], num_labels=2)
     lora = LoraConfig(r=8, lora_alpha=8, target_modules=plan["targets"], modules_to_save=["classifier"])
     model = get_peft_model(model, lora)
     texts, labels = _read("train")
@@ -57,11 +49,11 @@ def peft_loop(plan: dict[str, Any]) -> None:
         chosen = plan["eval_rows"][split] or range(len(split_texts))
         split_texts, split_labels = [split_texts[i] for i in chosen], [split_labels[i] for i in chosen]
         splits[split] = (tokenizer(split_texts, truncation=True, max_length=plan["max_length"]), split_labels)
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = transformers.DataCollatorWithPadding(tokenizer)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
     optimizer = torch.optim.AdamW([{"params": rest, "lr": plan["lr"]}, {"params": head, "lr": plan["head_lr"]}])
-    scheduler = get_linear_schedule_with_warmup(optimizer, plan["warmup_steps"], plan["steps"])
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, plan["warmup_steps"], plan["steps"])
     batch, per_epoch = plan["batch_size"], math.ceil(len(rows) / plan["batch_size"])
 
     def rows_of(encoded: Any, index: list[int], targets: list[int]) -> list[dict[str, Any]]:
@@ -99,15 +91,9 @@ def peft_loop(plan: dict[str, Any]) -> None:
                 break
 
 
-# ---- the comparison ---------------------------------------------------------------------------------------
-
-
 LEAN_EVAL_ROWS = 512
-LEAN_OVERRIDES = [
-    "training.eval_every=1000000",
-    "training.save_every=1000000",
-    f"data.max_eval_samples={LEAN_EVAL_ROWS}",
-]
+LEAN_OVERRIDES = ["training.eval_every=1000000", "training.save_every=1000000"]
+LEAN_OVERRIDES += [f"data.max_eval_samples={LEAN_EVAL_ROWS}"]
 
 
 def make_plan(steps: int, folder: Path, lean: bool) -> dict[str, Any]:
@@ -172,15 +158,8 @@ def main() -> int:
     ratio = statistics.median(p["ratio"] for p in pairs)
     print(f"median ratio aflora / PEFT: {ratio:.3f} (target <= 0.85: {'met' if ratio <= 0.85 else 'not met'})")
     if args.json:
-        result = {
-            "steps": args.steps,
-            "lean": args.lean,
-            "overrides": overrides,
-            "pairs": pairs,
-            "median_ratio": ratio,
-            "machine": machine(),
-        }
-        write_json(args.json, result)
+        result = {"steps": args.steps, "lean": args.lean, "overrides": overrides, "pairs": pairs}
+        write_json(args.json, result | {"median_ratio": ratio, "machine": machine()})
     return 0
 
 
