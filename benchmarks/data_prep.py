@@ -78,7 +78,7 @@ def child(file: str, max_length: int, start: float) -> dict[str, Any]:
         token_bytes = sum(row[k].nbytes for row in train for k in ("input_ids", "labels", "prompt_ids"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ceiling = _tokenizer_alone(base.tokenizer, file)
-    record = {
+    return {
         "rows": len(train),
         "skipped": data.skipped.get("train", 0),
         "tokens": int(sum(task.lengths(train))),
@@ -95,7 +95,6 @@ def child(file: str, max_length: int, start: float) -> dict[str, Any]:
         "token_mib": round(token_bytes / 2**20),
         **ceiling,
     }
-    return record
 
 
 def _tokenizer_alone(tokenizer: Any, file: str, rows: int = 20_000) -> dict[str, float]:
