@@ -271,7 +271,7 @@ def process_overhead(records: list[dict[str, Any]], model: str = "smollm2") -> d
 def compare(records: list[dict[str, Any]], fsdp: list[dict[str, Any]] | None = None) -> str:
     """The model against `memory.py`'s measured step peaks, one row per record: alone, and with the process
     overhead fitted on SmolLM2's records (a check out of sample for the other model). With `fsdp`, against
-    `fsdp_memory.py`'s step peaks per process instead (one row per mode: every rank holds the same; DDP as one
+    `fsdp_memory.py`'s step peaks per process instead (rank 0's: every rank holds the same; DDP as one
     unsharded process)."""
     overhead = process_overhead(records)
     if fsdp is None:
@@ -282,22 +282,19 @@ def compare(records: list[dict[str, Any]], fsdp: list[dict[str, Any]] | None = N
             "| + overhead / measured |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
+        compared = [(r, predicted_peak(r), [r["method"], "yes" if r["checkpointing"] else "no"]) for r in records]
     else:
         lines = [
             "| model | base | mode | batch | measured (MiB) | model (MiB) | model / measured | + overhead / measured |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        first: dict[tuple[str, ...], dict[str, Any]] = {}
-        for r in fsdp:
-            first.setdefault((r["model"], r["storage"], r["mode"], r["batch"]), r)
-        records = list(first.values())
-    for record in records:
-        if fsdp is None:
-            predicted = predicted_peak(record)
-            how = [record["method"], "yes" if record["checkpointing"] else "no"]
-        else:
-            predicted = predicted_peak(record | {"method": "aflora"}, 2 if record["mode"] == "fsdp" else 1)
-            how = [record["mode"]]
+        processes = {"ddp": 1, "fsdp": 2}
+        compared = [
+            (r, predicted_peak(r | {"method": "aflora"}, processes[r["mode"]]), [r["mode"]])
+            for r in fsdp
+            if r["rank"] == 0
+        ]
+    for record, predicted, how in compared:
         measured, extra = record["steps_peak"], overhead.get(record["storage"])
         with_overhead = "—" if extra is None else f"{(predicted + extra) / measured:.2f}"
         cells = [f"{measured / MIB:.0f}", f"{predicted / MIB:.0f}", f"{predicted / measured:.2f}", with_overhead]
