@@ -4,13 +4,14 @@
                                      [--json benchmarks/results/fsdp_memory.json]
     python benchmarks/fsdp_memory.py --model llama-small --batch 2x64 --steps 2   # a quick look
 
-Each mode is one `torchrun --nproc-per-node 2` of this file in worker mode (gloo). Each rank loads the base as
-`aflora train` does, adds AFLoRA r=4 (the paper's policy, nothing freezing: the trainable set at its largest),
-shards it under FSDP with aflora's own `training/sharding.py`, then runs aflora's `TrainingStep` on random tokens:
-one warm-up step, `--steps` timed. `llama-small` is a 45 M-parameter LLaMA of 4 blocks for a quick look. The
-weights are copied into the process's own memory, as a copy to a GPU would be: pages of the mapped safetensors
-file count in the resident size only once touched. Memory figures are above `rss_before_load`, in processes whose
-allocator returns freed blocks at once; the figures and what they show: benchmarks/RESULTS.md.
+Each mode is one `torchrun --nproc-per-node 2` of this file in worker mode (gloo): each rank loads the base as
+`aflora train` does (its weights copied into process memory, as to a GPU), adds AFLoRA r=4 (nothing freezing: the
+trainable set at its largest), shards it with aflora's `training/sharding.py` under FSDP, then runs aflora's
+`TrainingStep` on random tokens: one warm-up step, `--steps` timed. `llama-small` is a 45 M-parameter LLaMA of 4
+blocks. Per rank, in processes whose allocator returns freed blocks at once, above `rss_before_load`: `load_peak`
+(VmHWM while loading, adapting, sharding), `rss_after_setup`, `steps_peak` (VmHWM over the timed steps);
+`param_bytes`, what the rank's parameters store (its shard under FSDP); `step_s`, the median step time (two ranks
+on 2 shared cores: it says little). Results: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
