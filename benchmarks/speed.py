@@ -20,7 +20,7 @@ import itertools
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,6 @@ def method_label(name: str) -> str:
     return f"PEFT LoRA r={PEFT[MODEL][1]}" if name == "peft_lora" else LABELS[name]
 
 
-# ---- building the variants -----------------------------------------------------------------------
-
-
 @dataclass
 class Variant:
     """One method on its own copy of the base model, with a `step()` that trains on the batch once."""
@@ -90,13 +87,9 @@ class Variant:
     optimizer: Any = None
     freezer_times: list[float] = field(default_factory=list)
 
-    def optimizer_bytes(self) -> int:
-        states = self.optimizer.state.values() if self.optimizer is not None else []
-        return sum(t.numel() * t.element_size() for state in states for t in state.values() if hasattr(t, "numel"))
 
-
-def _param_bytes(module: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+def _bytes(tensors: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def build_variant(name: str, base: Any) -> Variant:
@@ -151,7 +144,7 @@ def build_variant(name: str, base: Any) -> Variant:
     options = {"precision": SETTINGS["precision"], "max_grad_norm": 1.0}  # TrainingConfig's default
     training = common.training_step(model, head, freezer, 4e-3, **options)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in head)
-    adapter_bytes = _param_bytes(model) - _param_bytes(base)
+    adapter_bytes = _bytes([*model.parameters(), *model.buffers()]) - _bytes([*base.parameters(), *base.buffers()])
 
     steps_taken = itertools.count()
 
@@ -227,9 +220,6 @@ def make_batches(shape: str, vocab: int) -> list[dict[str, Any]]:
     ]
 
 
-# ---- timing and memory -----------------------------------------------------------------------------
-
-
 def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
     """Median step time per method, timed alternately in rotating order after `warmup` steps each; round
     `rep` trains every method on the shape's batch number `rep` (cycling)."""
@@ -278,7 +268,8 @@ def memory_probe(
         if number == warmup:
             resident = common.Resident()
         variant.step(batches[number % len(batches)])
-    adapter = variant.adapter_bytes + variant.optimizer_bytes()
+    states = variant.optimizer.state.values() if variant.optimizer else []  # AdamW's
+    adapter = variant.adapter_bytes + _bytes(t for state in states for t in state.values() if hasattr(t, "numel"))
     return {"method": method, "step_bytes": resident.peak(), "adapter_bytes": adapter}
 
 
@@ -294,9 +285,6 @@ def measure_memory(methods: list[str], shape: str, in_process: bool) -> dict[str
         m: common.in_fresh_process("speed", "memory_probe", env, method=m, **settings) or {"method": m, **failed}
         for m in methods
     }
-
-
-# ---- report ----------------------------------------------------------------------------------------
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
