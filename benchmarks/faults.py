@@ -73,7 +73,6 @@ class Harness:
         self.launches = self.tracebacks = 0
         self.duration = 0.0
 
-    # ---- processes ------------------------------------------------------------------------------
     def start(self, output_dir: Path, *extra: str, fault: str | None = None) -> subprocess.Popen[str]:
         """`aflora train` of the short run (resumed when the folder holds one), with an AFLORA_FAULT if given."""
         resume = any(any(output_dir.glob(name)) for name in ("metrics.jsonl", "last", ".last.old-*"))
@@ -94,7 +93,6 @@ class Harness:
     def run_to_end(self, output_dir: Path, *extra: str, fault: str | None = None) -> tuple[int, str]:
         return self.finish(self.start(output_dir, *extra, fault=fault))
 
-    # ---- counting -------------------------------------------------------------------------------
     def same_as_reference(self, output_dir: Path) -> str | None:
         """None if the run ended exactly like the uninterrupted one, else what differs."""
         if not (output_dir / "last" / "adapter_config.json").is_file():
@@ -130,7 +128,6 @@ class Harness:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    # ---- the faults -----------------------------------------------------------------------------
     def reference(self) -> None:
         out = self.fresh("reference")
         began = time.monotonic()

@@ -46,8 +46,8 @@ def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool
     import torch
 
     common.offline_and_quiet()
-    rows, length = common.parse_batch(batch)
-    ids = torch.randint(100, 30_000, (rows, length), generator=torch.Generator().manual_seed(0))  # both vocabularies
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 30_000, common.parse_batch(batch), generator=generator)  # within both vocabularies
     resident = common.Resident()
     base = common.load_causal_lm(model, **STORAGES[storage])
     base.config.use_cache = False
