@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
@@ -258,13 +259,9 @@ def process_overhead(records: list[dict[str, Any]], model: str = "smollm2") -> d
     that it can be checked on another."""
     fitted = {}
     for storage in ("fp32", "bf16"):
-        gaps = [
-            r["steps_peak"] - predicted_peak(r)
-            for r in records
-            if r.get("model", "smollm2") == model and r["storage"] == storage
-        ]
-        if gaps:
-            fitted[storage] = sum(gaps) / len(gaps)
+        mine = [r for r in records if r.get("model", "smollm2") == model and r["storage"] == storage]
+        if mine:
+            fitted[storage] = statistics.mean(r["steps_peak"] - predicted_peak(r) for r in mine)
     return fitted
 
 

@@ -65,14 +65,14 @@ TARGETS = [
 
 
 def configure(model: str, base_dtype: str, precision: str) -> None:
-    """Set the profile and settings every function here reads (`--model`, `--base-dtype`, `--precision`)."""
+    """Set the model and settings every function here reads (`--model`, `--base-dtype`, `--precision`)."""
     global MODEL
     MODEL = model
     SETTINGS.update(base_dtype=base_dtype, precision=precision)
 
 
 def method_label(name: str) -> str:
-    """A method's name in the tables; PEFT LoRA's rank is the profile's."""
+    """A method's name in the tables; PEFT LoRA's rank is the model's."""
     return f"PEFT LoRA r={PEFT[MODEL][1]}" if name == "peft_lora" else LABELS[name]
 
 
@@ -166,7 +166,7 @@ def build_variant(name: str, base: Any) -> Variant:
 
 
 def load_base(num_labels: int = 2) -> Any:
-    """The profile's base; `--base-dtype bf16` stores a causal LM's weights in bf16 as `model.dtype` does."""
+    """The model's base; `--base-dtype bf16` stores a causal LM's weights in bf16 as `model.dtype` does."""
     from aflora_cli.engine import base_model
     from aflora_cli.tasks.classification import load_classifier
 
