@@ -206,18 +206,12 @@ def make_batches(shape: str, vocab: int) -> list[dict[str, Any]]:
     batch_size, length = common.parse_batch(shape)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (batch_size, length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if MODEL == "smollm2":  # a causal LM learns the next token of the same ids
-        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+        return [batch | {"labels": ids.clone()}]
     ids[:, 0] = 101  # [CLS]
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
-    return [
-        {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "token_type_ids": torch.zeros_like(ids),
-            "labels": labels,
-        }
-    ]
+    return [batch | {"token_type_ids": torch.zeros_like(ids), "labels": labels}]
 
 
 def time_methods(base: Any, shape: str, methods: list[str], reps: int, warmup: int) -> dict[str, Any]:
@@ -319,17 +313,10 @@ def report(shape: str, timing: dict[str, Any], memory: dict[str, Any]) -> tuple[
     for name, t in timing.items():
         step_b, adapter_b = (memory.get(name, {}).get(key) for key in ("step_bytes", "adapter_bytes"))
         totals[name] = step_b + adapter_b if step_b is not None and adapter_b is not None else None
-        lines.append(
-            common.row(
-                method_label(name),
-                f"{t['trainable']:,}",
-                f"{t['median_s']:.3f}",
-                f"{t['min_s']:.3f} / {t['max_s']:.3f}",
-                _fmt(paired_ratio(timing, name, "peft_lora"), ".3f"),
-                _fmt(paired_ratio(timing, name, "floor"), ".3f"),
-                *(_fmt(None if b is None else b / common.MIB, ".0f") for b in (step_b, adapter_b, totals[name])),
-            )
-        )
+        paired = [_fmt(paired_ratio(timing, name, other), ".3f") for other in ("peft_lora", "floor")]
+        mib = [_fmt(None if b is None else b / common.MIB, ".0f") for b in (step_b, adapter_b, totals[name])]
+        times = [f"{t['median_s']:.3f}", f"{t['min_s']:.3f} / {t['max_s']:.3f}"]
+        lines.append(common.row(method_label(name), f"{t['trainable']:,}", *times, *paired, *mib))
     before = timing.get("aflora_before", {}).get("median_s")
     freezer = timing.get("aflora_before", {}).get("freezer_median_s")
     ratios = {f"{a}_over_{b}": paired_ratio(timing, a, b) for a, b in PAIRED}
