@@ -27,8 +27,6 @@ from typing import Any
 
 import common
 
-METHODS = ("floor", "aflora_before", "aflora_fused", "aflora_frozen", "lora", "elora", "peft_lora", "peft_vera")
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "aflora_fused")  # the old numerics only when asked for
 OURS = {"aflora_before": ("aflora", 4), "aflora_fused": ("aflora", 4), "aflora_frozen": ("aflora", 4)}
 OURS |= {"lora": ("lora", 8), "elora": ("elora", 1024)}
 LLAMA_LINEARS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -37,7 +35,7 @@ MODEL = "minilm"  # `--model`
 PEFT = {"minilm": (common.BERT_LINEARS, 8, "SEQ_CLS"), "smollm2": (LLAMA_LINEARS, 4, "CAUSAL_LM")}  # targets, r, task
 # how the base is stored and which autocast the steps run under (`--base-dtype`, `--precision`)
 SETTINGS: dict[str, str] = {"base_dtype": "fp32", "precision": "fp32"}
-LABELS = {
+METHODS = {  # each method's label in the tables
     "floor": "floor (frozen base, grad to input)",
     "aflora_before": "AFLoRA r=4, PMs trainable",
     "aflora_fused": "AFLoRA r=4, PMs trainable, fused node forced (before the half-precision fix)",
@@ -47,6 +45,7 @@ LABELS = {
     "peft_lora": "PEFT LoRA r=8",
     "peft_vera": "PEFT VeRA r=1024",
 }
+DEFAULT_METHODS = [m for m in METHODS if m != "aflora_fused"]  # the old numerics only when asked for
 # the ratios a run records (`A_over_B`): paired step times (median over rounds of A's time / B's in a round) ...
 PAIRED = [("aflora_before", "peft_lora"), ("aflora_frozen", "peft_lora"), ("aflora_before", "aflora_fused")]
 PAIRED += [("aflora_frozen", "floor"), ("peft_vera", "aflora_before"), ("peft_vera", "aflora_frozen")]
@@ -73,7 +72,7 @@ def configure(model: str, base_dtype: str, precision: str) -> None:
 
 def method_label(name: str) -> str:
     """A method's name in the tables; PEFT LoRA's rank is the model's."""
-    return f"PEFT LoRA r={PEFT[MODEL][1]}" if name == "peft_lora" else LABELS[name]
+    return f"PEFT LoRA r={PEFT[MODEL][1]}" if name == "peft_lora" else METHODS[name]
 
 
 @dataclass
@@ -375,13 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(0)
     base = load_base()
-    results: dict[str, Any] = {
-        "machine": info,
-        "settings": dict(SETTINGS),
-        "reps": reps,
-        "warmup": warmup,
-        "shapes": {},
-    }
+    results: dict[str, Any] = {"machine": info, "settings": dict(SETTINGS), "reps": reps, "warmup": warmup}
+    results["shapes"] = {}
     for shape in shapes:
         started = time.perf_counter()
         timing = time_methods(base, shape, methods, reps, warmup)
