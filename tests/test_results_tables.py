@@ -260,6 +260,27 @@ def test_the_replicate_tables_through_the_replicate_specs() -> None:
 def test_the_storage_learning_table_matches_its_raw_file() -> None:
     records = read_jsonl(storage_learning.RESULTS)
     report = storage_learning.report(records)
-    assert {r["storage"] for r in records} == {"fp32", "bf16", "nf4"}
+    assert {r["storage"] for r in records} == {"fp32", "bf16", "nf4", "packed"}
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| setting |")]
     assert _missing(rows) == []
+
+
+def test_the_faults_table_adds_up_to_its_raw_files() -> None:
+    """The fault sweep's two committed runs (every phase to the SIGTERMs, then the SIGKILLs alone) are complete
+    where they claim to be, and RESULTS.md's rows and total are their counts."""
+    import json
+
+    runs = [
+        json.loads((RAW / name).read_text(encoding="utf-8")) for name in ("faults-partial.json", "faults-sigkill.json")
+    ]
+    assert runs[1]["complete"] and set(runs[1]["tried"]) == {"sigkill"}
+    assert not set(runs[0]["tried"]) & set(runs[1]["tried"])
+    tried = {kind: n for run in runs for kind, n in run["tried"].items()}
+    survived = {kind: n for run in runs for kind, n in run["survived"].items()}
+    tracebacks = sum(run["tracebacks"] for run in runs)
+    section = RESULTS.split("## `benchmarks/faults.py`")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "tried" not in line]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")][1:] for line in rows]
+    assert [int(c[0].strip("*")) for c in cells[:-1]] == list(tried.values())
+    assert [int(c[1].strip("*")) for c in cells[:-1]] == list(survived.values())
+    assert [int(c.strip("*")) for c in cells[-1]] == [sum(tried.values()), sum(survived.values()), tracebacks]
