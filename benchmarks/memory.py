@@ -52,7 +52,9 @@ def probe(storage: str, method: str, steps: int, batch: str, checkpointing: bool
     base = common.load_causal_lm(model, **STORAGES[storage])
     base.config.use_cache = False
     if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from aflora_cli.training.trainer import enable_activation_checkpointing
+
+        enable_activation_checkpointing(base)
     footprint, load_peak = base.get_memory_footprint(), resident.peak()
     adapted = adapt(base, method)
     adapted.train()

@@ -108,6 +108,7 @@ def test_activation_model_counts_what_autograd_keeps_per_token(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aflora_cli import add_adapters
+    from aflora_cli.training.trainer import enable_activation_checkpointing
 
     adapter, trainable, frozen = setting
     sizes = Llama(256, 512, 3, 4, 2, 1000, tied=True)
@@ -120,7 +121,7 @@ def test_activation_model_counts_what_autograd_keeps_per_token(
     model.config.use_cache = False
     add_adapters(model, {"adapter": {"rank": 4, **adapter}})
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     lengths = (16, 48)
     counted = [_saved_bytes(model, torch.randint(0, 1000, (2, n))) for n in lengths]

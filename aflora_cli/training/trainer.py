@@ -557,11 +557,7 @@ class Trainer:
         model = self.adapted.model
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise AfloraError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
-        kwargs = {"use_reentrant": False}
-        if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.24
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # type: ignore[operator]
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+        enable_activation_checkpointing(model)
         config: Any = model.config
         if getattr(config, "use_cache", None):
             config.use_cache = False  # a cache is useless while training and clashes with recomputation
@@ -666,3 +662,13 @@ def _record_step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 1 << 62
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Turn on non-reentrant activation checkpointing under the name this transformers has (5.24 renamed it;
+    the old name warns)."""
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
