@@ -8,6 +8,7 @@ and the LM's generated movie_reviews_words task (the same protocol as bbc_headli
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -268,8 +269,6 @@ def test_the_storage_learning_table_matches_its_raw_file() -> None:
 def test_the_faults_table_adds_up_to_its_raw_files() -> None:
     """The fault sweep's two committed runs (every phase to the SIGTERMs, then the SIGKILLs alone) are complete
     where they claim to be, and RESULTS.md's rows and total are their counts."""
-    import json
-
     runs = [
         json.loads((RAW / name).read_text(encoding="utf-8")) for name in ("faults-partial.json", "faults-sigkill.json")
     ]
