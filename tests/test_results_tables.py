@@ -283,3 +283,27 @@ def test_the_faults_table_adds_up_to_its_raw_files() -> None:
     assert [int(c[0].strip("*")) for c in cells[:-1]] == list(tried.values())
     assert [int(c[1].strip("*")) for c in cells[:-1]] == list(survived.values())
     assert [int(c.strip("*")) for c in cells[-1]] == [sum(tried.values()), sum(survived.values()), tracebacks]
+
+
+def test_the_idle_data_preparation_rows_match_their_raw_records() -> None:
+    """The two 50k-row runs on the idle machine (before and after, both cores): each figure of their RESULTS.md rows
+    is the record's, and the tokenizer-alone ceiling row spans the two records' figures."""
+    records = {r["label"]: r for r in read_jsonl(RAW / "data_prep.jsonl") if r["label"].endswith("idle, 2 cores")}
+    before = records["before (row by row, d98b50e^), 50k rows, idle, 2 cores"]
+    after = records["after, first run (cold cache), 50k rows, idle, 2 cores"]
+    for label, record in (("before (row by row, `d98b50e^`'s code)", before), ("first run (cold cache)", after)):
+        cells = [
+            f"{record['encode_cpu_s']:.1f}",
+            f"{record['rows_per_cpu_s']:,} ({record['rows_per_s']:,} per wall s)",
+            f"{record['process_cpu_s']:.1f}",
+            f"{record['data_peak_mib']} MiB",
+            f"{record['token_mib']} MiB",
+        ]
+        assert f"| 50k: {label}, idle machine, 2 cores | < 2 | " + " | ".join(cells) + " |" in RESULTS
+    per_cpu = sorted(r["tokenizer_alone_rows_per_cpu_s"] for r in (before, after))
+    per_wall = sorted(r["tokenizer_alone_rows_per_s"] for r in (before, after))
+    ceiling = f"{per_cpu[0]:,}–{per_cpu[1]:,} ({per_wall[0]:,}–{per_wall[1]:,} per wall s)"
+    assert f"| the tokenizer alone, idle machine, 2 cores | < 2 | — | {ceiling} |" in RESULTS
+    assert f"{after['rows_per_s']:,} rows per wall second against the row-by-row code's {before['rows_per_s']:,}" in (
+        " ".join(RESULTS.split())
+    )
