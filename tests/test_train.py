@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from aflora_cli.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE
 from aflora_cli.engine.schedule import freeze_fraction
 from aflora_cli.training.trainer import METRICS_FILE, epoch_batches, plan_schedule
-from runs import quick_recipe, recipe_of, run
+from runs import quick_recipe, recipe_of, run, tiny_bert_dir
 
 STEPS = 60  # seeds 7, 8, 9 reach 0.70, 0.70, 0.72 validation accuracy by then
 
@@ -100,7 +100,10 @@ def test_checkpoint_holds_adapter_head_and_manifest(learning_run: Path) -> None:
 
 
 def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """On a tiny BERT (the mechanics are the model's size's business only; tests/test_faults.py resumes MiniLM runs
+    killed by signals)."""
     settings = {"training": {"max_steps": 12, "save_every": 4, "eval_every": 6}, "freezing": {"t_i": 2, "t_f": 3}}
+    settings["model"] = {"name_or_path": str(tiny_bert_dir(tmp_path / "tiny-bert"))}
     straight = quick_recipe(tmp_path / "straight", **settings)
     run(straight)
 
@@ -125,13 +128,16 @@ def test_resume_after_a_crash_ends_like_an_uninterrupted_run(tmp_path: Path) -> 
         assert torch.equal(expected[name], got[name]), name
     logs = [json.loads((tmp_path / d / "last" / MANIFEST_FILE).read_text()) for d in ("straight", "interrupted")]
     assert logs[0]["freeze_log"] == logs[1]["freeze_log"]
+    assert all(step is not None for step in logs[0]["freeze_log"].values())  # every PM froze, some after step 4
+    assert max(logs[0]["freeze_log"].values()) > 4
     assert _records(tmp_path / "straight") == _records(tmp_path / "interrupted")
 
 
 def test_sorted_scoring_batches_leave_the_training_bit_for_bit_the_same(tmp_path: Path) -> None:
     """eval.sort_by_length changes how a split is batched, not the run: with evaluations mid-run (and dropout
-    in training) the weights, freeze log and losses are the same bits, and the accuracies the same."""
+    in training) the weights, freeze log and losses are the same bits, and the accuracies the same (tiny BERT)."""
     settings = {"training": {"max_steps": 8, "eval_every": 3, "eval_batch_size": 8}, "freezing": {"t_i": 2, "t_f": 3}}
+    settings["model"] = {"name_or_path": str(tiny_bert_dir(tmp_path / "tiny-bert"))}
     for sort in (False, True):
         run(quick_recipe(tmp_path / str(sort), eval={"sort_by_length": sort}, **settings))
     plain, by_length = (load_file(str(tmp_path / d / "last" / WEIGHTS_FILE)) for d in ("False", "True"))
