@@ -59,7 +59,19 @@ def child(file: str, max_length: int, start: float) -> dict[str, Any]:
     """One process as `aflora train` starts: tokenizer, task, every split encoded, the first batch collated
     (`start`: perf_counter when the process began running Python)."""
     from aflora_cli.adapted.building import load_base, task_for
+    from aflora_cli.tasks import causal_lm
 
+    in_tokenizer = [0.0]  # wall seconds inside the task's batched tokenizer calls (this checkout's code only)
+    if hasattr(causal_lm, "_token_ids"):
+        calls = causal_lm._token_ids
+
+        def timed_calls(*args: Any) -> Any:
+            started = time.perf_counter()
+            ids = calls(*args)
+            in_tokenizer[0] += time.perf_counter() - started
+            return ids
+
+        causal_lm._token_ids = timed_calls
     recipe = common.instruction_recipe(
         file, "/tmp/unused", training={"max_steps": 100, "batch_size": 8, "max_length": max_length}
     )
@@ -83,6 +95,7 @@ def child(file: str, max_length: int, start: float) -> dict[str, Any]:
         "skipped": data.skipped.get("train", 0),
         "tokens": int(sum(task.lengths(train))),
         "encode_s": round(encoded - tokenizer_ready, 2),
+        "tokenizer_calls_s": round(in_tokenizer[0], 2) if in_tokenizer[0] else None,
         "rows_per_s": round(len(train) / max(encoded - tokenizer_ready, 1e-9)),
         "encode_cpu_s": round(cpu_encoding, 2),
         "rows_per_cpu_s": round(len(train) / max(cpu_encoding, 1e-9)),
