@@ -135,6 +135,56 @@ def test_a_split_is_encoded_once_then_read_from_the_cache(
     assert as_lists(changed.train)[0] != as_lists(longer.train)[0]
 
 
+def test_a_named_hub_split_is_cached_under_its_datasets_fingerprint(
+    tmp_path: Path, own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GSM8K from the Hub (here `datasets`' json loader over local files, which fingerprints them as it fingerprints
+    a Hub revision): encoded once, read back identical by the next run, encoded anew when the data set changes."""
+    import datasets
+
+    load_dataset = datasets.load_dataset
+    splits = {"train": tmp_path / "train.jsonl", "test": tmp_path / "test.jsonl"}
+    problems = [
+        {"question": f"What is {n} plus {n}?", "answer": f"{n} + {n} = {2 * n}\n#### {2 * n}"} for n in range(9)
+    ]
+    write_jsonl(splits["train"], problems[:6])
+    write_jsonl(splits["test"], problems[6:])
+    loaded: list[tuple[str, str]] = []
+
+    def hub(path: str, name: str) -> datasets.DatasetDict:
+        loaded.append((path, name))
+        files = {split: str(file) for split, file in splits.items()}
+        return load_dataset("json", data_files=files, cache_dir=str(tmp_path / "hf"))
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    tokenizer = tiny_tokenizer()
+
+    def gsm8k() -> CausalLMTask:
+        raw = lm_recipe(Path("/tmp/unused"), "llama", {})
+        raw["data"] = {"task": "gsm8k"}
+        return CausalLMTask.from_recipe(parse_recipe(raw, "test"))
+
+    first = gsm8k().load_splits(tokenizer)
+    assert set(loaded) == {("openai/gsm8k", "main")} and len(first.train or []) == 6
+    assert len(list(own_cache.glob("*.arrow"))) == 2  # train and test
+
+    def no_encoding(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cached split was encoded again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CausalLMTask, "encode_many", no_encoding)
+        again = gsm8k().load_splits(tokenizer)
+    assert as_lists(again.train) == as_lists(first.train)
+    assert as_lists(again.evaluation["test"]) == as_lists(first.evaluation["test"])
+
+    write_jsonl(splits["train"], [{**problems[0], "question": "What is 0 plus nothing?"}, *problems[1:6]])
+    changed = gsm8k().load_splits(tokenizer)
+    assert len(list(own_cache.glob("*.arrow"))) == 2 + 2  # a new revision: new entries for both of its splits
+    assert as_lists(changed.evaluation["test"]) == as_lists(first.evaluation["test"])
+    assert as_lists(changed.train)[1:] == as_lists(first.train)[1:]
+    assert as_lists(changed.train)[0] != as_lists(first.train)[0]
+
+
 def test_bad_rows_still_stop_the_run_with_file_and_row(tmp_path: Path) -> None:
     rows = review_rows("validation", 6)
     rows[4] = {**rows[4], "response": "   "}

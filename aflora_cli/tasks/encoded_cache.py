@@ -1,11 +1,12 @@
 """Encoded text rows kept in flat arrays, and a cache of them on disk so a split is tokenized once.
 
-A split of a local file is encoded on its first use and written as an Arrow IPC file (plain columns, nothing
-pickled) under `cache_dir()`; every later run, `--resume`, `aflora eval` and the other DDP ranks memory-map it
-instead of tokenizing again. Its name is a hash of everything that changes the tokens: the file's content,
-the tokenizer (vocabulary, merges, normalizer, special tokens, chat template), the task spec (format, columns,
-template, truncation, metric) and family, the length limits and the subset drawn. A changed file gets a new
-name, so a stale entry is never read; old entries are left for the user to delete (`rm -r <cache dir>`).
+A split of a local file (or of a named task's Hub data set) is encoded on its first use and written as an Arrow
+IPC file (plain columns, nothing pickled) under `cache_dir()`; every later run, `--resume`, `aflora eval` and the
+other DDP ranks memory-map it instead of tokenizing again. Its name is a hash of everything that changes the
+tokens: the file's content (a Hub split's `datasets` fingerprint), the tokenizer (vocabulary, merges,
+normalizer, special tokens, chat template), the task spec (format, columns, template, truncation, metric) and
+family, the length limits and the subset drawn. A changed file gets a new name, so a stale entry is never read;
+old entries are left for the user to delete (`rm -r <cache dir>`).
 """
 
 from __future__ import annotations

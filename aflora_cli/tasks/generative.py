@@ -41,6 +41,7 @@ from aflora_cli.tasks.text_data import (
     TextRow,
     TextSpec,
     file_row_chunks,
+    hub_identity,
     resolve_spec,
     row_chunks,
     split_file,
@@ -129,7 +130,8 @@ class TextTask(Task):
             limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
             chunks = functools.partial(row_chunks, self.spec, cfg, split, self.data_seed)
             subset = {"limit": limit, "seed": self.data_seed} if limit is not None else None
-            encoded[split], prompt_lengths = self._prepare(chunks, tokenizer, source, scored, file, subset)
+            origin = {"file": file_digest(file)} if file is not None else hub_identity(self.spec, split)
+            encoded[split], prompt_lengths = self._prepare(chunks, tokenizer, source, scored, origin, subset)
             skipped[split] = len(prompt_lengths)
             if prompt_lengths:
                 why_skipped[split] = self._why_skipped(prompt_lengths, source)
@@ -138,7 +140,7 @@ class TextTask(Task):
     def load_file(self, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Sequence[Row]:
         self.check_tokenizer(tokenizer)
         chunks = functools.partial(file_row_chunks, self.spec, path)
-        encoded, skipped = self._prepare(chunks, tokenizer, str(path), True, str(path), None)
+        encoded, skipped = self._prepare(chunks, tokenizer, str(path), True, {"file": file_digest(path)}, None)
         if not encoded:
             raise AfloraError(f"{path}: no row fits within the length limits ({self._why_skipped(skipped, str(path))})")
         return encoded
@@ -149,13 +151,13 @@ class TextTask(Task):
         tokenizer: PreTrainedTokenizerBase,
         source: str,
         scored: bool,
-        file: str | None,
+        origin: dict[str, Any] | None,
         subset: dict[str, int] | None,
     ) -> tuple[EncodedRows, list[int]]:
-        """A split's encoded rows and the prompt lengths of the rows left out: from the cache when the split is a
-        local file encoded before with the same settings, else read, checked and encoded chunk by chunk (then
-        cached)."""
-        key = self._cache_key(file, tokenizer, scored, subset) if file is not None else None
+        """A split's encoded rows and the prompt lengths of the rows left out: from the cache when the split's
+        `origin` (a local file's digest, a Hub split's fingerprint) was encoded before with the same settings, else
+        read, checked and encoded chunk by chunk (then cached; a split of no known origin is not cached)."""
+        key = self._cache_key(origin, tokenizer, scored, subset) if origin is not None else None
         if key is not None and (cached := read_cached(key)) is not None:
             return cached
         tables, skipped = [], []
@@ -172,14 +174,14 @@ class TextTask(Task):
         return encoded, skipped
 
     def _cache_key(
-        self, file: str, tokenizer: PreTrainedTokenizerBase, scored: bool, subset: dict[str, int] | None
+        self, origin: dict[str, Any], tokenizer: PreTrainedTokenizerBase, scored: bool, subset: dict[str, int] | None
     ) -> str:
         """Everything that changes a split's encoded rows (see `encoded_cache`)."""
         training = self.recipe.training
         limits = (training.max_length, training.max_source_length, training.max_target_length)
         return cache_key(
             {
-                "file": file_digest(file),
+                **origin,
                 "tokenizer": tokenizer_digest(tokenizer),
                 "family": self.family,
                 "spec": {**self.spec.to_dict(), "eval_splits": None},

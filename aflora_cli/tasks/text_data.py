@@ -198,12 +198,11 @@ def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> list[Te
     if file is not None:
         return rows_from_file(spec, file, limit, seed)
     if spec.name == "gsm8k":
-        hub = load_hub_dataset("openai/gsm8k", "main", "gsm8k")[NAMED_TASKS["gsm8k"].splits[split]]
-        return _rows(spec, _hub_records(hub, limit, seed, {"question": "instruction", "answer": "output"}), "gsm8k")
+        names = {"question": "instruction", "answer": "output"}
+        return _rows(spec, _hub_records(hub_split(spec, split), limit, seed, names), "gsm8k")
     if spec.name == "cnn_dailymail":
-        hub = load_hub_dataset("abisee/cnn_dailymail", "3.0.0", "cnn_dailymail")[split]
         names = {"article": spec.source_column, "highlights": spec.target_column}
-        return _rows(spec, _hub_records(hub, limit, seed, names), "cnn_dailymail")
+        return _rows(spec, _hub_records(hub_split(spec, split), limit, seed, names), "cnn_dailymail")
     if spec.name == "bbc_headlines":
         records = bbc_headlines()[split]
         chosen = subset_rows(len(records), limit, seed)
@@ -258,6 +257,23 @@ def row_chunks(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> Iterat
     if file is None:
         return iter([load_rows(spec, cfg, split, seed)])
     return file_row_chunks(spec, file, cfg.max_train_samples if split == "train" else cfg.max_eval_samples, seed)
+
+
+HUB_SETS = {"gsm8k": ("openai/gsm8k", "main"), "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0")}
+
+
+def hub_split(spec: TextSpec, split: str) -> Any:
+    """A named task's split as the `datasets` library loads it from the Hub (or from its own cache)."""
+    hub_id, config = HUB_SETS[spec.name]
+    return load_hub_dataset(hub_id, config, spec.name)[NAMED_TASKS[spec.name].splits[split]]
+
+
+def hub_identity(spec: TextSpec, split: str) -> dict[str, Any] | None:
+    """What names a named task's Hub split for the encoded-rows cache: its id, config, split and the `datasets`
+    fingerprint of the loaded split, which changes with the data set's revision; None for a task not on the Hub."""
+    if spec.name not in HUB_SETS:
+        return None
+    return {"hub": [*HUB_SETS[spec.name], split], "fingerprint": hub_split(spec, split)._fingerprint}
 
 
 def split_file(cfg: DataConfig, split: str) -> str | None:
