@@ -270,10 +270,12 @@ def hub_split(spec: TextSpec, split: str) -> Any:
 
 def hub_identity(spec: TextSpec, split: str) -> dict[str, Any] | None:
     """What names a named task's Hub split for the encoded-rows cache: its id, config, split and the `datasets`
-    fingerprint of the loaded split, which changes with the data set's revision; None for a task not on the Hub."""
+    fingerprint of the loaded split, which changes with the data set's revision; None (not cached) for a task not
+    on the Hub, or a `datasets` version that keeps no fingerprint."""
     if spec.name not in HUB_SETS:
         return None
-    return {"hub": [*HUB_SETS[spec.name], split], "fingerprint": hub_split(spec, split)._fingerprint}
+    fingerprint = getattr(hub_split(spec, split), "_fingerprint", None)
+    return {"hub": [*HUB_SETS[spec.name], split], "fingerprint": fingerprint} if fingerprint else None
 
 
 def split_file(cfg: DataConfig, split: str) -> str | None:
