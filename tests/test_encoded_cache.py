@@ -185,6 +185,33 @@ def test_a_named_hub_split_is_cached_under_its_datasets_fingerprint(
     assert as_lists(changed.train)[0] != as_lists(first.train)[0]
 
 
+def test_a_full_disk_under_the_cache_costs_a_re_encoding_and_nothing_else(
+    tmp_path: Path, own_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while a split is written to the cache: the run gets its rows as encoded, no partial file is left
+    behind and nothing stale can be read; the next run encodes again and caches once there is room."""
+    import errno
+    import os
+
+    import aflora_cli.tasks.encoded_cache as encoded_cache
+
+    files = {"train_file": write_jsonl(tmp_path / "train.jsonl", review_rows("train", 8))}
+    tokenizer = tiny_tokenizer()
+    expected = as_lists(task_for(files).load_splits(tokenizer).train)
+    for entry in own_cache.iterdir():
+        entry.unlink()
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(encoded_cache.pyarrow.ipc, "new_file", full_disk)
+        assert as_lists(task_for(files).load_splits(tokenizer).train) == expected
+    assert list(own_cache.iterdir()) == []  # neither an entry nor a partial file
+    assert as_lists(task_for(files).load_splits(tokenizer).train) == expected
+    assert len(list(own_cache.glob("*.arrow"))) == 1
+
+
 def test_bad_rows_still_stop_the_run_with_file_and_row(tmp_path: Path) -> None:
     rows = review_rows("validation", 6)
     rows[4] = {**rows[4], "response": "   "}
