@@ -554,6 +554,29 @@ def test_skipped_rows_are_reported_on_screen(tmp_path: Path) -> None:
     assert "train: 1 rows skipped" in " ".join(result.stdout.split())
 
 
+def test_a_split_the_cache_cannot_keep_is_said_at_every_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk under the encoded-rows cache: the run trains, and says in one line (and in metrics.jsonl) that
+    its train split was not kept, so its next start will encode it again."""
+    import errno
+    import os
+
+    import aflora_cli.tasks.encoded_cache as encoded_cache
+
+    monkeypatch.setenv(encoded_cache.CACHE_ENV, str(tmp_path / "cache"))
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(encoded_cache.pyarrow.ipc, "new_file", full_disk)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Review: fine\nSentiment:", "response": "positive"}] * 8)
+    result = _train(tmp_path, lm_recipe(tmp_path / "run", "llama", {"train_file": train}, training={"max_steps": 2}))
+    assert result.exit_code == 0, result.output
+    why = f"{tmp_path / 'cache'}: {os.strerror(errno.ENOSPC)}"
+    said = " ".join(result.stdout.split())
+    assert f"train: encoded, but not kept in the cache ({why}); the next run encodes it again" in said
+    assert {"step": 0, "event": "uncached_split", "split": "train", "why": why} in _records(tmp_path / "run")
+
+
 # ------------------------------------------------------------------------ the data is checked before the model
 
 

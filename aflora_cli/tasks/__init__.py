@@ -37,13 +37,15 @@ class TaskData:
 
     A split is a sequence of encoded rows (anything a DataLoader indexes); `skipped` counts the rows of each
     split left out because they could not be encoded within the length limits, and `why_skipped` says so in
-    one line with the numbers (how many, how long, the limit that would keep them).
+    one line with the numbers (how many, how long, the limit that would keep them). `uncached` names the splits
+    encoded but not written to the encoded-rows cache, with why (a full disk): the next run encodes them again.
     """
 
     train: Sequence[Row] | None
     evaluation: Mapping[str, Sequence[Row]]
     skipped: dict[str, int] = field(default_factory=dict)
     why_skipped: dict[str, str] = field(default_factory=dict)
+    uncached: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -177,9 +177,10 @@ def read_cached(key: str) -> tuple[EncodedRows, list[int]] | None:
     return EncodedRows(table), [int(n) for n in meta.get("skipped", [])]
 
 
-def write_cached(key: str, rows: EncodedRows, skipped: Sequence[int]) -> None:
+def write_cached(key: str, rows: EncodedRows, skipped: Sequence[int]) -> str | None:
     """Store a split under `key`, atomically (written beside, then renamed): readers see all of it or nothing.
-    A cache that cannot be written (read-only home, full disk) costs the next run a re-encoding, nothing else."""
+    A cache that cannot be written (read-only home, full disk) costs the next run a re-encoding, nothing else;
+    why it could not be written is returned (None when it was), so that the run can say so."""
     folder = cache_dir()
     meta = {"version": FORMAT_VERSION, "rows": len(rows), "skipped": list(skipped)}
     table = rows.table.replace_schema_metadata({"aflora": json.dumps(meta)})
@@ -193,5 +194,6 @@ def write_cached(key: str, rows: EncodedRows, skipped: Sequence[int]) -> None:
             os.replace(partial, folder / f"{key}.arrow")
         finally:
             Path(partial).unlink(missing_ok=True)
-    except OSError:
-        return
+    except OSError as err:
+        return f"{folder}: {err.strerror or err}"
+    return None

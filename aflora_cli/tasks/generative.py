@@ -121,6 +121,7 @@ class TextTask(Task):
         encoded: dict[str, Sequence[Row]] = {}
         skipped: dict[str, int] = {}
         why_skipped: dict[str, str] = {}
+        uncached: dict[str, str] = {}
         cfg = self.recipe.data
         for split in splits if splits is not None else available:
             # the train split is scored only when it is asked for by name (`aflora eval --split train`)
@@ -131,16 +132,20 @@ class TextTask(Task):
             chunks = functools.partial(row_chunks, self.spec, cfg, split, self.data_seed)
             subset = {"limit": limit, "seed": self.data_seed} if limit is not None else None
             origin = {"file": file_digest(file)} if file is not None else hub_identity(self.spec, split)
-            encoded[split], prompt_lengths = self._prepare(chunks, tokenizer, source, scored, origin, subset)
+            encoded[split], prompt_lengths, not_written = self._prepare(
+                chunks, tokenizer, source, scored, origin, subset
+            )
             skipped[split] = len(prompt_lengths)
             if prompt_lengths:
                 why_skipped[split] = self._why_skipped(prompt_lengths, source)
-        return TaskData(encoded.pop("train", None), encoded, skipped, why_skipped)
+            if not_written:
+                uncached[split] = not_written
+        return TaskData(encoded.pop("train", None), encoded, skipped, why_skipped, uncached)
 
     def load_file(self, path: str | Path, tokenizer: PreTrainedTokenizerBase) -> Sequence[Row]:
         self.check_tokenizer(tokenizer)
         chunks = functools.partial(file_row_chunks, self.spec, path)
-        encoded, skipped = self._prepare(chunks, tokenizer, str(path), True, {"file": file_digest(path)}, None)
+        encoded, skipped, _ = self._prepare(chunks, tokenizer, str(path), True, {"file": file_digest(path)}, None)
         if not encoded:
             raise AfloraError(f"{path}: no row fits within the length limits ({self._why_skipped(skipped, str(path))})")
         return encoded
@@ -153,13 +158,14 @@ class TextTask(Task):
         scored: bool,
         origin: dict[str, Any] | None,
         subset: dict[str, int] | None,
-    ) -> tuple[EncodedRows, list[int]]:
-        """A split's encoded rows and the prompt lengths of the rows left out: from the cache when the split's
-        `origin` (a local file's digest, a Hub split's fingerprint) was encoded before with the same settings, else
-        read, checked and encoded chunk by chunk (then cached; a split of no known origin is not cached)."""
+    ) -> tuple[EncodedRows, list[int], str | None]:
+        """A split's encoded rows, the prompt lengths of the rows left out, and why a fresh encoding could not be
+        cached (None when it was, or came from the cache): from the cache when the split's `origin` (a local
+        file's digest, a Hub split's fingerprint) was encoded before with the same settings, else read, checked
+        and encoded chunk by chunk (then cached; a split of no known origin is not cached)."""
         key = self._cache_key(origin, tokenizer, scored, subset) if origin is not None else None
         if key is not None and (cached := read_cached(key)) is not None:
-            return cached
+            return (*cached, None)
         tables, skipped = [], []
         for rows in chunks():
             if scored:
@@ -169,9 +175,7 @@ class TextTask(Task):
             skipped += lengths
         encoded = EncodedRows(pyarrow.concat_tables(tables))
         del tables
-        if key is not None:
-            write_cached(key, encoded, skipped)
-        return encoded, skipped
+        return encoded, skipped, None if key is None else write_cached(key, encoded, skipped)
 
     def _cache_key(
         self, origin: dict[str, Any], tokenizer: PreTrainedTokenizerBase, scored: bool, subset: dict[str, int] | None

@@ -58,6 +58,11 @@ class TrainingProgress:
                 f"[yellow]{record['split']}: {record['rows']} rows skipped: their prompt leaves no room for the "
                 "response within the length limit"
             )
+        elif kind == "uncached_split":
+            self.console.print(
+                f"[yellow]{record['split']}: encoded, but not kept in the cache ({record['why']}); "
+                "the next run encodes it again"
+            )
         elif kind == "eval":
             if self.eval_task is not None:
                 self.progress.remove_task(self.eval_task)

@@ -414,7 +414,7 @@ class Trainer:
         lengths = self.task.lengths(self.train_set) if self.recipe.training.group_by_length else None
         self.model.train()
         self._emit("start", {"step": self.step, "total_steps": sched.total_steps, **self._counts()})
-        self._report_skipped()
+        self._report_data()
         if self.step == 0 and self.recipe.training.eval_on_start:
             self.start_eval = self._evaluate()
             self.start_predictions = dict(self.predictions)
@@ -535,13 +535,19 @@ class Trainer:
         self.group.barrier()
         return results
 
-    def _report_skipped(self) -> None:
-        """Rows that could not be encoded within the length limits are logged, never silently dropped."""
+    def _report_data(self) -> None:
+        """Rows that could not be encoded within the length limits are logged, never silently dropped (once, at
+        the run's start); a split the encoded-rows cache could not keep is told at every start, resumes too, as
+        each pays its encoding again."""
         for split, count in self.data.skipped.items():
             if count and self.step == 0:
                 record = {"step": 0, "event": "skipped_rows", "split": split, "rows": count}
                 self._log(record)
                 self._emit("skipped_rows", record)
+        for split, why in self.data.uncached.items():
+            record = {"step": self.step, "event": "uncached_split", "split": split, "why": why}
+            self._log(record)
+            self._emit("uncached_split", record)
 
     def _check_packing(self) -> None:
         """Packed rows are told apart by their position ids alone, which needs the model to run without a cache
