@@ -212,6 +212,20 @@ def test_a_full_disk_under_the_cache_costs_a_re_encoding_and_nothing_else(
     assert len(list(own_cache.glob("*.arrow"))) == 1
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_cache_entry_is_encoded_again_and_replaced(tmp_path: Path, own_cache: Path, damage: str) -> None:
+    """A cache file a disk fault damaged is a miss, never rows read wrong: the split is encoded again, identical,
+    and the entry is written anew."""
+    files = {"train_file": write_jsonl(tmp_path / "train.jsonl", review_rows("train", 8))}
+    tokenizer = tiny_tokenizer()
+    expected = as_lists(task_for(files).load_splits(tokenizer).train)
+    (entry,) = own_cache.glob("*.arrow")
+    whole = entry.read_bytes()
+    entry.write_bytes({"truncated": whole[: len(whole) // 2], "garbage": b"\x00not arrow" * 64, "empty": b""}[damage])
+    assert as_lists(task_for(files).load_splits(tokenizer).train) == expected
+    assert entry.read_bytes() == whole
+
+
 def test_bad_rows_still_stop_the_run_with_file_and_row(tmp_path: Path) -> None:
     rows = review_rows("validation", 6)
     rows[4] = {**rows[4], "response": "   "}
