@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -72,5 +76,16 @@ def setup(device: str) -> ProcessGroup:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group. On the CPU (gloo) a worker thread may still be releasing the last collective's
+    tensors, which takes the GIL, when the group's last owner (a DDP wrapper, freed with the trainer) joins those
+    threads while holding the GIL: both then wait forever (seen once in some hundred two-process runs). So the
+    ranks first meet (a monitored barrier: it gives up rather than hangs if a rank has gone), the wrappers that
+    re-wrapping left in reference cycles are collected, and the workers get a moment without the GIL."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        with contextlib.suppress(RuntimeError):  # a rank has failed or gone: nothing is left to wait for
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        gc.collect()
+        time.sleep(0.05)
+    dist.destroy_process_group()
