@@ -25,6 +25,18 @@ def torchrun(processes: int, program: list[str], check: bool = True) -> subproce
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(processes),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *program,
     ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            # torchrun stops its workers on SIGTERM (each runs in a session of its own, out of reach of a kill
+            # of torchrun alone), escalating to SIGKILL for one that does not stop, so none is left behind
+            process.terminate()
+            try:
+                process.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
